@@ -1,0 +1,47 @@
+"""The `drivedit` command: one subcommand per job plus inspection tools.
+
+Each subcommand lives in the module that owns it and is imported only when called, so
+`drivedit inspect model` does not pay for importing Ray, and a job's `main(argv)` is what
+`jobs/<job>.py` calls under `ray job submit`.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "scenes": ("drivedit.data.scenes", "main", "write a procedural driving dataset in the BDD100K format"),
+    "encode": ("drivedit.data.encode", "main", "encode a BDD100K-layout dataset into latent shards (Ray Data)"),
+    "finetune": ("drivedit.train.trainer", "main", "fine-tune a DiT on latent shards (Ray Train), register the bundle"),
+    "generate": ("drivedit.generate.job", "main", "generate a labelled synthetic dataset (Ray Data)"),
+    "serve": ("drivedit.serve.app", "main", "start the sampling endpoint (Ray Serve)"),
+    "eval": ("drivedit.eval.cli", "main", "FID / KID / precision / recall and condition accuracy of two folders"),
+    "inspect": ("drivedit.inspect", "main", "inspect a model size, a method's trainable set, or shards"),
+    "demo": ("drivedit.demo", "main", "the whole platform on this machine, end to end"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: drivedit <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`drivedit <command> --help` describes each command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"drivedit: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

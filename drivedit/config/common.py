@@ -1,0 +1,55 @@
+"""Config sections shared by several jobs. Each job's root model lives in its own module here."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from drivedit.config.base import StrictModel
+
+DEFAULT_SCENARIOS = ["clear", "overcast", "partly cloudy", "rainy", "snowy", "night"]
+
+
+class CodecConfig(StrictModel):
+    """How images become latents and back."""
+
+    kind: Literal["pixel", "autoencoder_kl"] = Field(
+        "pixel", description="`pixel`: identity on [-1, 1] images (tiny demos); `autoencoder_kl`: a diffusers VAE")
+    source: str | None = Field(
+        None, description="AutoencoderKL: a local diffusers directory or a hub id such as stabilityai/sd-vae-ft-ema "
+                          "(hub ids need the weights in the local Hugging Face cache when offline)")
+    scale_factor: float | None = Field(
+        None, description="latent scale; default: the VAE config's scaling_factor (0.18215 for sd-vae-ft-*)")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="dtype of the codec weights on GPU (CPU always uses float32)")
+
+
+class RayConfig(StrictModel):
+    """Where the job's Ray work runs."""
+
+    address: str | None = Field(
+        None, description="Ray address; None joins the cluster this job was submitted to, or starts a local Ray")
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of a local Ray started by the job (ignored when joining a cluster)")
+
+
+class TrackingConfig(StrictModel):
+    """MLflow: where runs, metrics, artifacts and registered models go."""
+
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (http://host:5000, sqlite:///path.db); default: an SQLite "
+                          "store under the job's run directory")
+    experiment: str = Field("drivedit", description="MLflow experiment name")
+    registered_model: str | None = Field(
+        None, description="register the produced bundle as a new version of this model name")
+    enabled: bool = Field(True, description="turn MLflow off entirely (runs still write their files)")
+
+
+class ScalingConfig(StrictModel):
+    """How many Ray workers and what each one takes. Only this section changes between a laptop and a cluster."""
+
+    num_workers: int = Field(1, ge=1, description="number of workers (train: DDP ranks; data: actors)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra custom resources per worker, e.g. {accelerator_type:H100: 0.001}")

@@ -1,0 +1,122 @@
+"""Latent codecs behind one interface: images in [-1, 1] <-> latents the DiT works in.
+
+`encode` returns the posterior moments (mean and log-variance, unscaled, (N, 2C, h, w)) so a
+shard stores them once and training draws a fresh latent every step with `sample`. `decode`
+takes scaled latents back to images. Two codecs:
+
+- `autoencoder_kl`: a diffusers AutoencoderKL (sd-vae-ft-ema / -mse) from a local directory or a
+  hub id; the scale factor comes from its config (0.18215).
+- `pixel`: the identity on [-1, 1] images, factor 1, for tiny CPU demos and exact round trips.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+PIXEL_LOGVAR = -20.0  # the pixel "posterior" is a point mass; exp(-10) keeps sampled noise below 1e-4
+
+
+class PixelCodec:
+    """Identity codec: the latent is the image itself (3 channels, factor 1)."""
+
+    kind = "pixel"
+
+    def __init__(self, channels: int = 3):
+        self.latent_channels = channels
+        self.factor = 1
+        self.scale_factor = 1.0
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    @property
+    def id(self) -> str:
+        return "pixel"
+
+    def to(self, device) -> "PixelCodec":
+        self.device = torch.device(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        # images: (N, 3, H, W) in [-1, 1] -> moments (N, 6, H, W)
+        mean = images.float()
+        return torch.cat([mean, torch.full_like(mean, PIXEL_LOGVAR)], dim=1)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.float().clamp(-1, 1)  # (N, 3, H, W)
+
+
+class AutoencoderKLCodec:
+    """A diffusers AutoencoderKL; moments are `latent_dist.parameters` (mean, logvar clamped to [-30, 20])."""
+
+    kind = "autoencoder_kl"
+
+    def __init__(self, vae, source: str, scale_factor: float | None = None, dtype: torch.dtype = torch.float32):
+        self.vae = vae.eval().requires_grad_(False)
+        self.source = source
+        self.latent_channels = vae.config.latent_channels
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scale_factor = float(scale_factor if scale_factor is not None else vae.config.scaling_factor)
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+
+    @property
+    def id(self) -> str:
+        return f"autoencoder_kl:{self.source}"
+
+    def to(self, device) -> "AutoencoderKLCodec":
+        self.device = torch.device(device)
+        # half precision only where it is fast; a CPU keeps float32
+        dtype = self.dtype if self.device.type == "cuda" else torch.float32
+        self.vae.to(self.device, dtype=dtype)
+        return self
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        # images: (N, 3, H, W) in [-1, 1] -> moments (N, 2C, H/f, W/f)
+        x = images.to(self.device, dtype=next(self.vae.parameters()).dtype)
+        return self.vae.encode(x).latent_dist.parameters.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(self.device, dtype=next(self.vae.parameters()).dtype) / self.scale_factor
+        return self.vae.decode(z).sample.float().clamp(-1, 1)  # (N, 3, H, W)
+
+
+def sample_latents(moments: torch.Tensor, scale_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw z = (mean + std * eps) * scale from stored moments (N, 2C, h, w) -> (N, C, h, w)."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * eps) * scale_factor
+
+
+def load_codec(kind: str = "pixel", source: str | None = None, scale_factor: float | None = None,
+               dtype: str | torch.dtype = torch.float32):
+    """Build a codec. `source` for autoencoder_kl is a local diffusers directory (a `vae/` subfolder of a
+    pipeline works too) or a hub id already in the local cache."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if kind == "pixel":
+        return PixelCodec()
+    if kind != "autoencoder_kl":
+        raise ValueError(f"unknown codec kind {kind!r}; use 'pixel' or 'autoencoder_kl'")
+    if not source:
+        raise ValueError("codec.source is required for autoencoder_kl: a local directory or a hub id "
+                         "such as stabilityai/sd-vae-ft-ema")
+    from diffusers import AutoencoderKL
+
+    path = Path(source)
+    kwargs = {}
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        kwargs["subfolder"] = "vae"
+    try:
+        vae = AutoencoderKL.from_pretrained(source, **kwargs)
+    except OSError as e:
+        hint = " (HF_HUB_OFFLINE is set: put the weights in a local directory and point codec.source at it)" \
+            if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ValueError(f"could not load AutoencoderKL from {source!r}: {e}{hint}") from None
+    return AutoencoderKLCodec(vae, source, scale_factor, dtype)
