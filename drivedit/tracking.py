@@ -1,0 +1,297 @@
+"""MLflow for every job: one run per job execution, owned by us rather than by a Ray callback.
+
+- The run lives as long as the job, across Ray Train restarts and reruns: its id is stored in
+  `mlflow_run.json` beside the checkpoints, and a job that finds the file logs into that run again.
+- Params are the flattened job config with anything that looks like a secret left out.
+- Metrics come from rank 0 only (the caller decides; `TrackedRun` is a thin, picklable handle that
+  any process can rebuild from the tracking URI and run id).
+- Fine-tuned bundles become versions of a registered model; `download_registered_bundle` brings a
+  `models:/NAME/VERSION` back to a local directory for `generate` and `serve`.
+
+Tracking URI: `tracking.tracking_uri` when set (an MLflow server: `http://host:5000`), else the
+embedded default, an SQLite file `mlflow.db` in the job's storage directory with artifacts in
+`mlartifacts/` beside it, so `mlflow ui --backend-store-uri sqlite:///runs/finetune/mlflow.db`
+shows every run (and every registered version) of that storage directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from drivedit import storage
+from drivedit.config.base import flatten
+
+RUN_ID_FILE = "mlflow_run.json"
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+_SECRET_KEY = re.compile(r"(passw|secret|token|credential|api[_-]?key|access[_-]?key|private[_-]?key|auth)", re.I)
+_MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w-]+))$")
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def redact_uri(value: str) -> str:
+    """Drop the password of a URL's userinfo: http://user:pw@host -> http://user:***@host."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return value
+    if parts.password is None:
+        return value
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def config_params(config: dict) -> dict[str, str]:
+    """Flattened config as MLflow params: secret-looking keys dropped, URL passwords masked, values as
+    strings within MLflow's length limit."""
+    params: dict[str, str] = {}
+    for key, value in flatten(config).items():
+        if _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+            continue
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        params[key] = redact_uri(text)[:_MAX_PARAM_VALUE]
+    return params
+
+
+# ----------------------------------------------------------------------------- tracking URIs
+
+
+def local_path_of(uri: str) -> Path | None:
+    """A local directory for plain paths and file:// URIs, None for remote storage."""
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if "://" in uri:
+        return None
+    return Path(uri)
+
+
+def embedded_tracking_uri(storage_dir: str) -> str:
+    """sqlite:///<abs storage dir>/mlflow.db; the storage directory must be local."""
+    path = local_path_of(storage_dir)
+    if path is None:
+        raise ValueError(f"the embedded MLflow store needs a local directory, not {storage_dir}; "
+                         "set tracking.tracking_uri to an MLflow server")
+    path = path.resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / DB_FILE}"
+
+
+def resolve_tracking_uri(tracking_uri: str | None, storage_dir: str) -> str:
+    return tracking_uri or embedded_tracking_uri(storage_dir)
+
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """A handle on one MLflow run. Plain data, so it travels to Ray workers inside a config dict."""
+
+    tracking_uri: str
+    run_id: str
+    experiment_id: str
+    resumed: bool = False
+
+    @property
+    def client(self):
+        return _client(self.tracking_uri)
+
+    def to_dict(self) -> dict:
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "experiment_id": self.experiment_id,
+                "resumed": self.resumed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrackedRun":
+        return cls(d["tracking_uri"], d["run_id"], d["experiment_id"], bool(d.get("resumed", False)))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000], synchronous=True)
+
+    def log_params(self, params: dict[str, str]) -> list[str]:
+        """Log params the run does not have yet. A resumed run cannot change a param (MLflow forbids
+        it), so changed values are returned and recorded in the `drivedit.changed_params` tag instead."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i:i + 100], synchronous=True)
+        if changed:
+            self.client.set_tag(self.run_id, "drivedit.changed_params",
+                                ", ".join(f"{k}={params[k]}" for k in changed)[:_MAX_PARAM_VALUE])
+        return changed
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def artifact_uri(self, artifact_path: str = "") -> str:
+        root = self.client.get_run(self.run_id).info.artifact_uri
+        return f"{root}/{artifact_path}" if artifact_path else root
+
+    def list_artifacts(self, path: str | None = None) -> list[str]:
+        return [f.path for f in self.client.list_artifacts(self.run_id, path)]
+
+    def register(self, artifact_path: str, model_name: str, description: str | None = None,
+                 tags: dict[str, str] | None = None) -> str:
+        """Register the run's artifact directory as a new version of `model_name`; returns
+        `models:/NAME/VERSION`. The directory need not be an MLflow Model: the version's source
+        points straight at the logged files (an adapter bundle)."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.client
+        try:
+            client.get_registered_model(model_name)
+        except MlflowException:
+            client.create_registered_model(model_name, description=description)
+        version = client.create_model_version(model_name, source=self.artifact_uri(artifact_path),
+                                              run_id=self.run_id, tags=tags or {}, description=description)
+        return f"models:/{model_name}/{version.version}"
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, storage_dir: str | None = None,
+              params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> TrackedRun:
+    """Start a run, or reopen the one whose id is stored in `storage_dir/mlflow_run.json`.
+
+    `storage_dir` is the job's run directory (local or s3://): the id file makes a rerun of the
+    same job, and every Ray Train restart, log into the same run. With the embedded SQLite store
+    the experiment keeps its artifacts beside the database.
+    """
+    from mlflow.exceptions import MlflowException
+
+    stored = _read_run_id(storage_dir) if storage_dir else None
+    if stored is not None and stored.get("tracking_uri") != tracking_uri:
+        raise ValueError(
+            f"{storage_dir} belongs to an MLflow run in {redact_uri(stored.get('tracking_uri', '?'))}, not "
+            f"{redact_uri(tracking_uri)}; rerun with the same tracking.tracking_uri or a new run.name")
+    client = _client(tracking_uri)
+    if stored is not None:
+        try:
+            run = client.get_run(stored["run_id"])
+        except MlflowException:
+            run = None
+        if run is not None and run.info.lifecycle_stage != "deleted":
+            client.update_run(run.info.run_id, status="RUNNING")
+            tracked = TrackedRun(tracking_uri, run.info.run_id, run.info.experiment_id, resumed=True)
+            if params:
+                tracked.log_params(params)
+            if tags:
+                tracked.set_tags(tags)
+            return tracked
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            location = (Path(tracking_uri[len("sqlite:///"):]).parent / ARTIFACTS_DIR).as_uri()
+        try:
+            experiment_id = client.create_experiment(experiment, artifact_location=location)
+        except MlflowException:  # created concurrently by another job
+            experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    else:
+        if exp.lifecycle_stage == "deleted":
+            raise ValueError(f"MLflow experiment {experiment!r} is deleted; restore it or choose another name")
+        experiment_id = exp.experiment_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+    tracked = TrackedRun(tracking_uri, run.info.run_id, experiment_id)
+    if params:
+        tracked.log_params(params)
+    if storage_dir:
+        storage.write_text_atomic(storage.join(storage_dir, RUN_ID_FILE), json.dumps(
+            {"run_id": tracked.run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri}, indent=1))
+    return tracked
+
+
+def _read_run_id(storage_dir: str) -> dict | None:
+    uri = storage.join(storage_dir, RUN_ID_FILE)
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_bytes(uri))
+
+
+def stored_run(storage_dir: str) -> dict | None:
+    """What `mlflow_run.json` of a run directory says (run_id, experiment_id, tracking_uri), or None."""
+    return _read_run_id(storage_dir)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """models:/NAME/VERSION | models:/NAME/latest | models:/NAME@alias -> (name, version, alias)."""
+    m = _MODELS_URI.match(uri)
+    if not m:
+        raise ValueError(f"{uri!r} is not a registered-model URI; write models:/NAME/VERSION (e.g. models:/drivedit/3), "
+                         "models:/NAME/latest or models:/NAME@alias")
+    return m.group("name"), m.group("version"), m.group("alias")
+
+
+def download_registered_bundle(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
+    """Download the adapter bundle of a registered model version to a local directory and return it.
+
+    `tracking_uri` defaults to $MLFLOW_TRACKING_URI. The directory holds `bundle.json` and
+    `adapter.safetensors` as the fine-tuning job wrote them.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    name, version, alias = parse_models_uri(uri)
+    client = _client(tracking_uri)
+    try:
+        if alias:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version == "latest":
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise MlflowException(f"no versions of {name}")
+            mv = max(versions, key=lambda v: int(v.version))
+        else:
+            mv = client.get_model_version(name, version)
+    except MlflowException as e:
+        try:
+            known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+            hint = f"registered versions of {name}: {known}" if known else f"no model named {name!r} is registered"
+        except MlflowException:
+            hint = "the registry could not be listed"
+        raise ValueError(f"cannot resolve {uri} in {redact_uri(tracking_uri)} ({hint}): {e.message}") from None
+    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"bundle-{name}-v{mv.version}-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst),
+                                                     tracking_uri=tracking_uri))
+    if not (local / "bundle.json").is_file():
+        raise ValueError(f"{uri} (source {mv.source}) holds no bundle.json: it is not a drivedit adapter bundle")
+    return local
