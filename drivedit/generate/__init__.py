@@ -1,0 +1,1 @@
+"""Sampling (shared by generate and serve) and the batch generation job."""

@@ -1,0 +1,164 @@
+"""DDPM / DDIM sampling of a DiT with classifier-free or superclass guidance.
+
+Used by the batch `generate` job and by `serve`: plain torch + diffusers schedulers, no Ray, no
+MLflow. The schedulers are configured as reference/dit.md §2 verifies against the official
+`p_sample` / `ddim_sample`:
+
+- DDPM: learned-range variance on all 2C output channels, `linspace` timestep spacing
+  (250 steps give 999, 995, ..., 0 exactly as DiT's respacing).
+- DDIM (eta 0): default `leading` spacing, `set_alpha_to_one`, fed the eps channels only.
+
+Every item has its own torch.Generator, seeded with its seed and used for its initial noise and
+each of its DDPM noise draws, so an item's image never depends on what else is in its batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+SAMPLERS = ("ddim", "ddpm")
+GUIDANCE_KINDS = ("cfg", "superclass")
+_MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class SamplerSettings:
+    """How to sample. `guidance` 1.0 means no guidance (one conditional forward per step).
+
+    guidance_kind "cfg" contrasts each label with the null label; "superclass" (FineDiffusion)
+    contrasts it with its superclass, which the caller passes as `uncond_labels`.
+    `guide_channels` limits guidance to the first k eps channels (the official sample.py uses 3);
+    None guides all latent channels, as diffusers' DiTPipeline.
+    """
+
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = 50
+    guidance: float = 4.0
+    guidance_kind: Literal["cfg", "superclass"] = "cfg"
+    guide_channels: int | None = None
+
+    def validate(self, num_train_timesteps: int = 1000) -> None:
+        problems = []
+        if self.sampler not in SAMPLERS:
+            problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= num_train_timesteps:
+            problems.append(f"steps must be an integer in [1, {num_train_timesteps}], got {self.steps!r}")
+        if not np.isfinite(self.guidance) or self.guidance < 0:
+            problems.append(f"guidance must be a finite number >= 0 (1 = unguided), got {self.guidance!r}")
+        if self.guidance_kind not in GUIDANCE_KINDS:
+            problems.append(f"guidance_kind must be one of {', '.join(GUIDANCE_KINDS)}, got {self.guidance_kind!r}")
+        if self.guide_channels is not None and (not isinstance(self.guide_channels, int) or self.guide_channels < 1):
+            problems.append(f"guide_channels must be a positive integer or None, got {self.guide_channels!r}")
+        if problems:
+            raise ValueError("invalid sampler settings: " + "; ".join(problems))
+
+
+def build_scheduler(settings: SamplerSettings, betas: np.ndarray | None = None, learn_sigma: bool = True):
+    """A fresh diffusers scheduler for `settings` (schedulers hold per-run state: one per call).
+
+    `betas` None means DiT's linear 1e-4..0.02 over 1000 steps; custom betas (a progressive
+    schedule's final stage) go in as `trained_betas`.
+    """
+    common = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False,
+                  prediction_type="epsilon", num_train_timesteps=1000)
+    if betas is not None:
+        common.update(num_train_timesteps=len(betas), trained_betas=[float(b) for b in betas])
+    if settings.sampler == "ddpm":
+        # without a learned variance DiT samples with the "fixed large" variance (beta_t)
+        variance = "learned_range" if learn_sigma else "fixed_large"
+        return DDPMScheduler(**common, variance_type=variance, timestep_spacing="linspace")
+    return DDIMScheduler(**common)  # leading spacing, set_alpha_to_one: DiT's ddim<N>
+
+
+class DiTSampler:
+    """Sample latents from a DiT. The model is put in eval mode and moved to `device`."""
+
+    def __init__(self, model: torch.nn.Module, betas: np.ndarray | None = None, device: str | torch.device = "cpu",
+                 amp_dtype: torch.dtype | None = torch.bfloat16):
+        self.device = torch.device(device)
+        self.amp_dtype = amp_dtype  # autocast dtype on CUDA; None = float32 throughout
+        self.model = model.eval().to(self.device)
+        self.config = model.config
+        if betas is not None:
+            betas = np.asarray(betas, dtype=np.float64)
+            if betas.ndim != 1 or len(betas) < 2 or not ((betas > 0).all() and (betas < 1).all()):
+                raise ValueError("betas must be a 1-D array of at least 2 values in (0, 1)")
+        self.betas = betas
+        self.num_train_timesteps = 1000 if betas is None else len(betas)
+
+    @property
+    def null_label(self) -> int:
+        return int(self.model.y_embedder.null_label)
+
+    def _labels(self, labels, name: str, n: int | None = None) -> torch.Tensor:
+        labels = torch.as_tensor(labels)
+        if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D integer tensor, got shape {tuple(labels.shape)} {labels.dtype}")
+        if n is not None and labels.shape[0] != n:
+            raise ValueError(f"{name} has {labels.shape[0]} entries for {n} labels; give one per item")
+        rows = self.model.y_embedder.embedding_table.num_embeddings
+        if labels.numel() and (labels.min() < 0 or labels.max() >= rows):
+            raise ValueError(f"{name} must lie in [0, {rows - 1}] (the model's label table has {rows} rows), "
+                             f"got values in [{int(labels.min())}, {int(labels.max())}]")
+        return labels.to(self.device, torch.long)
+
+    def _uncond(self, labels: torch.Tensor, settings: SamplerSettings, uncond_labels) -> torch.Tensor | None:
+        if settings.guidance == 1.0:
+            return None
+        if uncond_labels is None:
+            if settings.guidance_kind == "superclass":
+                raise ValueError("superclass guidance needs uncond_labels: each label's superclass id")
+            return torch.full_like(labels, self.null_label)
+        return self._labels(uncond_labels, "uncond_labels", labels.shape[0])
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, uncond: torch.Tensor | None,
+                settings: SamplerSettings) -> torch.Tensor:
+        """Model output (N, C_out, h, w) at timesteps t (N,): guided, or plain conditional when uncond is None."""
+        if uncond is None:
+            return self.model(x, t, labels).float()
+        return self.model.forward_guided(x, t, labels, uncond, settings.guidance, settings.guide_channels).float()
+
+    @torch.inference_mode()
+    def sample(self, labels: torch.Tensor, seeds: Sequence[int], settings: SamplerSettings,
+               uncond_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents (N, C, h, w) on the sampler's device for labels (N,), one seed per item."""
+        settings.validate(self.num_train_timesteps)
+        cfg = self.config
+        if settings.guide_channels is not None and settings.guide_channels > cfg.in_channels:
+            raise ValueError(f"guide_channels {settings.guide_channels} exceeds the model's {cfg.in_channels} "
+                             f"latent channels")
+        labels = self._labels(labels, "labels")
+        n = labels.shape[0]
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"got {len(seeds)} seeds for {n} labels; give one seed per item")
+        if any(not 0 <= s <= _MAX_SEED for s in seeds):
+            raise ValueError(f"seeds must be integers in [0, 2**63 - 1], got {seeds}")
+        uncond = self._uncond(labels, settings, uncond_labels)
+        if n == 0:
+            return torch.empty(0, cfg.in_channels, cfg.input_size, cfg.input_size, device=self.device)
+
+        scheduler = build_scheduler(settings, self.betas, cfg.learn_sigma)
+        scheduler.set_timesteps(settings.steps, device=self.device)
+        # CPU generators: the same seed gives the same noise on every device
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size)
+        x = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)  # (N, C, h, w)
+        x = x * scheduler.init_noise_sigma
+        # DDPM consumes the learned variance; DDIM (and fixed-variance DDPM) only eps
+        keep = 2 * cfg.in_channels if settings.sampler == "ddpm" and cfg.learn_sigma else cfg.in_channels
+        # one autocast region for the whole loop so weight casts are cached across steps; a caller's
+        # own autocast region (another dtype, or disabled) is left in charge
+        amp = (self.device.type == "cuda" and self.amp_dtype is not None
+               and not torch.is_autocast_enabled(self.device.type))
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=amp):
+            for t in scheduler.timesteps:
+                x_in = scheduler.scale_model_input(x, t)
+                out = self.predict(x_in, t.expand(n), labels, uncond, settings)  # (N, C_out, h, w)
+                x = scheduler.step(out[:, :keep], t, x, generator=generators).prev_sample  # (N, C, h, w)
+        return x
