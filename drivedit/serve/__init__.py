@@ -1,0 +1,1 @@
+"""The sampling endpoint (Ray Serve + FastAPI): see drivedit/serve/app.py."""

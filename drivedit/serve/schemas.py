@@ -1,0 +1,92 @@
+"""Request and response models of the HTTP API, with their bounds taken from the operator's config.
+
+The request model is built per deployment (`request_model(cfg, scenarios)`): the scenario field is an
+enum of the served model's vocabulary and every number carries the configured bounds, so `/openapi.json`
+documents exactly what this endpoint accepts and pydantic's errors name the offending field.
+Requests are validated strictly: `"3"` is not an integer and unknown fields (a `model`, say) are refused.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from drivedit.config.serve import ServeApp
+
+MAX_SEED = 2**53 - 1  # the largest integer every JSON client represents exactly
+
+
+class SampleRequestBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def request_model(cfg: ServeApp, scenarios: list[str]) -> type[SampleRequestBase]:
+    """`POST /v1/samples` body for this deployment's model and bounds."""
+    if not scenarios:
+        raise ValueError("the served model has an empty scenario vocabulary; nothing could be requested")
+    s = cfg.sampler
+    fields = {
+        "scenario": (Literal[tuple(scenarios)], Field(
+            ..., description="scenario to draw, one of the model's vocabulary (GET /v1/scenarios)")),
+        "num_images": (int, Field(
+            1, ge=1, le=s.max_images,
+            description=f"images to draw; 1 returns image/png, more return JSON with base64 PNGs. "
+                        f"num_images x steps may not exceed {s.max_image_steps}")),
+        "steps": (int, Field(
+            s.default_steps, ge=s.min_steps, le=s.max_steps, description="denoising steps")),
+        "guidance": (float, Field(
+            s.default_guidance, ge=s.min_guidance, le=s.max_guidance, allow_inf_nan=False,
+            description=f"{'classifier-free' if s.guidance_kind == 'cfg' else 'superclass'} guidance scale "
+                        f"(1 = unguided)")),
+        "sampler": (Literal[tuple(s.samplers)], Field(s.default_sampler, description="denoising sampler")),
+        "seed": (int | None, Field(
+            None, ge=0, le=MAX_SEED,
+            description="seed of the first image; image i uses seed + i. Omitted: a random seed, returned in the "
+                        "response. The same seed and settings give the same bytes")),
+    }
+    return create_model("SampleRequest", __base__=SampleRequestBase,
+                        __doc__="Draw images of one scenario from the served model.", **fields)
+
+
+class ImageOut(BaseModel):
+    seed: int = Field(..., description="seed this image was drawn with")
+    png_base64: str = Field(..., description="the image as a base64-encoded PNG")
+
+
+class SamplesResponse(BaseModel):
+    """JSON answer to a request for more than one image."""
+
+    model_version: str = Field(..., description="version of the model that drew the images")
+    scenario: str = Field(..., description="the requested scenario")
+    sampler: str = Field(..., description="sampler used")
+    steps: int = Field(..., description="denoising steps used")
+    guidance: float = Field(..., description="guidance scale used")
+    width: int = Field(..., description="image width in pixels")
+    height: int = Field(..., description="image height in pixels")
+    batch_size: int = Field(..., description="images in the sampler call this request shared")
+    images: list[ImageOut] = Field(..., description="the images, image i drawn with seed + i")
+
+
+class ScenariosResponse(BaseModel):
+    scenarios: list[str] = Field(..., description="the model's scenario vocabulary, in class-id order")
+    model_version: str = Field(..., description="version of the served model")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = Field("ok", description="the replica is loaded and answering")
+    model_version: str = Field(..., description="version of the served model")
+    device: str = Field(..., description="device the replica samples on, e.g. cpu or cuda:0")
+    image_size: int = Field(..., description="side of the generated images in pixels")
+    num_scenarios: int = Field(..., description="size of the scenario vocabulary")
+
+
+class ErrorItem(BaseModel):
+    field: str = Field(..., description="the request field at fault (`body` for the body as a whole)")
+    loc: list[str | int] = Field(..., description="full location, as FastAPI reports it")
+    msg: str = Field(..., description="what is wrong and what is allowed")
+    type: str = Field(..., description="machine-readable error kind")
+
+
+class ErrorResponse(BaseModel):
+    message: str = Field(..., description="all problems, one line per field")
+    detail: list[ErrorItem] = Field(..., description="one item per problem")
