@@ -1,0 +1,215 @@
+"""One place that turns a URI into a filesystem, plus the few file operations the jobs need.
+
+Local paths and `file://` URIs map to pyarrow's LocalFileSystem; `s3://bucket/key` maps to s3fs
+wrapped as a pyarrow filesystem, so Ray Data, pyarrow.parquet and our own reads all take the same
+path to a bucket. The S3 endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, a
+moto server, a private gateway) and credentials from the usual AWS environment or config chain;
+neither is ever logged or put in an error message.
+
+Writes are atomic: a local file is written under a hidden temporary name in the same directory
+and renamed; an S3 object becomes visible only when its (single or multipart) upload completes.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+REMOTE_SCHEMES = ("s3",)
+TMP_MARKER = ".tmp-"
+
+
+def _scheme(uri: str) -> str:
+    head, sep, _ = str(uri).partition("://")
+    return head.lower() if sep else ""
+
+
+def is_remote(uri: str) -> bool:
+    """True for object-store URIs (s3://), False for local paths and file:// URIs."""
+    return _scheme(uri) in REMOTE_SCHEMES
+
+
+def _local_path(uri: str) -> str:
+    uri = str(uri)
+    if _scheme(uri) == "file":
+        uri = uri[len("file://"):]
+    return str(Path(uri).expanduser().absolute())
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the environment (the S3-specific variable wins), or None for AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+_S3_CACHE: dict[tuple, object] = {}
+
+
+def _s3fs():
+    """One s3fs client per process and S3 environment (endpoint, region, credentials source)."""
+    import s3fs
+
+    endpoint = s3_endpoint()
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    # the key id (not the secret) tells credential sets apart; it never leaves this dict
+    key = (endpoint, region, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    if key not in _S3_CACHE:
+        client_kwargs = {}
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        if region:
+            client_kwargs["region_name"] = region
+        # No listings cache: a rerun must see the shards another process just wrote.
+        _S3_CACHE[key] = s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False,
+                                           skip_instance_cache=True)
+    return _S3_CACHE[key]
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path, file:// or s3:// URI."""
+    scheme = _scheme(uri)
+    if scheme in ("", "file"):
+        return pafs.LocalFileSystem(), _local_path(uri)
+    if scheme == "s3":
+        path = str(uri)[len("s3://"):].strip("/")
+        if not path:
+            raise ValueError(f"{uri!r} names no bucket; write s3://BUCKET/prefix")
+        return pafs.PyFileSystem(pafs.FSSpecHandler(_s3fs())), path
+    raise ValueError(f"unsupported URI scheme {scheme!r} in {uri!r}; use a local path, file:// or s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/', keeping its scheme."""
+    out = str(uri)
+    for part in parts:
+        part = str(part)
+        if not part:
+            continue
+        out = out.rstrip("/") + "/" + part.lstrip("/")
+    return out
+
+
+def _uri_for(base_uri: str, base_path: str, path: str) -> str:
+    """Map a filesystem path found under `base_path` back to the URI form of `base_uri`."""
+    rel = os.path.relpath(path, base_path) if not is_remote(base_uri) else path[len(base_path):].lstrip("/")
+    return base_uri if rel in ("", ".") else join(base_uri, rel.replace(os.sep, "/"))
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem_for(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem_for(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole object; FileNotFoundError (naming the URI) when there is none."""
+    fs, path = filesystem_for(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such file: {uri}")
+    if info.type == pafs.FileType.Directory:
+        raise IsADirectoryError(f"{uri} is a directory, not a file")
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write `data` so that readers see either the old object or the complete new one, never a part."""
+    fs, path = filesystem_for(uri)
+    if is_remote(uri):
+        # an S3 object appears only when its upload completes: the PUT itself is the commit
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}{TMP_MARKER}{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(uri: str, text: str) -> None:
+    write_bytes_atomic(uri, text.encode("utf-8"))
+
+
+def delete(uri: str) -> None:
+    """Remove one file; a missing file is not an error."""
+    fs, path = filesystem_for(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def makedirs(uri: str) -> None:
+    """Create a local directory (object stores have no directories: a no-op there)."""
+    if not is_remote(uri):
+        os.makedirs(_local_path(uri), exist_ok=True)
+
+
+def list_files(uri: str, suffixes: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """Every file under `uri` (recursively), as URIs in the same form, sorted. Hidden temporary files
+    of unfinished atomic writes are left out. `suffixes` filters by name ending (case-insensitive)."""
+    fs, path = filesystem_for(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        infos = [info]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    wanted = tuple(s.lower() for s in suffixes) if suffixes else None
+    out = []
+    for fi in infos:
+        if fi.type != pafs.FileType.File or TMP_MARKER in fi.base_name:
+            continue
+        if wanted and not fi.base_name.lower().endswith(wanted):
+            continue
+        out.append(uri if info.type == pafs.FileType.File else _uri_for(uri, path, fi.path))
+    return sorted(out)
+
+
+def upload_dir(local_dir: str, uri: str) -> list[str]:
+    """Copy every file under a local directory to `uri` (keeping relative paths). Returns the URIs written."""
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such directory to upload: {local_dir}")
+    written = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            dest = join(uri, p.relative_to(root).as_posix())
+            write_bytes_atomic(dest, p.read_bytes())
+            written.append(dest)
+    return written
+
+
+def download_dir(uri: str, local_dir: str) -> list[str]:
+    """Copy every file under `uri` into a local directory (keeping relative paths). Returns local paths."""
+    fs, base = filesystem_for(uri)
+    if fs.get_file_info(base).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"nothing to download at {uri}")
+    written = []
+    for src in list_files(uri):
+        _, path = filesystem_for(src)
+        rel = os.path.relpath(path, base) if not is_remote(uri) else path[len(base):].lstrip("/")
+        dest = Path(local_dir) / rel
+        write_bytes_atomic(str(dest), read_bytes(src))
+        written.append(str(dest))
+    return written

@@ -1,0 +1,90 @@
+"""The storage layer: local paths, file:// URIs and s3:// (moto server on loopback) through one API."""
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+import pytest
+
+from drivedit import storage
+
+
+def test_local_atomic_write_read_list(tmp_path):
+    root = str(tmp_path / "out")
+    storage.write_bytes_atomic(storage.join(root, "a", "x.bin"), b"\x00\x01")
+    storage.write_text_atomic(storage.join(root, "b.json"), '{"k": 1}')
+    storage.write_text_atomic(storage.join(root, "b.json"), '{"k": 2}')  # replace in place
+    assert storage.read_bytes(storage.join(root, "a/x.bin")) == b"\x00\x01"
+    assert storage.read_text(storage.join(root, "b.json")) == '{"k": 2}'
+    # no temporary file is left behind, and listing skips any that a crashed writer left
+    (tmp_path / "out" / ".c.json.tmp-deadbeef").write_text("partial")
+    assert sorted(os.listdir(root)) == [".c.json.tmp-deadbeef", "a", "b.json"]
+    assert storage.list_files(root) == [storage.join(root, "a/x.bin"), storage.join(root, "b.json")]
+    assert storage.list_files(root, suffixes=[".JSON"]) == [storage.join(root, "b.json")]
+    assert storage.exists(root) and storage.is_dir(root) and not storage.exists(storage.join(root, "nope"))
+    assert not storage.is_remote(root)
+    fs, path = storage.filesystem_for("file://" + root)
+    assert isinstance(fs, pafs.LocalFileSystem) and path == root
+    assert storage.list_files("file://" + root, suffixes=[".bin"]) == ["file://" + root + "/a/x.bin"]
+
+
+def test_local_failed_write_leaves_old_file(tmp_path, monkeypatch):
+    target = str(tmp_path / "f.txt")
+    storage.write_text_atomic(target, "old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        storage.write_text_atomic(target, "new")
+    assert open(target).read() == "old"
+    assert os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_errors_name_the_uri(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file: .*missing.bin"):
+        storage.read_bytes(str(tmp_path / "missing.bin"))
+    with pytest.raises(IsADirectoryError):
+        storage.read_bytes(str(tmp_path))
+    with pytest.raises(ValueError, match="unsupported URI scheme 'gs'"):
+        storage.filesystem_for("gs://bucket/x")
+    with pytest.raises(ValueError, match="names no bucket"):
+        storage.filesystem_for("s3://")
+    assert storage.join("s3://b/p/", "/x", "", "y.json") == "s3://b/p/x/y.json"
+
+
+def test_s3_roundtrip_through_endpoint(s3_bucket, tmp_path, s3_server):
+    base = f"s3://{s3_bucket}/data"
+    fs, path = storage.filesystem_for(base)
+    assert isinstance(fs, pafs.PyFileSystem) and path == f"{s3_bucket}/data"
+    assert storage.is_remote(base) and storage.s3_endpoint() == s3_server
+    storage.write_bytes_atomic(storage.join(base, "x/1.bin"), b"one")
+    storage.write_text_atomic(storage.join(base, "2.txt"), "two")
+    assert storage.exists(storage.join(base, "2.txt")) and not storage.exists(storage.join(base, "3.txt"))
+    assert storage.read_bytes(storage.join(base, "x/1.bin")) == b"one"
+    assert storage.list_files(base) == [f"{base}/2.txt", f"{base}/x/1.bin"]
+    assert storage.list_files(base, suffixes=[".bin"]) == [f"{base}/x/1.bin"]
+    with pytest.raises(FileNotFoundError, match=f"s3://{s3_bucket}/data/none"):
+        storage.read_bytes(storage.join(base, "none"))
+    # a directory goes up and comes back byte for byte
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "w.bin").write_bytes(bytes(range(256)) * 10)
+    (src / "c.json").write_text("{}")
+    written = storage.upload_dir(str(src), storage.join(base, "dir"))
+    assert written == [f"{base}/dir/c.json", f"{base}/dir/sub/w.bin"]
+    got = storage.download_dir(storage.join(base, "dir"), str(tmp_path / "back"))
+    assert sorted(os.path.relpath(p, tmp_path / "back") for p in got) == ["c.json", os.path.join("sub", "w.bin")]
+    assert (tmp_path / "back" / "sub" / "w.bin").read_bytes() == bytes(range(256)) * 10
+    storage.delete(storage.join(base, "2.txt"))
+    assert not storage.exists(storage.join(base, "2.txt"))
+
+
+def test_s3_credentials_never_in_errors(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekrit-value-123")
+    storage._S3_CACHE.clear()
+    with pytest.raises(Exception) as err:
+        storage.read_bytes("s3://no-such-bucket-xyz/key")
+    assert "sekrit-value-123" not in str(err.value)
+    storage._S3_CACHE.clear()
