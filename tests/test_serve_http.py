@@ -15,15 +15,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
 from drivedit.config.serve import ServeApp
+from serve_helpers import IMAGE_SIZE, SCENARIOS, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ["clear", "overcast", "partly cloudy", "rainy", "snowy", "night"]
-IMAGE_SIZE = 16
 BUDGET = 60  # num_images x steps
 SAMPLER = {"default_steps": 4, "min_steps": 1, "max_steps": 40, "max_images": 4, "max_image_steps": BUDGET,
            "min_guidance": 1.0, "max_guidance": 8.0, "default_guidance": 3.0}
@@ -33,18 +31,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def write_tiny_checkpoint(path: Path) -> Path:
-    from drivedit.models.checkpoint import export_safetensors
-    from drivedit.models.dit import build_dit, dit_config
-
-    torch.manual_seed(0)
-    model = build_dit(dit_config("DiT-N/2", input_size=IMAGE_SIZE, in_channels=3, num_classes=len(SCENARIOS)))
-    with torch.no_grad():  # off the adaLN-Zero init, so the output depends on label, seed and settings
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return export_safetensors(model, path)
 
 
 @pytest.fixture(scope="module")

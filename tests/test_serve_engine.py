@@ -1,0 +1,79 @@
+"""The replica's sampling engine without Ray: grouping by settings, seeds, PNGs; and the app's options."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from drivedit.config.serve import ServeApp
+from drivedit.serve.engine import SampleEngine, SampleJob, count_images
+from drivedit.serve.loading import load_served_model
+from serve_helpers import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("engine") / "tiny.safetensors")
+    cfg = ServeApp.model_validate({"model": {"ref": str(ckpt), "class_names": {"snowy": 4, "night": 5},
+                                             "device": "cpu"}})
+    return load_served_model(cfg)
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+
+def test_loaded_model_keeps_the_configured_class_ids(served):
+    assert served.scenarios == ["snowy", "night"]
+    assert served.label_of == {"snowy": 4, "night": 5}  # ids from the mapping, not positions
+    assert served.image_size == 16 and served.device == torch.device("cpu")
+
+
+def test_requests_sharing_settings_share_one_sampler_call(served, monkeypatch):
+    calls = []
+    real = served.engine.sampler.sample
+
+    def spy(labels, seeds, settings, uncond_labels=None):
+        calls.append((labels.tolist(), list(seeds), settings.sampler, settings.steps))
+        return real(labels, seeds, settings, uncond_labels=uncond_labels)
+
+    monkeypatch.setattr(served.engine.sampler, "sample", spy)
+    jobs = [SampleJob(label=4, seeds=(7,), sampler="ddim", steps=2, guidance=3.0),
+            SampleJob(label=5, seeds=(1, 2, 3), sampler="ddim", steps=2, guidance=3.0),
+            SampleJob(label=4, seeds=(7,), sampler="ddpm", steps=2, guidance=3.0)]
+    assert count_images(jobs) == 5
+    results = served.engine.run(jobs)
+    assert sorted(calls) == sorted([([4, 5, 5, 5], [7, 1, 2, 3], "ddim", 2), ([4], [7], "ddpm", 2)])
+    assert [(r.batch_images, r.batch_requests, r.seeds) for r in results] == [
+        (4, 2, [7]), (4, 2, [1, 2, 3]), (1, 1, [7])]
+    assert [len(r.pngs) for r in results] == [1, 3, 1]
+    # a request's images do not depend on its batch mates (up to float rounding across batch shapes)
+    alone = served.engine.run([jobs[1]])[0]
+    for a, b in zip(alone.pngs, results[1].pngs):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    assert not np.array_equal(pixels(results[0].pngs[0]), pixels(results[2].pngs[0]))  # ddim != ddpm
+
+
+def test_engine_refuses_superclass_guidance_without_a_mapping(served):
+    with pytest.raises(ValueError, match="superclass"):
+        SampleEngine(served.engine.sampler.model, served.engine.codec, guidance_kind="superclass")
+    with pytest.raises(ValueError, match="guide_channels"):
+        SampleEngine(served.engine.sampler.model, served.engine.codec, guide_channels=9)
+
+
+def test_build_app_takes_its_options_from_the_config():
+    from drivedit.serve.app import build_app, resolve_gpus
+
+    cfg = ServeApp.model_validate({"model": {"ref": "x"}, "deployment": {
+        "name": "D", "min_replicas": 0, "max_replicas": 3, "max_ongoing_requests": 12, "max_queued_requests": 5,
+        "gpus_per_replica": 1, "cpus_per_replica": 2, "target_ongoing_requests": 4}})
+    dep = build_app(cfg)._bound_deployment  # the Deployment behind the Application
+    assert (dep.name, dep.max_ongoing_requests, dep.max_queued_requests) == ("D", 12, 5)
+    assert dep.ray_actor_options["num_gpus"] == 1 and dep.ray_actor_options["num_cpus"] == 2
+    auto = dep._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.initial_replicas, auto.target_ongoing_requests) == (0, 3, 1, 4)
+    assert resolve_gpus(0.5) == 0.5
+    assert resolve_gpus("auto") == (1.0 if torch.cuda.is_available() else 0.0)  # no Ray here: asks torch
