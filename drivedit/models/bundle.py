@@ -162,8 +162,9 @@ def load_bundle(directory: str | Path) -> Bundle:
     return Bundle(info=info, tensors=tensors, path=d)
 
 
-def _sha256(path: Path) -> str:
+def sha256_path(path: str | Path) -> str:
     """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
+    path = Path(path)
     h = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
@@ -175,6 +176,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_sha256 = sha256_path  # the name the training job first imported
+
+
 def load_base(bundle: Bundle) -> DiT:
     """The bundle's base model from its local reference, checked against the recorded sha256."""
     from drivedit.models.checkpoint import load_dit, resolve_model_source
@@ -184,7 +188,7 @@ def load_base(bundle: Bundle) -> DiT:
     except FileNotFoundError:
         raise FileNotFoundError(f"the bundle's base model {bundle.info.base!r} is not a local file here; "
                                 "download it and pass it as the base model") from None
-    if bundle.info.base_sha256 and _sha256(path) != bundle.info.base_sha256:
+    if bundle.info.base_sha256 and sha256_path(path) != bundle.info.base_sha256:
         raise ValueError(f"the base model at {path} does not match the sha256 recorded in the bundle "
                          f"({bundle.info.base_sha256[:12]}...); it changed since fine-tuning")
     return load_dit(path, config=bundle.model_config)

