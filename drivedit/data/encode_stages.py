@@ -1,0 +1,222 @@
+"""The per-batch work of the encode job, run inside Ray tasks and actors (and by the plain-loop baseline
+of bench/encode.py): read + decode + resize + center-crop + rasterise boxes, and the codec actor.
+
+Every function here takes plain data (dicts of numpy arrays, JSON-able config dicts), so workers
+never depend on driver state. A frame that cannot be used keeps its row with an `error` string:
+the driver counts rows per shard to know when a shard is complete, so no row may vanish.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from drivedit import storage
+
+
+class BadImage(Exception):
+    """An image the job skips and lists: missing, unreadable, undecodable or too small."""
+
+
+@dataclass
+class CodecInfo:
+    codec_id: str
+    factor: int
+    latent_channels: int
+    scale_factor: float
+
+
+def _vae_config(source: str) -> dict:
+    """The AutoencoderKL config (no weights) from a local dir, an s3:// dir or a cached hub id."""
+    if storage.is_remote(source) or os.path.isdir(source):
+        for rel in ("config.json", "vae/config.json"):
+            uri = storage.join(source, rel)
+            if storage.exists(uri):
+                return json.loads(storage.read_text(uri))
+        raise ValueError(f"codec.source {source!r} has no config.json (nor vae/config.json); point it at a "
+                         "diffusers AutoencoderKL directory")
+    from diffusers import AutoencoderKL
+
+    try:
+        return dict(AutoencoderKL.load_config(source))
+    except (OSError, ValueError) as e:
+        hint = " (offline: put the weights in a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ValueError(f"codec.source {source!r} is neither a directory nor a hub id in the local cache{hint}: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
+def describe_codec(codec: dict) -> CodecInfo:
+    """What the shards need to know about a codec, without loading its weights."""
+    kind, source = codec.get("kind", "pixel"), codec.get("source")
+    if kind == "pixel":
+        return CodecInfo("pixel", 1, 3, float(codec.get("scale_factor") or 1.0))
+    if kind != "autoencoder_kl":
+        raise ValueError(f"unknown codec kind {kind!r}; use 'pixel' or 'autoencoder_kl'")
+    if not source:
+        raise ValueError("codec.source is required for autoencoder_kl: a diffusers directory (local or s3://) "
+                         "or a hub id such as stabilityai/sd-vae-ft-ema")
+    cfg = _vae_config(source)
+    scale = codec.get("scale_factor") or cfg.get("scaling_factor", 0.18215)
+    return CodecInfo(f"autoencoder_kl:{source}", 2 ** (len(cfg["block_out_channels"]) - 1),
+                     int(cfg["latent_channels"]), float(scale))
+
+
+def local_codec_source(source: str | None) -> str | None:
+    """An s3:// codec directory is copied to a local cache once per node; other sources pass through."""
+    if not source or not storage.is_remote(source):
+        return source
+    dest = os.path.join(tempfile.gettempdir(), "drivedit-codecs", source[len("s3://"):].strip("/").replace("/", "__"))
+    marker = os.path.join(dest, ".complete")
+    if not os.path.exists(marker):
+        storage.download_dir(source, dest)
+        open(marker, "w").close()
+    return dest
+
+
+def read_image_bytes(uri: str, retries: int = 3) -> bytes:
+    """Bytes of one image; a missing file is final, other I/O errors are retried with backoff."""
+    for attempt in range(retries + 1):
+        try:
+            return storage.read_bytes(uri)
+        except FileNotFoundError:
+            raise BadImage("missing image") from None
+        except (OSError, IsADirectoryError) as e:
+            if attempt == retries:
+                raise BadImage(f"unreadable image: {type(e).__name__}: {e}") from None
+            time.sleep(0.2 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def decode_and_crop(data: bytes, resolution: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """Decode, resize the short side to `resolution` and center-crop -> ((res, res, 3) uint8,
+    (sx, sy, left, top)) where a source pixel x maps to x * sx - left in the crop."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        ow, oh = img.size
+        if min(ow, oh) < resolution:
+            raise BadImage(f"too small: {ow}x{oh} < {resolution}")
+        # JPEG: let the decoder downscale by 1/2, 1/4, 1/8 while the short side stays >= resolution
+        img.draft("RGB", (math.ceil(ow * resolution / min(ow, oh)), math.ceil(oh * resolution / min(ow, oh))))
+        img = img.convert("RGB")
+        img.load()
+    except BadImage:
+        raise
+    except Exception as e:  # PIL raises many types for broken files
+        raise BadImage(f"undecodable image: {type(e).__name__}: {e}") from None
+    # As ADM / DiT: halve with a box filter while possible, then bicubic to the exact size (less aliasing).
+    while min(img.size) >= 2 * resolution:
+        img = img.resize((img.width // 2, img.height // 2), Image.BOX)
+    scale = resolution / min(img.size)
+    img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
+                     Image.BICUBIC)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    crop = np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+    return crop, (img.width / ow, img.height / oh, float(left), float(top))
+
+
+def rasterise_boxes(boxes: list[list[float]], transform: tuple[float, float, float, float], resolution: int,
+                    factor: int, min_cells: float) -> tuple[np.ndarray, int]:
+    """Source-pixel boxes -> ((h, w) uint8 mask on the latent grid, number of boxes kept).
+
+    A cell is inside a box when its centre is; a box covering under `min_cells` cells of area (after
+    clipping to the crop) is skipped; a kept box always marks at least the cell under its centre."""
+    sx, sy, left, top = transform
+    g = resolution // factor
+    mask = np.zeros((g, g), np.uint8)
+    kept = 0
+    for x1, y1, x2, y2 in boxes:
+        # source pixels -> crop pixels -> latent cells, clipped to the grid
+        a1 = min(max((x1 * sx - left) / factor, 0.0), g)
+        a2 = min(max((x2 * sx - left) / factor, 0.0), g)
+        b1 = min(max((y1 * sy - top) / factor, 0.0), g)
+        b2 = min(max((y2 * sy - top) / factor, 0.0), g)
+        if (a2 - a1) * (b2 - b1) < max(min_cells, 1e-9):
+            continue
+        j0, j1 = math.ceil(a1 - 0.5), math.ceil(a2 - 0.5)
+        i0, i1 = math.ceil(b1 - 0.5), math.ceil(b2 - 0.5)
+        if j1 <= j0:
+            j0 = min(int((a1 + a2) / 2), g - 1)
+            j1 = j0 + 1
+        if i1 <= i0:
+            i0 = min(int((b1 + b2) / 2), g - 1)
+            i1 = i0 + 1
+        mask[i0:i1, j0:j1] = 1
+        kept += 1
+    return mask, kept
+
+
+def load_images(batch: dict[str, np.ndarray], cfg: dict) -> dict[str, np.ndarray]:
+    """Ray Data stage: frame records -> + image (N, res, res, 3) uint8, object_mask (N, h*w) uint8,
+    num_objects (N,) int16, error (N,) str ("" when the frame is good)."""
+    res, factor = cfg["resolution"], cfg["factor"]
+    g = res // factor
+    n = len(batch["source_uri"])
+    images = np.zeros((n, res, res, 3), np.uint8)
+    masks = np.zeros((n, g * g), np.uint8)
+    num_objects = np.zeros(n, np.int16)
+    errors = []
+    for i in range(n):
+        try:
+            data = read_image_bytes(str(batch["source_uri"][i]), cfg.get("retries", 3))
+            images[i], transform = decode_and_crop(data, res)
+            mask, num_objects[i] = rasterise_boxes(json.loads(str(batch["boxes"][i])), transform, res, factor,
+                                                   cfg["min_box_cells"])
+            masks[i] = mask.reshape(-1)
+            errors.append("")
+        except BadImage as e:
+            errors.append(str(e))
+    out = {k: v for k, v in batch.items() if k != "boxes"}
+    out.update(image=images, object_mask=masks, num_objects=num_objects, error=np.array(errors, dtype=object))
+    return out
+
+
+class CodecEncoder:
+    """Ray Data actor: images -> moments of the image and of its mirror, float16 (N, 2*C*h*w) each.
+    The codec is loaded once per actor; on a GPU node it runs there."""
+
+    def __init__(self, codec: dict, latent_shape: list[int], threads: int = 1):
+        import torch
+
+        from drivedit.config.common import CodecConfig
+        from drivedit.models.codec import load_codec
+
+        cfg = CodecConfig.model_validate(codec)  # re-validate: workers trust nothing but plain data
+        torch.set_num_threads(max(1, int(threads)))
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.codec = load_codec(cfg.kind, local_codec_source(cfg.source), cfg.scale_factor, cfg.dtype).to(self.device)
+        self.latent_shape = tuple(latent_shape)
+
+    def encode_images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, H, W, 3) uint8 -> (moments, moments_flip), each (n, 2*C*h*w) float16."""
+        torch = self.torch
+        n = images.shape[0]
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0        # (n, 3, H, W) in [-1, 1]
+        x = torch.cat([x, x.flip(-1)])                          # (2n, 3, H, W): image, then mirror
+        m = self.codec.encode(x)                                # (2n, 2C, h, w)
+        c, h, w = self.latent_shape
+        if tuple(m.shape[1:]) != (2 * c, h, w):
+            raise RuntimeError(f"codec produced moments of shape {tuple(m.shape[1:])}, expected {(2 * c, h, w)}")
+        m = m.reshape(2 * n, -1).to(torch.float16).cpu().numpy()
+        return m[:n], m[n:]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch["image"]
+        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        c, h, w = self.latent_shape
+        n = len(ok)
+        moments = np.zeros((n, 2 * c * h * w), np.float16)
+        moments_flip = np.zeros((n, 2 * c * h * w), np.float16)
+        if ok.any():
+            moments[ok], moments_flip[ok] = self.encode_images(images[ok])
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out.update(moments=moments, moments_flip=moments_flip)
+        return out

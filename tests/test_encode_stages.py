@@ -1,0 +1,119 @@
+"""The encode job's per-batch stages without Ray: decode/resize/crop, box rasterisation, and the codec actor
+class with a tiny random AutoencoderKL saved to a directory (and with the pixel codec)."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from drivedit.data.encode_stages import (BadImage, CodecEncoder, decode_and_crop, describe_codec, load_images,
+                                         rasterise_boxes)
+
+
+def _jpeg(w: int, h: int) -> bytes:
+    # a horizontal ramp: column x has value x * 255 / (w - 1), so the crop offset is visible in the pixels
+    ramp = np.tile(np.linspace(0, 255, w, dtype=np.float32)[None, :, None], (h, 1, 3)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_decode_resize_center_crop_geometry():
+    img, (sx, sy, left, top) = decode_and_crop(_jpeg(1280, 720), 64)
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    # 720 -> 64: the width becomes round(1280 * 64 / 720) = 114, cropped by 25 on the left
+    assert (left, top) == (25.0, 0.0) and abs(sx - 114 / 1280) < 1e-9 and abs(sy - 64 / 720) < 1e-9
+    # the crop's first column comes from source x ~ left / sx, i.e. ~ 281 of 1280 on the ramp
+    expected_first = (left + 0.5) / sx * 255 / 1279
+    assert abs(float(img[:, 0].mean()) - expected_first) < 4
+    assert abs(float(img[:, -1].mean()) - (left + 63.5) / sx * 255 / 1279) < 4
+    portrait, t = decode_and_crop(_jpeg(40, 90), 40)  # the short side is already the target
+    assert portrait.shape == (40, 40, 3) and t[2:] == (0.0, 25.0)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"GIF89a not really", "undecodable image"),
+    (_jpeg(200, 100)[:300], "undecodable image"),
+    (_jpeg(30, 100), "too small: 30x100 < 32"),
+])
+def test_bad_images(data, reason):
+    with pytest.raises(BadImage, match=reason):
+        decode_and_crop(data, 32)
+
+
+def test_rasterise_boxes():
+    ident = (1.0, 1.0, 0.0, 0.0)
+    mask, n = rasterise_boxes([[0, 0, 16, 8]], ident, 32, 8, 2.0)  # 2x1 cells: kept
+    assert n == 1 and mask.shape == (4, 4) and mask.sum() == 2 and mask[0, :2].all()
+    mask, n = rasterise_boxes([[0, 0, 8, 8]], ident, 32, 8, 2.0)   # 1 cell: under min_box_cells
+    assert n == 0 and mask.sum() == 0
+    mask, n = rasterise_boxes([[17, 1, 19, 31]], ident, 32, 8, 0.5)  # thinner than a cell: its middle column
+    assert n == 1 and mask[:, 2].tolist() == [1, 1, 1, 1] and mask.sum() == 4
+    mask, n = rasterise_boxes([[-40, -40, 100, 100]], ident, 32, 8, 2.0)  # clipped to the grid
+    assert n == 1 and mask.all()
+    mask, n = rasterise_boxes([[40, 0, 60, 10]], ident, 32, 8, 0.0)  # entirely outside the crop
+    assert n == 0 and mask.sum() == 0
+    # crop transform: scale 0.5 then 8 px off the left edge
+    mask, n = rasterise_boxes([[16, 0, 48, 32]], (0.5, 0.5, 8.0, 0.0), 32, 8, 1.0)
+    assert n == 1 and mask[:2, :2].all() and mask.sum() == 4
+
+
+def test_load_images_keeps_every_row(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(_jpeg(64, 48))
+    batch = {"source_uri": np.array([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")], dtype=object),
+             "boxes": np.array([json.dumps([[0, 0, 64, 24]]), "[]"], dtype=object),
+             "shard": np.array([0, 0]), "frame_id": np.array(["a.jpg", "b.jpg"], dtype=object)}
+    out = load_images(batch, {"resolution": 32, "factor": 4, "min_box_cells": 2.0, "retries": 0})
+    assert out["image"].shape == (2, 32, 32, 3) and "boxes" not in out
+    assert list(out["error"]) == ["", "missing image"] and out["num_objects"].tolist() == [1, 0]
+    assert out["object_mask"].reshape(2, 8, 8)[0, :4].all() and out["object_mask"][1].sum() == 0
+
+
+def _tiny_vae(path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=4)
+    vae.save_pretrained(str(path))
+    return vae.eval()
+
+
+def test_autoencoder_kl_codec_actor(tmp_path):
+    vae = _tiny_vae(tmp_path / "pipe" / "vae")  # a pipeline folder: the codec finds vae/
+    info = describe_codec({"kind": "autoencoder_kl", "source": str(tmp_path / "pipe")})
+    assert (info.factor, info.latent_channels, info.scale_factor) == (4, 4, pytest.approx(0.18215))
+    assert describe_codec({"kind": "autoencoder_kl", "source": str(tmp_path / "pipe"), "scale_factor": 0.5}).scale_factor == 0.5
+    enc = CodecEncoder({"kind": "autoencoder_kl", "source": str(tmp_path / "pipe")}, [4, 4, 4], threads=1)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    batch = {"image": images, "error": np.array(["", "missing image", ""], dtype=object), "shard": np.zeros(3)}
+    out = enc(batch)
+    assert "image" not in out and out["moments"].shape == (3, 2 * 4 * 4 * 4) and out["moments"].dtype == np.float16
+    x = torch.from_numpy(images[[0, 2]]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        want = vae.encode(x).latent_dist.parameters.reshape(2, -1)
+        want_flip = vae.encode(x.flip(-1)).latent_dist.parameters.reshape(2, -1)
+    got = torch.from_numpy(out["moments"][[0, 2]].astype(np.float32))
+    got_flip = torch.from_numpy(out["moments_flip"][[0, 2]].astype(np.float32))
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got_flip, want_flip, atol=2e-3, rtol=2e-3)
+    assert not out["moments"][1].any() and not out["moments_flip"][1].any()  # the bad row stays zeros
+    with pytest.raises(RuntimeError, match="expected"):
+        CodecEncoder({"kind": "autoencoder_kl", "source": str(tmp_path / "pipe")}, [4, 8, 8]).encode_images(images)
+
+
+def test_pixel_codec_actor_is_exact():
+    enc = CodecEncoder({"kind": "pixel"}, [3, 8, 8])
+    images = np.random.default_rng(1).integers(0, 256, size=(2, 8, 8, 3), dtype=np.uint8)
+    m, mf = enc.encode_images(images)
+    mean = m.reshape(2, 6, 8, 8)[:, :3].astype(np.float32)
+    np.testing.assert_allclose((mean + 1) * 127.5, images.transpose(0, 3, 1, 2), atol=0.3)
+    np.testing.assert_array_equal(mf.reshape(2, 6, 8, 8), m.reshape(2, 6, 8, 8)[..., ::-1])
+    assert describe_codec({"kind": "pixel"}).factor == 1
+    with pytest.raises(ValueError, match="codec.source is required"):
+        describe_codec({"kind": "autoencoder_kl"})
