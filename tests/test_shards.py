@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from drivedit.data.shards import (METADATA_KEY, ShardMetadata, build_shard_table, inspect_main, load_latents_local,
-                                  read_file_metadata, read_shard_metadata, shard_name, training_batch, write_shard)
+                                  read_file_metadata, read_shard_metadata, scenario_counts, shard_name, training_batch,
+                                  write_shard)
 
 META = ShardMetadata("pixel", 1.0, 4, (3, 4, 4), ["clear", "rainy", "night"])
 
@@ -119,6 +120,7 @@ def test_load_latents_local_and_inspect(tmp_path, capsys):
     assert inspect_main([str(tmp_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["per_scenario"] == {"clear": 4, "rainy": 4, "night": 4} and info["objects"] == 12
+    assert scenario_counts(str(tmp_path)) == {"clear": 4, "rainy": 4, "night": 4}
     assert inspect_main([str(tmp_path / "nothing")]) == 2
     assert "no latent shards" in capsys.readouterr().err
 

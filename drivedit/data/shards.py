@@ -211,6 +211,16 @@ def load_latents_local(uri: str, limit: int | None = None, seed: int = 0) -> dic
     return training_batch(batch, meta, torch.Generator().manual_seed(seed))
 
 
+def scenario_counts(uri: str) -> dict[str, int]:
+    """Rows per scenario name (vocabulary order, zeros included) over the shards at `uri`."""
+    meta = read_shard_metadata(uri)
+    counts = Counter()
+    for f in shard_files(uri):
+        fs, path = storage.filesystem_for(f)
+        counts.update(pq.read_table(path, filesystem=fs, columns=["scenario"]).column("scenario").to_pylist())
+    return {name: int(counts.get(i, 0)) for i, name in enumerate(meta.scenarios)}
+
+
 def describe(uri: str) -> dict:
     """Rows, per-scenario counts, objects and metadata of the shards at `uri` (what `inspect shards` prints)."""
     meta = read_shard_metadata(uri)
