@@ -155,3 +155,11 @@ def test_jobs_entry_point_runs_as_a_script():
                          capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["app_name"] == "drivedit"
+
+
+def test_cli_detach_needs_a_running_cluster(monkeypatch, capsys):
+    from drivedit.serve.app import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["--config", str(ROOT / "configs/demo/serve.yaml"), "--detach"]) == 2
+    assert "--detach needs a running Ray cluster" in capsys.readouterr().err

@@ -64,6 +64,25 @@ def test_engine_refuses_superclass_guidance_without_a_mapping(served):
         SampleEngine(served.engine.sampler.model, served.engine.codec, guide_channels=9)
 
 
+def test_registry_bundle_with_superclass_guidance():
+    """A fine-tuned bundle from the MLflow registry, and a tiered bundle guided by its superclasses."""
+    from test_generate_models import tiny_models
+
+    models = tiny_models()
+    reg = load_served_model(ServeApp.model_validate({"model": {
+        "ref": models.registered, "tracking_uri": models.tracking_uri, "device": "cpu"}}))
+    assert reg.version == models.registered and reg.scenarios[-1] == "night" and reg.image_size == 8
+    tiered = load_served_model(ServeApp.model_validate({
+        "model": {"ref": str(models.tiered_bundle), "device": "cpu"}, "sampler": {"guidance_kind": "superclass"}}))
+    job = SampleJob(label=tiered.label_of["snowy"], seeds=(3,), sampler="ddim", steps=3, guidance=4.0)
+    guided = tiered.engine.run([job])[0].pngs[0]
+    unguided = tiered.engine.run([SampleJob(**{**job.__dict__, "guidance": 1.0})])[0].pngs[0]
+    assert pixels(guided).shape == (8, 8, 3) and not np.array_equal(pixels(guided), pixels(unguided))
+    # a tiered table has no null class: cfg guidance is refused when the replica loads, not per request
+    with pytest.raises(ValueError, match="guidance_kind: superclass"):
+        SampleEngine(tiered.engine.sampler.model, tiered.engine.codec)
+
+
 def test_build_app_takes_its_options_from_the_config():
     from drivedit.serve.app import build_app, resolve_gpus
 

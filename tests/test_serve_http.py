@@ -240,25 +240,30 @@ def test_overload_answers_503_and_recovers(endpoint):
 
 
 def test_app_from_the_shipped_serve_config_file_starts(endpoint):
-    """What `serve deploy configs/serve/serve_config.yaml` builds: its import_path called with its args."""
+    """What `serve deploy configs/serve/serve_config.yaml` builds: its import_path called with its args,
+    serving a registered model version (`models:/NAME/VERSION` + tracking URI) as the demo does."""
     import importlib
 
     from ray import serve
+    from test_generate_models import tiny_models
 
+    models = tiny_models()  # a bundle registered in an SQLite MLflow registry as models:/tiny-drive/1
     doc = yaml.safe_load((ROOT / "configs/serve/serve_config.yaml").read_text())
     app_doc = doc["applications"][0]
     module, attr = app_doc["import_path"].split(":")
     builder = getattr(importlib.import_module(module), attr)
     args = dict(app_doc["args"])
     args["config"] = str(ROOT / args["config"])
-    # the demo's registered model does not exist in a test: serve the test checkpoint, small
-    args["model"] = {"ref": str(endpoint["ckpt"]), "class_names": SCENARIOS, "device": "cpu"}
+    # the demo's registry does not exist in a test: point the same kind of ref at the test registry
+    args["model"] = {"ref": models.registered, "tracking_uri": models.tracking_uri, "device": "cpu"}
     args["deployment"] = {**args.get("deployment", {}), "cpus_per_replica": 0.5}
     serve.run(builder(args), name="from-serve-config", route_prefix="/cfg")
     try:
         base = endpoint["base"] + "/cfg"
-        assert httpx.get(f"{base}/healthz", timeout=30).json()["status"] == "ok"
+        health = httpx.get(f"{base}/healthz", timeout=30).json()
+        assert health["model_version"] == models.registered and health["image_size"] == 8
         r = post(base, {"scenario": "snowy", "seed": 7, "steps": 4})
-        assert r.status_code == 200 and png_array(r.content).shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+        assert r.status_code == 200 and png_array(r.content).shape == (8, 8, 3)
+        assert r.headers["x-model-version"] == models.registered
     finally:
         serve.delete("from-serve-config")

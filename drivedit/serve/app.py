@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import secrets
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -172,6 +174,10 @@ def usage() -> str:
     ])
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -191,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
 
+    if args.detach and cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        print("drivedit serve: --detach needs a running Ray cluster (ray.address or RAY_ADDRESS); a Ray started "
+              "by this command would end with it", file=sys.stderr)
+        return 2
     import ray
 
     ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
@@ -205,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
           f"schema: {base}/openapi.json)", flush=True)
     if args.detach:
         return 0
+    # `ray job stop` sends SIGTERM: take the application down as Ctrl-C does
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)

@@ -76,6 +76,12 @@ class SampleEngine:
         if guidance_kind == "superclass" and superclass_of is None:
             raise ValueError("sampler.guidance_kind is 'superclass' but the served model has no superclass mapping "
                              "(only bundles fine-tuned with a tiered scenario embedder have one); use 'cfg'")
+        if guidance_kind == "cfg":
+            try:
+                model.y_embedder.null_label
+            except ValueError as e:  # a tiered (FineDiffusion) table has no null row to guide against
+                raise ValueError(f"sampler.guidance_kind 'cfg' needs the model's null class: {e}. Set "
+                                 f"sampler.guidance_kind: superclass") from None
         latent_channels = model.in_channels
         if guide_channels is not None and guide_channels > latent_channels:
             raise ValueError(f"sampler.guide_channels ({guide_channels}) exceeds the model's {latent_channels} "
