@@ -100,3 +100,20 @@ def test_apply_method_gap_select_respects_budget_and_writes_report(base, tmp_pat
     data = json.loads(json_path.read_text())
     assert len(data["modules"]) == len(linear_names(base)) and data["budget"] == budget
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gap_without_source_latents_uses_the_models_own_samples(base):
+    g = torch.Generator().manual_seed(4)
+    probe = ProbeData(torch.randn(6, 4, 8, 8, generator=g), torch.tensor([0, 0, 1, 1, 2, 2]))
+    cfg = MethodConfig(name="driveditfit", select="gap", budget=0.05, scenario_init="random", source_samples=4,
+                       source_steps=2, gap_timesteps=[300])
+    model = copy.deepcopy(base).train()
+    r = apply_method(model, cfg, ["clear", "rainy", "night"], probe)
+    assert model.training  # the source sampler put the mode back
+    rep = r.report["gap"]
+    assert "samples of the base model" in rep["source"]
+    total_base = sum(p.numel() for p in base.parameters())
+    assert rep["budget"] == int(0.05 * total_base) and 0 < rep["spent"] <= rep["budget"]
+    assert r.selected_modules and all(m["gap"] >= 0 for m in rep["modules"])
+    with pytest.raises(ValueError, match="does not cover the scenario table"):
+        apply_method(copy.deepcopy(base), cfg.model_copy(update={"budget": 100}), ["clear", "rainy", "night"], probe)

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from drivedit.models.diffusion import GaussianDiffusion, linear_betas
 
