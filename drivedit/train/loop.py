@@ -1,0 +1,403 @@
+"""The per-worker fine-tuning loop: plain torch, with `ray.train` only at its edges.
+
+`train_loop_per_worker(config)` is what Ray Train runs on every worker. It touches Ray in four
+places only: the worker's rank and device, `get_checkpoint()` (resume), `get_dataset_shard`
+(data) and `report()` (checkpoints); everything else is `WorkerLoop`, which knows nothing about
+Ray and takes those four things as arguments.
+
+Per worker: validate the config dict; load the base DiT; adapt it (rank 0 runs the method,
+including gap measurement and semantic init on a probe of shard rows, and sends the resulting
+adapter spec to the other ranks; DDP then copies rank 0's initial trainable values to every
+rank); wrap it in DDP with the frozen tensors left out (every rank read them from the same
+checkpoint, so DDP neither broadcasts nor tracks them); AdamW over the trainable tensors only;
+warmup + constant/cosine lr; gradient accumulation (no all-reduce until the last micro-step) and
+clipping; EMA of the trainable tensors; bf16 autocast on GPU; the method's noise schedule
+(progressive stages) and small-object loss weights. Seeds: step s of rank r draws its posterior
+samples, timesteps, noise and label dropout from seed (seed, r, s), so a resumed run draws what
+the uninterrupted run would have.
+
+Data position: a checkpoint records the epoch and the micro-batches consumed in it; a resumed
+worker skips that many micro-batches of its shard, so every epoch still passes over the data
+once (Ray Data's streaming split assigns rows to workers dynamically, so the skipped rows are the
+same number, not necessarily the same rows).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import resource
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel
+
+from drivedit.config.base import validate_config
+from drivedit.config.finetune import FinetuneJob
+from drivedit.train import state as st
+
+TRAIN_DATASET = "train"
+log = logging.getLogger("drivedit.finetune")
+
+
+def _ensure_visible(logger: logging.Logger) -> None:
+    """Ray Train workers route logging to the driver; a bare process gets a stdout handler."""
+    if not logger.hasHandlers():
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+class LoopContext(BaseModel):
+    """What the driver resolved before the workers started (plain data, validated again here)."""
+
+    base_path: str  # local path of the base checkpoint
+    base_ref: str  # what the bundle records as its base (builtin:<name> or an absolute path)
+    base_sha256: str | None = None
+    tracking: dict | None = None  # TrackedRun.to_dict(), or None when tracking is off
+    run_dir: str  # storage_path/name: where drill markers go
+
+
+@dataclass
+class Edges:
+    """The Ray side of a worker, as plain callables (tests and benchmarks can supply their own)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    restored: st.TrainState | None
+    epoch_batches: Callable[[int], Iterable[dict]]  # epoch -> numpy micro-batches of this worker
+    report: Callable[[dict, str | None, str], None]  # (metrics, checkpoint dir or None, dir name)
+    wrap: Callable[[torch.nn.Module, list[str]], torch.nn.Module]  # (model, names to ignore) -> DDP
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry: {"job": FinetuneJob as JSON, "context": LoopContext as JSON}."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    restored = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            restored = st.load_state(d)
+    job = validate_config(FinetuneJob, config["job"], "train_loop_config.job")
+    shard = ray.train.get_dataset_shard(TRAIN_DATASET)
+
+    def epoch_batches(epoch: int) -> Iterable[dict]:
+        return shard.iter_batches(batch_size=job.micro_batch_size, batch_format="numpy", drop_last=True,
+                                  local_shuffle_buffer_size=job.data.shuffle_buffer_rows or None,
+                                  local_shuffle_seed=st.step_seed(job.optim.seed, rank, epoch) % 2**31
+                                  if job.data.shuffle_buffer_rows else None)
+
+    def report(metrics: dict, directory: str | None, name: str) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if directory else None)
+
+    def wrap(model: torch.nn.Module, ignore: list[str]) -> torch.nn.Module:
+        if world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
+                                             parallel_strategy_kwargs={"forward_sync_buffers": False,
+                                                                       "gradient_as_bucket_view": True})
+
+    edges = Edges(rank, world, ray.train.torch.get_device(), restored, epoch_batches, report, wrap)
+    WorkerLoop(job, LoopContext.model_validate(config["context"]), edges).run()
+
+
+class WorkerLoop:
+    """One worker's training, from base model to final bundle. Ray-free."""
+
+    def __init__(self, job: FinetuneJob, ctx: LoopContext, edges: Edges):
+        self.job, self.ctx, self.e = job, ctx, edges
+        self.is_main = edges.rank == 0
+        self.tracked = None
+        _ensure_visible(log)
+        if self.is_main and ctx.tracking:
+            from drivedit.tracking import TrackedRun
+
+            self.tracked = TrackedRun.from_dict(ctx.tracking)
+
+    # ------------------------------------------------------------------ setup
+
+    def _build(self) -> None:
+        from drivedit.data.shards import read_shard_metadata
+        from drivedit.models.checkpoint import load_dit
+        from drivedit.train.adapt_model import adapt_for_training, sync_from_rank0
+        from drivedit.train.schedule import build_schedule
+
+        job, e = self.job, self.e
+        self.meta = read_shard_metadata(job.data.shards)
+        base = load_dit(self.ctx.base_path)
+        self.base_config = base.config
+        torch.manual_seed(job.method.probe_seed)
+        comm_device = e.device if e.device.type == "cuda" else None  # NCCL moves objects through the GPU
+        self.result = adapt_for_training(base, job, list(self.meta.scenarios), e.rank, e.world_size, e.restored,
+                                         comm_device)
+        self.model = self.result.model.to(e.device).train()
+        if e.restored is None:
+            sync_from_rank0(self.result, e.world_size)
+        self.model.grad_checkpointing = job.model.grad_checkpointing
+        self.trainable = self.result.trainable  # name -> Parameter (the same objects, now on device)
+        frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
+        frozen += [n for n, _ in self.model.named_buffers()]
+        self.ddp = e.wrap(self.model, frozen)
+        self.forward = torch.compile(self.ddp) if job.model.compile else self.ddp
+        o = job.optim
+        self.optimizer = torch.optim.AdamW(self.result.param_groups(o.lr, o.weight_decay), lr=o.lr,
+                                           betas=tuple(o.adam_betas), fused=e.device.type == "cuda")
+        self.scheduler = st.build_scheduler(self.optimizer, o.warmup_steps, o.total_steps, o.lr_schedule,
+                                            o.min_lr_ratio)
+        self.ema = st.EMA(self.trainable, o.ema_decay)
+        self.schedule = build_schedule(job.method, o.total_steps)
+        self.method = self.result.method  # resolved: lambda_obj, max_obj_weight, schedule filled in
+        self.step, self.data = 0, {"epoch": 0, "batches_in_epoch": 0, "samples_seen": 0}
+        if e.restored is not None:
+            r = e.restored
+            self.ema.load_state_dict(r.ema)
+            self.optimizer.load_state_dict(r.optimizer)
+            self.scheduler.load_state_dict(r.scheduler)
+            self.step, self.data = r.step, dict(r.data)
+        use_bf16 = job.optim.precision == "bf16" or (job.optim.precision == "auto" and e.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 and \
+            e.device.type == "cuda" else contextlib.nullcontext
+
+    # ------------------------------------------------------------------ data
+
+    def _micro_batches(self) -> Iterator[dict]:
+        """Endless micro-batches, epoch after epoch, starting at the restored data position."""
+        skip = self.data["batches_in_epoch"]
+        while True:
+            produced = 0
+            for i, batch in enumerate(self.e.epoch_batches(self.data["epoch"])):
+                if i < skip:
+                    continue
+                produced += 1
+                self.data["batches_in_epoch"] = i + 1
+                yield batch
+            if produced == 0 and skip == 0:
+                raise RuntimeError(f"rank {self.e.rank} got no batch of {self.job.micro_batch_size} rows from "
+                                   f"{self.job.data.shards} in a whole epoch; lower optim.global_batch_size or "
+                                   "encode more frames")
+            skip = 0
+            self.data["epoch"] += 1
+            self.data["batches_in_epoch"] = 0
+
+    # ------------------------------------------------------------------ one step
+
+    def _train_step(self, batches: Iterator[dict]) -> tuple[float, float]:
+        from drivedit.data.shards import training_batch
+        from drivedit.train.weighting import object_weight
+
+        job, e, m = self.job, self.e, self.method
+        diffusion = self.schedule.diffusion_at(self.step)
+        accum = job.optim.grad_accum_steps
+        total = torch.zeros((), device=e.device)
+        for micro in range(accum):
+            seed = st.step_seed(job.optim.seed, e.rank, self.step, micro)
+            torch.manual_seed(seed)  # the label dropout inside the embedder draws from the global RNG
+            gen = torch.Generator().manual_seed(seed)
+            b = training_batch(next(batches), self.meta, gen)
+            x0 = b["latents"].to(e.device, non_blocking=True)  # (n, C, h, w)
+            y = b["scenario"].to(e.device, non_blocking=True)  # (n,)
+            t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=gen).to(e.device)
+            noise = torch.randn(x0.shape, generator=gen).to(e.device)  # (n, C, h, w)
+            weight = None
+            if m.lambda_obj != 1.0 or m.size_aware:
+                weight = object_weight(b["object_mask"].to(e.device), m.lambda_obj, m.size_aware,
+                                       m.max_obj_weight)  # (n, 1, h, w)
+            # only the last micro-step all-reduces gradients
+            sync = contextlib.nullcontext() if micro == accum - 1 or not hasattr(self.ddp, "no_sync") \
+                else self.ddp.no_sync()
+            with sync:
+                with self.autocast():
+                    loss = diffusion.training_losses(self.forward, x0, t, {"y": y}, noise, weight)["loss"].mean()
+                (loss / accum).backward()
+            total += loss.detach()
+            self.data["samples_seen"] += x0.shape[0]
+        params = list(self.trainable.values())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.ema.update(self.trainable)
+        self.step += 1
+        return float(total) / accum, float(grad_norm)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> None:
+        self._build()
+        job, e = self.job, self.e
+        fresh = e.restored is None
+        if self.is_main:
+            self._log_start(fresh)
+        batches = self._micro_batches()
+        loss_sum, n_loss, t_last, images = 0.0, 0, time.perf_counter(), 0
+        images_per_step = job.optim.global_batch_size
+        first = True
+        while self.step < job.optim.total_steps:
+            loss, grad_norm = self._train_step(batches)
+            loss_sum, n_loss, images = loss_sum + loss, n_loss + 1, images + images_per_step
+            if first and e.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(e.device)  # the first step holds compile/alloc spikes
+            first = False
+            last = self.step == job.optim.total_steps
+            if self.step % job.run.log_every == 0 or last:
+                elapsed = time.perf_counter() - t_last
+                mean = self._mean_over_ranks(loss_sum / n_loss)
+                self.last_metrics = {"loss": mean, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                     "images_per_s": images / max(elapsed, 1e-9),
+                                     "peak_mem_gib": self._peak_memory_gib(),
+                                     "stage": float(self.schedule.stage_at(self.step - 1)),
+                                     "epoch": float(self.data["epoch"])}
+                if self.is_main:
+                    self._log_line(self.last_metrics)
+                loss_sum, n_loss, images, t_last = 0.0, 0, 0, time.perf_counter()
+            every = job.sampling.every_steps
+            if self.is_main and every and self.step % every == 0 and not last:
+                self._sample_grid()
+            if self.step % job.run.checkpoint_every == 0 or last:
+                self._checkpoint(final=last)
+            self._drills()
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if self.e.world_size == 1 or not dist.is_initialized():
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.e.device)
+        dist.all_reduce(t)
+        return float(t) / self.e.world_size
+
+    def _peak_memory_gib(self) -> float:
+        if self.e.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.e.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (peak RSS)
+
+    def _log_line(self, m: dict) -> None:
+        mem = "peak mem" if self.e.device.type == "cuda" else "peak RSS"
+        log.info(f"[finetune] step {self.step}/{self.job.optim.total_steps} | loss {m['loss']:.4f} | "
+                 f"lr {m['lr']:.2e} | {m['images_per_s']:.1f} img/s | {mem} {m['peak_mem_gib']:.2f} GiB")
+        if self.tracked is not None:
+            self.tracked.log_metrics(m, self.step)
+
+    def _log_start(self, fresh: bool) -> None:
+        counts = self.result.report.get("counts") or {}
+        log.info(f"[finetune] {self.job.method.name}: {counts.get('trainable', 0):,} trainable of "
+                 f"{counts.get('total', 0):,} parameters; {self.e.world_size} worker(s) on {self.e.device.type}; "
+                 f"{'starting' if fresh else f'resuming at step {self.step}'} to {self.job.optim.total_steps}")
+        if self.tracked is None or not fresh:
+            return
+        from drivedit.train.gap import write_gap_report
+
+        report = {k: v for k, v in self.result.report.items() if k != "gap"}
+        self.tracked.log_dict(report, "method/report.json")
+        if "gap" in self.result.report:
+            with tempfile.TemporaryDirectory() as d:
+                write_gap_report(self.result.report["gap"], d)
+                self.tracked.log_artifacts(d, "gap")
+
+    # ------------------------------------------------------------------ grids, checkpoints, bundle
+
+    def _bundle_tensors(self) -> dict[str, torch.Tensor]:
+        """Trainable values for the bundle (EMA or raw, as configured) plus any saved-but-frozen table."""
+        from drivedit.models.adapt import saved_names
+
+        chosen = self.ema.state_dict() if self.job.optim.bundle_weights == "ema" else \
+            {k: p.detach().cpu() for k, p in self.trainable.items()}
+        params = dict(self.model.named_parameters())
+        return {n: chosen[n] if n in chosen else params[n].detach().cpu()
+                for n in saved_names(self.model, self.result.spec)}
+
+    @contextlib.contextmanager
+    def _bundle_weights(self):
+        """The live model temporarily holding the bundle's weights, in eval mode."""
+        raw = self.ema.swap_into(self.trainable) if self.job.optim.bundle_weights == "ema" else None
+        try:
+            yield self.model.eval()
+        finally:
+            if raw is not None:
+                st.EMA.restore(self.trainable, raw)
+            self.model.train()
+
+    def _sample_grid(self) -> None:
+        from drivedit.train.grids import draw_grid
+
+        with self._bundle_weights() as model, tempfile.TemporaryDirectory() as d:
+            path = draw_grid(model, self.meta, self.job.sampling, self.schedule.final_betas(), self.e.device,
+                             Path(d) / f"step_{self.step:08d}.png", superclass=self.method.name == "finediffusion")
+            if self.tracked is not None:
+                self.tracked.log_artifact(path, "samples")
+
+    def _checkpoint(self, final: bool) -> None:
+        from drivedit.train.adapt_model import adapter_tensors
+
+        name = st.checkpoint_dir_name(self.step)
+        metrics = {"step": self.step, **getattr(self, "last_metrics", {})}
+        if not self.is_main:
+            self.e.report(metrics, None, name)
+            return
+        d = tempfile.mkdtemp(prefix="drivedit-ckpt-")
+        try:
+            meta = {"scenarios": list(self.meta.scenarios), "spec": self.result.spec.to_dict(),
+                    "selected_modules": list(self.result.selected_modules), "method": self.job.method.model_dump(
+                        mode="json"), "model": self.job.model.model_dump(mode="json"),
+                    "base_sha256": self.ctx.base_sha256, "world_size": self.e.world_size,
+                    "total_steps": self.job.optim.total_steps, "metrics": metrics, "final": final}
+            st.save_state(d, st.TrainState(self.step, {k: p.detach() for k, p in adapter_tensors(self.result).items()},
+                                           self.ema.state_dict(), self.optimizer.state_dict(),
+                                           self.scheduler.state_dict(), dict(self.data), meta))
+            if final:
+                self._write_bundle(Path(d) / st.BUNDLE_DIR, metrics)
+                if self.job.sampling.at_end:
+                    self._sample_grid()
+            self.e.report(metrics, d, name)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _write_bundle(self, directory: Path, metrics: dict) -> None:
+        from drivedit.models.bundle import BundleInfo, save_bundle
+
+        info = BundleInfo(base=self.ctx.base_ref, base_sha256=self.ctx.base_sha256,
+                          model_config=self.base_config.to_dict(), spec=self.result.spec,
+                          scenarios=list(self.meta.scenarios), betas=[float(b) for b in self.schedule.final_betas()],
+                          codec=self.meta.codec_id, method=self.method.model_dump(mode="json"),
+                          selected_modules=list(self.result.selected_modules),
+                          superclasses=self.result.superclass_names, schedule=self.schedule.describe(),
+                          extra={"run": self.job.run.name, "step": self.step, "weights": self.job.optim.bundle_weights,
+                                 "metrics": metrics, "image_size": int(self.meta.resolution),
+                                 "scale_factor": float(self.meta.scale_factor)})
+        save_bundle(directory, self.model, info, tensors=self._bundle_tensors())
+
+    def _drills(self) -> None:
+        """Fault-injection drills fire once per run: a marker in the run directory records each one, so
+        neither Ray Train's restart nor a rerun fires it again."""
+        from drivedit import storage
+
+        d, rank = self.job.drill, self.e.rank
+        kill = d.kill_rank_at_step == self.step and rank == d.kill_rank
+        stop = d.stop_at_step == self.step and rank == 0
+        if not (kill or stop):
+            return
+        marker = storage.join(self.ctx.run_dir, "drills", f"{'kill' if kill else 'stop'}-{self.step}")
+        if storage.exists(marker):
+            return
+        storage.write_text_atomic(marker, f"rank {rank} pid {os.getpid()}\n")
+        if kill:
+            log.info(f"[finetune] drill: killing rank {rank} (pid {os.getpid()}) after step {self.step}")
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"drill: stopping the run after step {self.step} (drill.stop_at_step); rerun with the "
+                           f"same run.name to resume from the last checkpoint")

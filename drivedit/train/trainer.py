@@ -1,0 +1,250 @@
+"""`drivedit finetune`: check the job, run `WorkerLoop` on Ray Train, publish and register the bundle.
+
+The driver's part of a fine-tuning run:
+1. `preflight.check` validates the config and reads the shards, the base checkpoint and any run
+   being resumed, listing every problem before Ray starts anything.
+2. The MLflow run is started, or reopened from `mlflow_run.json` in the run directory.
+3. A `TorchTrainer` (Ray Train V2) runs `train_loop_per_worker` with `RunConfig(name,
+   storage_path)`: rerunning the job with the same `run.name` and storage resumes from the last
+   checkpoint (`ray.train.get_checkpoint()` in the loop), and `FailureConfig(max_failures)` lets Ray
+   restart lost workers from it without the user.
+4. The final checkpoint carries the adapter bundle; it is copied to `<run dir>/bundle`, logged to
+   MLflow and registered as a new version of the model, and `<run dir>/result.json` records it.
+   Rerunning a finished job returns that record instead of training again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from drivedit import storage, tracking
+from drivedit.config.base import ConfigError, apply_overrides
+from drivedit.config.finetune import FinetuneJob
+from drivedit.train import preflight
+from drivedit.train import state as st
+
+RESULT_FILE = "result.json"
+DATA_COLUMNS = ["scenario", "moments", "moments_flip", "object_mask"]
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def run_finetune(job: FinetuneJob) -> dict:
+    """Run (or resume, or return the record of) the fine-tuning job. Returns the result summary."""
+    return _run(preflight.check(job.model_dump(mode="json"), f"run {job.run.name}"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`drivedit finetune --config FILE [--section.field VALUE ...]`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="drivedit finetune", add_help=False,
+                                 description="Fine-tune a DiT on latent shards with Ray Train and register the "
+                                             "adapter bundle in MLflow. Any config field can be overridden as "
+                                             "--section.field VALUE.")
+    ap.add_argument("--config", help="YAML job config (configs/demo/finetune.yaml)")
+    ap.add_argument("-h", "--help", action="store_true")
+    args, overrides = ap.parse_known_args(argv)
+    if args.help:
+        print(ap.format_help())
+        print(describe_fields(FinetuneJob))
+        return 0
+    source = args.config or "(command line)"
+    try:
+        raw = _load_raw(args.config, overrides)
+        plan = preflight.check(raw, source)
+    except ConfigError as e:
+        print(f"drivedit finetune: {e}", file=sys.stderr)
+        return 2
+    summary = _run(plan)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _load_raw(path: str | None, overrides: list[str]) -> dict:
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(path, [f"config file not found: {p}"])
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(path, [f"not valid YAML: {e}"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(path, ["the top level must be a mapping of sections"])
+    return apply_overrides(raw, overrides) if overrides else raw
+
+
+def describe_fields(model, prefix: str = "") -> str:
+    """Every config field with its type, default and description (the schema is the CLI)."""
+    from pydantic import BaseModel
+
+    lines = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.append(f"\n{prefix}{name}: {f.description or ''}")
+            lines.append(describe_fields(ann, f"{prefix}{name}."))
+        else:
+            default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+            lines.append(f"  --{prefix}{name} ({default}): {f.description or ''}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _ensure_ray(job: FinetuneJob) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if job.ray.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=job.ray.address)  # join the cluster this job was submitted to
+    else:
+        ray.init(num_cpus=job.ray.num_cpus)
+
+
+def _storage_args(storage_path: str) -> dict:
+    if storage.is_remote(storage_path):
+        fs, path = storage.filesystem_for(storage_path)
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": str(Path(storage.filesystem_for(storage_path)[1]))}
+
+
+def _start_tracking(plan: preflight.Plan) -> tracking.TrackedRun | None:
+    job = plan.job
+    if not job.tracking.enabled:
+        return None
+    uri = tracking.resolve_tracking_uri(job.tracking.tracking_uri, job.run.storage_path)
+    tags = {"drivedit.job": "finetune", "drivedit.method": job.method.name, "drivedit.base": plan.base_ref,
+            "drivedit.run_dir": plan.run_dir}
+    return tracking.start_run(uri, job.tracking.experiment, job.run.name, storage_dir=plan.run_dir,
+                              params=tracking.config_params(job.model_dump(mode="json")), tags=tags)
+
+
+def _completed(plan: preflight.Plan) -> dict | None:
+    uri = storage.join(plan.run_dir, RESULT_FILE)
+    if not storage.exists(uri):
+        return None
+    done = json.loads(storage.read_bytes(uri))
+    if done.get("step") == plan.job.optim.total_steps and storage.exists(storage.join(done["bundle_uri"],
+                                                                                     "bundle.json")):
+        return {**done, "already_complete": True}
+    return None
+
+
+def _run(plan: preflight.Plan) -> dict:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from drivedit.data.shards import read_latent_dataset
+    from drivedit.models.bundle import _sha256
+    from drivedit.train.loop import TRAIN_DATASET, LoopContext, train_loop_per_worker
+
+    job = plan.job
+    done = _completed(plan)
+    if done is not None:
+        print(f"[finetune] run {job.run.name} already finished at step {done['step']}: {done['bundle_uri']}",
+              flush=True)
+        return done
+    _ensure_ray(job)
+    tracked = _start_tracking(plan)
+    try:
+        latest = plan.latest
+        if latest is not None and latest.get("final") and int(latest.get("step", -1)) == job.optim.total_steps:
+            # trained to the end before; only the publishing step is left
+            with tempfile.TemporaryDirectory() as d:
+                storage.download_dir(latest["uri"], d)
+                return _finalize(plan, Path(d), tracked)
+        ctx = LoopContext(base_path=str(plan.base_path), base_ref=plan.base_ref, base_sha256=_sha256(plan.base_path),
+                          tracking=tracked.to_dict() if tracked else None, run_dir=plan.run_dir)
+        dataset = read_latent_dataset(job.data.shards, columns=DATA_COLUMNS)
+        if job.data.materialize:
+            dataset = dataset.materialize()
+        s = job.scaling
+        resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"job": job.model_dump(mode="json"), "context": ctx.model_dump(mode="json")},
+            scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=job.run.name, **_storage_args(job.run.storage_path),
+                failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints)),
+            datasets={TRAIN_DATASET: dataset})
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            latest = preflight.latest_checkpoint(plan.run_dir)
+            where = f"step {latest['step']}" if latest else "the start (no checkpoint was written)"
+            raise RuntimeError(f"fine-tuning run {job.run.name} failed: {e}\nrerun with the same run.name and "
+                               f"storage to resume from {where}") from e
+        if result.checkpoint is None:
+            raise RuntimeError(f"fine-tuning run {job.run.name} ended without a checkpoint")
+        with result.checkpoint.as_directory() as d:
+            return _finalize(plan, Path(d), tracked)
+    except BaseException:
+        if tracked is not None:
+            tracked.end("FAILED")
+        raise
+
+
+def _publish_dir(local: Path, uri: str) -> None:
+    """Copy a directory to storage; a local target is swapped in whole, never half-written."""
+    if storage.is_remote(uri):
+        storage.upload_dir(str(local), uri)  # bundle.json sorts last: it lands after the weights
+        return
+    target = Path(storage.filesystem_for(uri)[1])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        shutil.copytree(local, tmp, dirs_exist_ok=True)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _finalize(plan: preflight.Plan, checkpoint: Path, tracked: tracking.TrackedRun | None) -> dict:
+    from drivedit.models.bundle import load_bundle
+
+    job = plan.job
+    meta = st.read_meta(checkpoint)
+    bundle_dir = checkpoint / st.BUNDLE_DIR
+    bundle = load_bundle(bundle_dir)  # refuse to publish a broken bundle
+    bundle_uri = storage.join(plan.run_dir, "bundle")
+    _publish_dir(bundle_dir, bundle_uri)
+    step = int(meta["step"])
+    checkpoint_name = st.checkpoint_dir_name(step)
+    summary = {"run_name": job.run.name, "run_dir": plan.run_dir, "step": step, "method": job.method.name,
+               "scenarios": bundle.scenarios, "metrics": meta.get("metrics", {}), "bundle_uri": bundle_uri,
+               "checkpoint_uri": storage.join(plan.run_dir, checkpoint_name), "bundle_weights":
+               job.optim.bundle_weights, "mlflow_run_id": None, "tracking_uri": None, "model_uri": None}
+    if tracked is not None:
+        tracked.log_artifacts(bundle_dir, "bundle")
+        name = job.tracking.registered_model or f"drivedit-{job.run.name}"
+        model_uri = tracked.register("bundle", name, description=f"{job.method.name} adapter bundle of run "
+                                     f"{job.run.name} (step {step})",
+                                     tags={"run": job.run.name, "step": str(step), "method": job.method.name})
+        summary.update(mlflow_run_id=tracked.run_id, tracking_uri=tracking.redact_uri(tracked.tracking_uri),
+                       model_uri=model_uri)
+        tracked.set_tags({"drivedit.model_uri": model_uri})
+        tracked.log_dict(summary, RESULT_FILE)
+        tracked.end("FINISHED")
+    storage.write_text_atomic(storage.join(plan.run_dir, RESULT_FILE), json.dumps(summary, indent=1))
+    print(f"[finetune] done: step {step}, bundle {bundle_uri}" + (f", registered as {summary['model_uri']}"
+                                                                 if summary["model_uri"] else ""), flush=True)
+    return summary
