@@ -143,6 +143,16 @@ def test_published_counts_on_dit_xl():
     assert difffit["trainable"] == 489_632 + 14 * 6 * 1152 + 6 * 1152  # 0.59 M as published
 
 
+def test_adapters_live_on_the_models_device():
+    model = build_dit(dit_config("DiT-N/2", input_size=8), device="meta")
+    cfg = MethodConfig(name="finediffusion", scenario_init="random")
+    apply_method(model, cfg, SCENARIOS)
+    assert all(p.is_meta for p in model.parameters())
+    model = build_dit(dit_config("DiT-N/2", input_size=8), device="meta")
+    apply_method(model, MethodConfig(name="difffit", scenario_init="random"), SCENARIOS)
+    assert all(p.is_meta for p in model.parameters())
+
+
 def test_param_groups_lr_multiplier_and_decay(base, probe, adapted):
     r = adapted["difffit"]
     groups = {g["name"]: g for g in r.param_groups(1e-4, 0.01)}

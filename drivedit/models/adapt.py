@@ -145,8 +145,8 @@ def apply_spec(model: DiT, spec: AdapterSpec) -> DiT:
         block.gamma_mlp = nn.Parameter(torch.ones(D, device=device))
     if spec.affine_norms:
         for block in model.blocks:
-            block.norm1, block.norm2 = affine_layernorm(block.norm1), affine_layernorm(block.norm2)
-        model.final_layer.norm_final = affine_layernorm(model.final_layer.norm_final)
+            block.norm1, block.norm2 = affine_layernorm(block.norm1, device), affine_layernorm(block.norm2, device)
+        model.final_layer.norm_final = affine_layernorm(model.final_layer.norm_final, device)
 
     old = model.y_embedder
     p = model.config.class_dropout_prob
@@ -254,8 +254,10 @@ def fold(adapted: DiT, spec: AdapterSpec) -> DiT:
         _fold_norm(final.adaLN_modulation[1], 0, 1, final.norm_final)
         final.norm_final = _plain_norm(final.norm_final)
 
-    plain = DiT(merged_config(adapted, spec))
-    plain.load_state_dict(work.state_dict(), strict=True)
+    from drivedit.models.checkpoint import build_from_state  # diffusers-heavy import, only when merging
+
+    # a strict, allocation-free build from the folded tensors: exactly the official keys, nothing else
+    plain = build_from_state(work.state_dict(), merged_config(adapted, spec), source="merged adapter")
     if spec.superclass_of is not None:
         tiered = TieredEmbedder(spec.num_scenarios, spec.superclass_of, plain.config.hidden_size,
                                 plain.config.class_dropout_prob)

@@ -132,10 +132,12 @@ class LoRALinear(_SharedLinear):
             return _plain_linear((self.weight.double() + delta).to(self.weight.dtype), self.bias)
 
 
-def affine_layernorm(norm: nn.LayerNorm) -> nn.LayerNorm:
-    """The same LayerNorm with elementwise affine γ = 1, β = 0 (FineDiffusion), so identity at init."""
+def affine_layernorm(norm: nn.LayerNorm, device=None) -> nn.LayerNorm:
+    """The same LayerNorm with elementwise affine γ = 1, β = 0 (FineDiffusion), so identity at init.
+
+    device: where the new γ, β live (the model's device; an affine-free norm has no tensor to tell).
+    """
     (dim,) = norm.normalized_shape
-    device = norm.weight.device if norm.weight is not None else None
     new = nn.LayerNorm(dim, eps=norm.eps, elementwise_affine=True, device=device)
     if not new.weight.is_meta:
         with torch.no_grad():
