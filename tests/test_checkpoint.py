@@ -18,6 +18,15 @@ from drivedit.models.diffusers_format import DiffusersFormatError, patch_for_par
 from drivedit.models.dit import build_dit, dit_config
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the thread barriers cost seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_dit(name="DiT-N/2", seed=0, **kw):
     cfg = dit_config(name, **{"input_size": 8, "num_classes": 10, **kw})
     model = build_dit(cfg)
