@@ -1,0 +1,69 @@
+"""`drivedit export`: merge an adapter bundle into its base and write the full model.
+
+The merged model is a plain DiT with the official keys (num_classes = the bundle's scenarios), so
+it loads in facebookresearch/DiT, in `drivedit` as a base for another fine-tune, and (diffusers
+format) with `DiTTransformer2DModel.from_pretrained`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def export_bundle(bundle_ref: str, *, base: str | None = None, official: str | None = None,
+                  safetensors: str | None = None, diffusers: str | None = None,
+                  tracking_uri: str | None = None) -> dict:
+    """Merge `bundle_ref` (a bundle directory, s3:// URI or models:/NAME/VERSION) and write the formats asked for."""
+    from drivedit.models.bundle import load_bundle, merge
+    from drivedit.models.checkpoint import export_diffusers, export_official, export_safetensors, load_dit
+
+    if not (official or safetensors or diffusers):
+        raise ValueError("nothing to write: give at least one of --official, --safetensors, --diffusers")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _local_bundle(bundle_ref, Path(tmp), tracking_uri)
+        bundle = load_bundle(local)
+        base_model = load_dit(base, config=bundle.model_config) if base else None
+        model = merge(base_model, bundle)
+    written = {}
+    if official:
+        written["official"] = str(export_official(model, official))
+    if safetensors:
+        written["safetensors"] = str(export_safetensors(model, safetensors))
+    if diffusers:
+        written["diffusers"] = str(export_diffusers(model, diffusers))
+    return {"scenarios": bundle.scenarios, "num_classes": model.config.num_classes, "written": written}
+
+
+def _local_bundle(ref: str, tmp: Path, tracking_uri: str | None) -> Path:
+    if ref.startswith("models:/"):
+        from drivedit.tracking import download_registered_bundle
+
+        return download_registered_bundle(ref, tmp / "bundle", tracking_uri=tracking_uri)
+    from drivedit import storage
+
+    if storage.is_remote(ref):
+        storage.download_dir(ref, str(tmp / "bundle"))
+        return tmp / "bundle"
+    return Path(ref)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="drivedit export", description=__doc__.splitlines()[0])
+    p.add_argument("bundle", help="adapter bundle: a directory, an s3:// URI or models:/NAME/VERSION")
+    p.add_argument("--base", help="base checkpoint to merge into (default: the bundle's recorded base)")
+    p.add_argument("--official", help="write the merged model as an official DiT state dict (.pt)")
+    p.add_argument("--safetensors", help="write the merged model as .safetensors (with its config)")
+    p.add_argument("--diffusers", help="write the merged model as a diffusers DiTTransformer2DModel directory")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ references")
+    args = p.parse_args(argv)
+    try:
+        out = export_bundle(args.bundle, base=args.base, official=args.official, safetensors=args.safetensors,
+                            diffusers=args.diffusers, tracking_uri=args.tracking_uri)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"drivedit export: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2))
+    return 0
