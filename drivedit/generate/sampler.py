@@ -144,7 +144,10 @@ class DiTSampler:
             return torch.empty(0, cfg.in_channels, cfg.input_size, cfg.input_size, device=self.device)
 
         scheduler = build_scheduler(settings, self.betas, cfg.learn_sigma)
-        scheduler.set_timesteps(settings.steps, device=self.device)
+        # timesteps stay on the CPU: the scheduler's table lookups then never wait on the GPU;
+        # the model gets a device copy made once
+        scheduler.set_timesteps(settings.steps)
+        model_timesteps = scheduler.timesteps.to(self.device)  # (S,)
         # CPU generators: the same seed gives the same noise on every device
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -157,8 +160,8 @@ class DiTSampler:
         amp = (self.device.type == "cuda" and self.amp_dtype is not None
                and not torch.is_autocast_enabled(self.device.type))
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=amp):
-            for t in scheduler.timesteps:
+            for i, t in enumerate(scheduler.timesteps):
                 x_in = scheduler.scale_model_input(x, t)
-                out = self.predict(x_in, t.expand(n), labels, uncond, settings)  # (N, C_out, h, w)
+                out = self.predict(x_in, model_timesteps[i].expand(n), labels, uncond, settings)  # (N, C_out, h, w)
                 x = scheduler.step(out[:, :keep], t, x, generator=generators).prev_sample  # (N, C, h, w)
         return x
