@@ -48,13 +48,11 @@ class DiTSamplerDeployment:
     async def __init__(self, config: dict):
         # Re-validated here: a replica trusts nothing but its own copy of the config.
         self.cfg = validate_config(ServeApp, config, "serve replica config")
-        from drivedit.serve.loading import load_served_model
-
         # One thread owns the model: sampler calls never overlap, and the event loop keeps answering
         # /healthz, validation errors and new arrivals while a batch is on the device.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit-sampler")
         loop = asyncio.get_running_loop()
-        self.served = await loop.run_in_executor(self._executor, load_served_model, self.cfg)
+        self.served = await loop.run_in_executor(self._executor, _load_on_model_thread, self.cfg)
         b = self.cfg.batching
         self._batched.set_max_batch_size(b.max_batch_size)
         self._batched.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
@@ -80,6 +78,17 @@ class DiTSamplerDeployment:
 
     def new_seed(self) -> int:
         return secrets.randbelow(RANDOM_SEED_RANGE)
+
+
+def _load_on_model_thread(cfg: ServeApp):
+    import torch
+
+    from drivedit.serve.loading import load_served_model, pick_device
+
+    if pick_device(cfg.model.device).type == "cpu":
+        # as many torch threads as CPUs reserved: replicas sharing a node must not oversubscribe it
+        torch.set_num_threads(max(1, int(cfg.deployment.cpus_per_replica)))
+    return load_served_model(cfg)
 
 
 def resolve_gpus(setting: float | str) -> float:
