@@ -163,3 +163,21 @@ def test_cli_detach_needs_a_running_cluster(monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["--config", str(ROOT / "configs/demo/serve.yaml"), "--detach"]) == 2
     assert "--detach needs a running Ray cluster" in capsys.readouterr().err
+
+
+def test_relative_local_refs_become_absolute_before_replicas_see_them(tmp_path, monkeypatch):
+    from drivedit.serve.app import absolute_local_refs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "vae").mkdir()
+    cfg = load_config(ServeApp, data={"model": {"ref": "bundle", "tracking_uri": "sqlite:///runs/mlflow.db",
+                                                "codec": {"kind": "autoencoder_kl", "source": "vae"}}})
+    out = absolute_local_refs(cfg)
+    assert out.model.ref == str(tmp_path / "bundle")
+    assert out.model.tracking_uri == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    assert out.model.codec.source == str(tmp_path / "vae")
+    assert cfg.model.ref == "bundle"  # the caller's config is left alone
+    for ref in ("models:/m/1", "s3://b/bundle", "builtin:tiny-dit"):
+        assert absolute_local_refs(cfg.model_copy(update={"model": cfg.model.model_copy(update={"ref": ref})})
+                                   ).model.ref == ref

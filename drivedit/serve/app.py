@@ -104,8 +104,24 @@ def resolve_gpus(setting: float | str) -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
+def absolute_local_refs(cfg: ServeApp) -> ServeApp:
+    """Relative local paths (model ref, SQLite tracking store, codec dir) made absolute here, where they were
+    written: a replica's working directory is not necessarily this one."""
+    cfg = cfg.model_copy(deep=True)
+    m = cfg.model
+    if "://" not in m.ref and not m.ref.startswith(("models:/", "builtin:")) and Path(m.ref).exists():
+        m.ref = str(Path(m.ref).resolve())
+    uri = m.tracking_uri
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        m.tracking_uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if m.codec is not None and m.codec.source and Path(m.codec.source).exists():
+        m.codec.source = str(Path(m.codec.source).resolve())
+    return cfg
+
+
 def build_app(cfg: ServeApp) -> Application:
     """The Serve application for `cfg`: one deployment, its options all from the config."""
+    cfg = absolute_local_refs(cfg)
     d = cfg.deployment
     autoscaling = {
         "min_replicas": d.min_replicas,
