@@ -17,9 +17,13 @@ give 0, not noise.
 Source inputs: `ProbeData.source_latents` (with `source_labels`, else the null label) when the
 user has them; otherwise the pretrained model's own class-conditional samples (DDIM, random
 source classes), which is what the model believes its source domain to be. Target labels are the
-classes the scenario embeddings start from (semantic init) or the null label. Condition-path
-modules (timestep MLP, adaLN) see only (t, label), so their gap reflects how the target condition
-differs from the source class distribution.
+classes the scenario embeddings start from (semantic init) or the null label.
+
+Condition-path modules (timestep MLP, adaLN) output one vector per item and see only (t, label):
+within one pass t is fixed, so their spread on each side only counts how many distinct labels
+that side uses (the target often one), which says nothing about the domains. For them the log
+scale term is dropped and the gap is the standardized mean shift alone: how atypical the target
+condition is of the source conditions.
 
 Selection: modules in decreasing gap, each added if its modulator cost still fits the budget.
 """
@@ -83,6 +87,7 @@ class _Stats:
         self.sum: dict[str, torch.Tensor] = {}
         self.sq: dict[str, torch.Tensor] = {}
         self.n: dict[str, int] = {}
+        self.tokens: dict[str, bool] = {}  # (N, T, d) token path, or (N, d) condition path
 
     def add(self, key: str, out: torch.Tensor) -> None:
         # float64 sums: E[x^2] - E[x]^2 in float32 leaves a spurious std on constant channels
@@ -92,6 +97,7 @@ class _Stats:
         self.sum[key] = self.sum[key] + flat.sum(0)
         self.sq[key] = self.sq[key] + (flat * flat).sum(0)
         self.n[key] += flat.shape[0]
+        self.tokens[key] = out.ndim == 3
 
     def mean_std(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.sum[key] / self.n[key]
@@ -117,7 +123,8 @@ def _collect(model, modules: list[str], latents: torch.Tensor, labels: torch.Ten
                 noise = torch.randn(x0.shape, generator=gen)
                 tt = torch.full((len(x0),), t, dtype=torch.long)
                 x_t = diffusion.q_sample(x0, tt, noise).to(device)
-                model(x_t, tt.to(device), labels[i:i + batch_size].to(device))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    model(x_t, tt.to(device), labels[i:i + batch_size].to(device))
     finally:
         for h in hooks:
             h.remove()
@@ -144,7 +151,7 @@ def module_gaps(model, modules: list[str], target: torch.Tensor, target_labels: 
             # epsilon relative to the module's activation scale, so tiny and huge modules compare alike
             eps = EPS * torch.sqrt((mt**2 + vt**2 + ms**2 + vs**2).mean() / 2) + 1e-12
             shift = (mt - ms).abs() / torch.sqrt((vt**2 + vs**2) / 2 + eps**2)
-            scale = torch.log((vt + eps) / (vs + eps)).abs()
+            scale = torch.log((vt + eps) / (vs + eps)).abs() if st[t].tokens[name] else 0.0
             per_t.append((shift + scale).mean().item())
         gaps[name] = float(np.mean(per_t))
     return gaps
@@ -212,7 +219,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_gap_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    """gap_report.json and gap_report.png (bars per block, one colour per module kind, selected hatched-free)."""
+    """gap_report.json and gap_report.png: bars per block, one colour per module kind; modulated ones solid."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +243,7 @@ def write_gap_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
                    edgecolor="black" if r["selected"] else "none", label=kind)
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=7, ncol=min(len(kinds), 5))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_xticks(range(len(blocks)), blocks, fontsize=7)
     ax.set_xlabel("block")
     ax.set_ylabel("gap")

@@ -82,7 +82,9 @@ def denoise_scores(model, latents: torch.Tensor, num_classes: int, timesteps: li
     for k0 in range(0, num_classes, per_chunk):
         ks = torch.arange(k0, min(k0 + per_chunk, num_classes), device=device)
         y = ks.repeat_interleave(m)  # (kc*m,)
-        out = model(x_t.repeat(len(ks), 1, 1, 1), t.repeat(len(ks)), y)[:, :C].float()  # (kc*m, C, h, w)
+        # bf16 on CUDA: S x K x n x |t| forwards of DiT-XL/2 are minutes in fp32; the ranking survives bf16
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(x_t.repeat(len(ks), 1, 1, 1), t.repeat(len(ks)), y)[:, :C].float()  # (kc*m, C, h, w)
         err = (out - noise.repeat(len(ks), 1, 1, 1)) ** 2
         scores[k0:k0 + len(ks)] = err.reshape(len(ks), -1).mean(1).cpu()
     return scores
