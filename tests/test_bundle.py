@@ -139,3 +139,16 @@ def test_bad_bundles_are_refused_and_saves_are_atomic(base, tmp_path):
     ema["y_embedder.embedding_table.weight"] = r.model.y_embedder.embedding_table.weight.detach().clone()
     b = load_bundle(save_bundle(tmp_path / "ema", r.model, _info(r), tensors=ema))
     assert all(torch.count_nonzero(b.tensors[n]) == 0 for n in r.trainable)
+
+
+@pytest.mark.parametrize("name", ["driveditfit", "finediffusion"])
+def test_base_without_null_row(tmp_path, name):
+    torch.manual_seed(1)
+    base = build_dit(dit_config("DiT-N/2", input_size=8, num_classes=10, class_dropout_prob=0.0))
+    r = _trained(base, name)
+    assert r.model.y_embedder.embedding_table.num_embeddings == (3 if name == "driveditfit" else 5)
+    merged = merge(copy.deepcopy(base), load_bundle(save_bundle(tmp_path / "b", r.model, _info(r))))
+    x, t = _inputs()
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, t, y), r.model.eval()(x, t, y), rtol=1e-5, atol=2e-5)

@@ -228,7 +228,8 @@ def merged_config(model: DiT, spec: AdapterSpec):
     layout (num_classes + 1 rows) so the merged model loads anywhere, its "null" row being the last superclass.
     """
     if spec.superclass_of is not None:
-        return replace(model.config, num_classes=spec.num_scenarios + max(spec.superclass_of))
+        rows = spec.num_scenarios + max(spec.superclass_of) + 1
+        return replace(model.config, num_classes=rows - int(model.config.class_dropout_prob > 0))
     return replace(model.config, num_classes=spec.num_scenarios)
 
 

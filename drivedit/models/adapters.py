@@ -160,10 +160,10 @@ class ScenarioEmbedder(LabelEmbedder):
         nn.Module.__init__(self)
         if num_scenarios < 1:
             raise ValueError("a scenario table needs at least one scenario")
-        self.embedding_table = nn.Embedding(num_scenarios + 1, hidden_size, device=device)
+        # a null row exactly when the base has one (label dropout > 0), as the DiT's own table
+        self.embedding_table = nn.Embedding(num_scenarios + int(dropout_prob > 0), hidden_size, device=device)
         self.num_classes = num_scenarios
         self.dropout_prob = dropout_prob
-        self.has_null = True
 
 
 class TieredEmbedder(LabelEmbedder):

@@ -103,8 +103,10 @@ def count_groups(model: nn.Module, trainable: dict[str, nn.Parameter]) -> dict:
     return {"groups": groups, "trainable": n, "total": total, "fraction": n / total}
 
 
-def _table_rows(spec_superclass_of, num_scenarios: int) -> int:
-    return num_scenarios + (max(spec_superclass_of) + 1 if spec_superclass_of is not None else 1)
+def _table_rows(superclass_of: list[int] | None, num_scenarios: int, has_null: bool) -> int:
+    if superclass_of is not None:
+        return num_scenarios + max(superclass_of) + 1
+    return num_scenarios + int(has_null)
 
 
 def build_spec(model: DiT, method: MethodConfig, num_scenarios: int, superclass_of: list[int] | None = None,
@@ -214,7 +216,7 @@ def apply_method(model: DiT, method: MethodConfig, scenarios: list[str], probe: 
     if method.name == "finediffusion":
         superclass_of, superclass_names = method.superclass_ids(scenarios)
     D = model.config.hidden_size
-    table_params = _table_rows(superclass_of, len(scenarios)) * D
+    table_params = _table_rows(superclass_of, len(scenarios), model.config.class_dropout_prob > 0) * D
     modulated = None
     if method.name == "driveditfit" and method.select == "gap":
         modulated, report["gap"] = _gap_selection(model, method, probe, choice, table_params)
