@@ -1,0 +1,199 @@
+"""The files of a generated dataset, and how they become visible.
+
+    <uri>/spec.json                      written first; its spec hash names the dataset
+    <uri>/images/<shard>/<index>.png     one PNG per item (shard 5 digits, index 8 digits)
+    <uri>/manifest/part-<shard>.parquet  written last for a shard: it marks the shard complete
+    <uri>/manifest.parquet               every item, sorted by index (written when all shards are complete)
+    <uri>/labels.json                    BDD100K frames (name relative to images/, weather, timeofday, scene)
+
+Every file is written under a temporary name and renamed (S3 puts are atomic), so nothing
+half-written is ever visible under a final name. A rerun skips shards that have a manifest part
+and rewrites the others completely.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from drivedit import storage
+from drivedit.data.bdd100k import Frame, write_label_file
+
+SPEC_FILE = "spec.json"
+LABELS_FILE = "labels.json"
+MANIFEST_FILE = "manifest.parquet"
+IMAGES_DIR = "images"
+PARTS_DIR = "manifest"
+_PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+
+MANIFEST_SCHEMA = pa.schema([
+    ("index", pa.int64()),
+    ("seed", pa.int64()),
+    ("scenario", pa.string()),
+    ("class_id", pa.int32()),
+    ("shard", pa.int32()),
+    ("name", pa.string()),  # image path relative to images/, as labels.json names it
+    ("weather", pa.string()),
+    ("timeofday", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("model_version", pa.string()),
+    ("spec_hash", pa.string()),
+    ("sampler", pa.string()),
+    ("steps", pa.int32()),
+    ("guidance", pa.float64()),
+    ("guidance_kind", pa.string()),
+    ("guide_channels", pa.int32()),
+])
+
+
+class OutputConflictError(ValueError):
+    """The output location holds a different dataset (another spec hash)."""
+
+
+def manifest_settings(sampler) -> dict:
+    """The sampler settings that decide the images (a SamplerSection): in the spec hash and every manifest row."""
+    return {"sampler": sampler.sampler, "steps": sampler.steps, "guidance": float(sampler.guidance),
+            "guidance_kind": sampler.guidance_kind, "guide_channels": sampler.guide_channels}
+
+
+def image_name(shard: int, index: int) -> str:
+    """Path of an item's image relative to images/ (the BDD100K `name`)."""
+    return f"{shard:05d}/{index:08d}.png"
+
+
+def shard_dir(uri: str, shard: int) -> str:
+    return storage.join(uri, IMAGES_DIR, f"{shard:05d}")
+
+
+def part_uri(uri: str, shard: int) -> str:
+    return storage.join(uri, PARTS_DIR, f"part-{shard:05d}.parquet")
+
+
+# ----------------------------------------------------------------------------- spec claim
+
+
+def read_spec(uri: str) -> dict | None:
+    path = storage.join(uri, SPEC_FILE)
+    if not storage.exists(path):
+        return None
+    return json.loads(storage.read_bytes(path))
+
+
+def claim_output(uri: str, document: dict, digest: str) -> bool:
+    """Make `uri` this spec's dataset. Returns True when it already was (a resume).
+
+    Raises OutputConflictError, before anything is written, when `uri` holds another spec, or
+    holds files but no spec.json (some other directory).
+    """
+    existing = read_spec(uri)
+    if existing is not None:
+        if existing.get("spec_hash") != digest:
+            differences = sorted(k for k in set(document) | set(existing.get("spec", {}))
+                                 if document.get(k) != existing.get("spec", {}).get(k))
+            raise OutputConflictError(
+                f"{uri} holds a different dataset (spec hash {str(existing.get('spec_hash'))[:12]}, this job's is "
+                f"{digest[:12]}; they differ in: {', '.join(differences) or 'format'}). Choose another "
+                f"output.uri, or delete the old dataset to regenerate it")
+        return True
+    if storage.exists(uri) and storage.list_files(uri):
+        raise OutputConflictError(
+            f"{uri} is not empty and has no {SPEC_FILE}, so it is not a generated dataset; choose an empty or "
+            f"new output.uri")
+    body = json.dumps({"spec_hash": digest, "spec": document}, indent=2, sort_keys=True).encode()
+    storage.write_bytes_atomic(storage.join(uri, SPEC_FILE), body)
+    return False
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def complete_shards(uri: str) -> set[int]:
+    """Shards with a manifest part: complete, every image written before the part."""
+    parts_dir = storage.join(uri, PARTS_DIR)
+    if not storage.exists(parts_dir):
+        return set()
+    done = set()
+    for path in storage.list_files(parts_dir):
+        m = _PART_RE.match(path.rstrip("/").rsplit("/", 1)[-1])
+        if m:
+            done.add(int(m.group(1)))
+    return done
+
+
+def remove_strays(uri: str, shard: int, keep: set[str]) -> int:
+    """Before a shard is rewritten: delete files in its folder that are not one of its final images
+    (hidden temporary files of an interrupted write included). Returns how many were removed."""
+    fs, folder = storage.filesystem_for(shard_dir(uri, shard))
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        return 0
+    removed = 0
+    for info in fs.get_file_info(pafs.FileSelector(folder, recursive=True)):
+        if info.type == pafs.FileType.File and info.base_name not in keep:
+            fs.delete_file(info.path)
+            removed += 1
+    return removed
+
+
+def scenario_attributes(scenario: str, night: str = "night") -> tuple[str, str]:
+    """(weather, timeofday) of a generated frame, so that the BDD100K rule maps it back to `scenario`:
+    the night scenario is timeofday night (its weather unknown), any other scenario is daytime
+    with the scenario as its weather."""
+    if scenario == night:
+        return "undefined", "night"
+    return scenario, "daytime"
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def write_part(uri: str, shard: int, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    storage.write_bytes_atomic(part_uri(uri, shard), table_bytes(table))
+
+
+# ----------------------------------------------------------------------------- final files
+
+
+def read_parts(uri: str, shards: list[int]) -> pa.Table:
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(part_uri(uri, k)))) for k in shards]
+    table = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+    return table.sort_by("index")
+
+
+def finalize(uri: str, num_items: int, num_shards: int) -> pa.Table:
+    """Join the shards' manifest parts into manifest.parquet and labels.json.
+
+    Checks that every index 0..N-1 is there exactly once before writing either file.
+    """
+    table = read_parts(uri, list(range(num_shards)))
+    index = table.column("index").to_numpy()
+    if len(index) != num_items or not np.array_equal(index, np.arange(num_items)):
+        seen = np.unique(index)
+        raise RuntimeError(f"{uri}: the manifest parts hold {len(index)} rows for {num_items} items "
+                           f"({num_items - len(seen)} missing, {len(index) - len(seen)} duplicated); "
+                           f"rerun the job to rewrite the damaged shards")
+    storage.write_bytes_atomic(storage.join(uri, MANIFEST_FILE), table_bytes(table))
+    write_label_file(label_frames(table), storage.join(uri, LABELS_FILE))
+    return table
+
+
+def label_frames(table: pa.Table) -> list[Frame]:
+    """BDD100K frames of the manifest: name (relative to images/), weather, timeofday; no boxes."""
+    cols = table.select(["name", "weather", "timeofday"]).to_pydict()
+    return [Frame(name=n, weather=w, timeofday=t) for n, w, t in zip(cols["name"], cols["weather"], cols["timeofday"])]
+
+
+def manifest_row_count(uri: str) -> int | None:
+    path = storage.join(uri, MANIFEST_FILE)
+    if not storage.exists(path):
+        return None
+    return pq.read_metadata(io.BytesIO(storage.read_bytes(path))).num_rows

@@ -1,0 +1,335 @@
+"""`drivedit generate`: a labelled synthetic driving dataset from a fine-tuned DiT, with Ray Data.
+
+    spec ──plan──▶ shards of items (index, seed = base_seed + index, scenario)
+         ──ShardSampler actors (one per GPU)──▶ latents
+         ──write_shards CPU tasks──▶ images/<shard>/<index>.png + manifest part (marks the shard done)
+         ──driver──▶ manifest.parquet + labels.json, summary, MLflow run
+
+Everything that can be wrong with the request (unknown scenarios, a mix that does not sum, a
+model that lacks a scenario, an output holding another dataset) is found by `prepare` before Ray
+starts. Rerunning the same job skips complete shards and rewrites partial ones, so it ends with
+exactly the requested items, byte-identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from drivedit.config.base import ConfigError, load_config
+from drivedit.config.generate import GenerateJob
+from drivedit.generate import dataset
+from drivedit.generate.model_ref import SamplingModel, load_sampling_model
+from drivedit.generate.spec import (ItemPlan, SpecError, existing_scenario_counts, plan_items, resolve_counts,
+                                    spec_document, spec_hash)
+
+log = logging.getLogger("drivedit.generate")
+EMBEDDED_TRACKING_DIR = "runs/generate"
+
+
+@dataclass
+class Prepared:
+    """What the driver settled before any sampling."""
+
+    job: GenerateJob
+    model: SamplingModel  # its weights are dropped once the facts below are read
+    plan: ItemPlan
+    document: dict
+    spec_hash: str
+    image_size: int
+    model_tracking_uri: str | None
+
+    @property
+    def writer_context(self) -> dict:
+        sm = self.model
+        return {"spec_hash": self.spec_hash, "model_version": sm.version, "image_size": self.image_size,
+                "codec": sm.codec_info, "class_ids": dict(zip(sm.scenarios, sm.class_ids))}
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path or path.startswith(("models:/", "builtin:")) else str(Path(path).resolve())
+
+
+def absolute_local_paths(job: GenerateJob) -> GenerateJob:
+    """Relative local paths made absolute here, where the user meant them: Ray workers run elsewhere.
+
+    Covers the model ref, the codec directory, the output directory, the balance source and an
+    SQLite tracking store; URIs (s3://, models:/, builtin:) are left alone. The caller's job is not changed.
+    """
+    job = job.model_copy(deep=True)
+    job.model.ref = _absolute(job.model.ref)
+    if job.model.codec is not None and job.model.codec.source and Path(job.model.codec.source).exists():
+        job.model.codec.source = str(Path(job.model.codec.source).resolve())
+    job.output.uri = _absolute(job.output.uri)
+    if job.spec.balance is not None:
+        job.spec.balance.source = _absolute(job.spec.balance.source)
+    uri = job.tracking.tracking_uri
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        job.tracking.tracking_uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return job
+
+
+def model_tracking_uri(job: GenerateJob) -> str | None:
+    """Where `models:/` refs are looked up: tracking.tracking_uri, else $MLFLOW_TRACKING_URI."""
+    return job.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def prepare(job: GenerateJob) -> Prepared:
+    """Load the model's facts, resolve the counts, plan the items and hash the spec. Raises before any sampling."""
+    m = job.model
+    tracking_uri = model_tracking_uri(job)
+    sm = load_sampling_model(m.ref, class_names=m.class_names, codec=m.codec, tracking_uri=tracking_uri)
+    problems = []
+    if job.sampler.guidance_kind == "superclass" and sm.superclass_of is None:
+        problems.append(f"sampler.guidance_kind is `superclass` but {sm.version} has no tiered (superclass) "
+                        f"embedder; use guidance_kind `cfg`")
+    if job.sampler.guide_channels is not None and job.sampler.guide_channels > sm.model.in_channels:
+        problems.append(f"sampler.guide_channels ({job.sampler.guide_channels}) exceeds the model's "
+                        f"{sm.model.in_channels} latent channels")
+    if problems:
+        raise SpecError(problems)
+    existing = None
+    if job.spec.balance is not None:
+        existing = existing_scenario_counts(job.spec.balance.source, sm.scenarios)
+        log.info("balance source %s has %s", job.spec.balance.source, existing)
+    counts = resolve_counts(job.spec, sm.scenarios, existing)
+    plan = plan_items(counts, job.spec.base_seed, job.spec.shard_size)
+    image_size = job.output.image_size or sm.image_size
+    document = spec_document(plan, model_version=f"{sm.version}@{sm.digest}",
+                             sampler=dataset.manifest_settings(job.sampler),
+                             image_size=image_size, codec=sm.codec_id)
+    sm.model = None  # the driver only plans; actors load their own copy
+    return Prepared(job, sm, plan, document, spec_hash(document), image_size, tracking_uri)
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+def connect_ray(job: GenerateJob) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if job.ray.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=job.ray.address)  # the cluster this job was submitted to
+    else:
+        ray.init(num_cpus=job.ray.num_cpus)
+
+
+def _pool_sizes(job: GenerateJob, num_pending: int) -> tuple[int, int, bool]:
+    """(sampler actors, concurrent writer tasks, whether the cluster must grow to fit the actors).
+
+    Writers get the CPUs left after the samplers, minus one for Ray Data's own tasks.
+    """
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    gpus = int(total.get("GPU", 0))
+    sc = job.scaling
+    if sc.use_gpu and gpus == 0:
+        raise ValueError("scaling.use_gpu is true but the Ray cluster has no GPUs; set scaling.use_gpu: false "
+                         "to sample on CPU actors")
+    samplers = max(1, min(sc.num_workers or (gpus if sc.use_gpu else 1), num_pending))
+    grow = sc.use_gpu and samplers > gpus
+    if grow:
+        log.warning("scaling.num_workers asks for %d GPU actors but the cluster has %d GPUs now; starting with "
+                    "what fits and growing if the cluster autoscales", samplers, gpus)
+    left = float(free.get("CPU", total.get("CPU", 1))) - samplers * sc.cpus_per_worker - 1
+    writers = max(1, min(num_pending, int(left // sc.cpus_per_write_task)))
+    return samplers, writers, grow
+
+
+def run_pipeline(prep: Prepared, pending: list[int], stop_after_shards: int | None = None) -> list[dict]:
+    """Sample and write `pending` shards; returns one row per shard written, in completion order.
+
+    `stop_after_shards` abandons the pipeline after that many shards, leaving others half done
+    exactly as a killed job does (used by the resume tests).
+    """
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from drivedit.generate.workers import ShardSampler
+    from drivedit.generate.writer import write_shards
+
+    job = prep.job
+    sc = job.scaling
+    samplers, writers, grow = _pool_sizes(job, len(pending))
+    pool = ActorPoolStrategy(min_size=1, max_size=samplers) if grow else ActorPoolStrategy(size=samplers)
+    job_dict = job.model_dump(mode="json")
+    rows = [{"shard": k, "items": json.dumps(prep.plan.shard_items(k))} for k in pending]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one block per shard: shards spread out
+    ds = ds.map_batches(
+        ShardSampler, batch_size=1, compute=pool,
+        num_gpus=1 if sc.use_gpu else 0, num_cpus=sc.cpus_per_worker, resources=sc.resources_per_worker or None,
+        fn_constructor_kwargs={"job": job_dict, "model_digest": prep.model.digest,
+                               "tracking_uri": prep.model_tracking_uri})
+    ds = ds.map_batches(
+        write_shards, batch_size=1, compute=TaskPoolStrategy(size=writers), num_cpus=sc.cpus_per_write_task,
+        fn_kwargs={"job": job_dict, "context": prep.writer_context})
+    log.info("generating %d shards on %d sampler actor(s) and up to %d writer task(s)", len(pending), samplers, writers)
+    done: list[dict] = []
+    t0 = time.perf_counter()
+    iterator = iter(ds.iter_rows())
+    try:
+        for row in iterator:
+            done.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+            images = sum(r["num_images"] for r in done)
+            log.info("shard %d written (%d/%d shards, %d images, %.2f images/s)", row["shard"], len(done),
+                     len(pending), images, images / max(time.perf_counter() - t0, 1e-9))
+            if stop_after_shards is not None and len(done) >= stop_after_shards:
+                break
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+    return done
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def run_generate(job: GenerateJob, *, stop_after_shards: int | None = None) -> dict:
+    """Generate the dataset `job` asks for (resuming whatever is already there); returns the summary."""
+    t_start = time.perf_counter()
+    prep = prepare(absolute_local_paths(job))
+    job = prep.job
+    uri = job.output.uri
+    resumed = dataset.claim_output(uri, prep.document, prep.spec_hash)
+    plan = prep.plan
+    complete = dataset.complete_shards(uri) & set(range(plan.num_shards))
+    pending = [k for k in range(plan.num_shards) if k not in complete]
+    log.info("%s: %d items in %d shards (%s); %d shards already complete", uri, plan.num_items, plan.num_shards,
+             ", ".join(f"{s}={c}" for s, c in plan.counts().items()), len(complete))
+    run = _start_tracking(prep)
+    status = "FAILED"
+    try:
+        rows: list[dict] = []
+        t0 = time.perf_counter()
+        if pending:
+            connect_ray(job)
+            rows = run_pipeline(prep, pending, stop_after_shards)
+        seconds = time.perf_counter() - t0
+        finished = dataset.complete_shards(uri) >= set(range(plan.num_shards))
+        if finished and (rows or dataset.manifest_row_count(uri) != plan.num_items):
+            dataset.finalize(uri, plan.num_items, plan.num_shards)
+        summary = _summary(prep, rows, len(complete), seconds, time.perf_counter() - t_start, finished, resumed)
+        if run is not None:
+            summary["mlflow_run_id"] = run.run_id
+            _log_summary(run, summary)
+        status = "FINISHED" if finished else "KILLED"
+        return summary
+    finally:
+        if run is not None:
+            run.end(status)
+
+
+def _summary(prep: Prepared, rows: list[dict], skipped: int, seconds: float, total_seconds: float,
+             complete: bool, resumed: bool) -> dict:
+    written: dict[str, int] = {}
+    for r in rows:
+        for s, c in json.loads(r["scenarios"]).items():
+            written[s] = written.get(s, 0) + c
+    images = sum(r["num_images"] for r in rows)
+    uri = prep.job.output.uri
+    return {
+        "output": uri,
+        "complete": complete,
+        "resumed": resumed,
+        "spec_hash": prep.spec_hash,
+        "model": prep.job.model.ref,
+        "model_version": prep.model.version,
+        "model_digest": prep.model.digest,
+        "num_items": prep.plan.num_items,
+        "num_shards": prep.plan.num_shards,
+        "shards_skipped": skipped,
+        "shards_written": len(rows),
+        "images_written": images,
+        "seconds": round(seconds, 3),
+        "total_seconds": round(total_seconds, 3),
+        "images_per_s": round(images / seconds, 4) if seconds > 0 and images else 0.0,
+        "per_scenario": prep.plan.counts(),
+        "per_scenario_written": written,
+        "image_size": prep.image_size,
+        "manifest": dataset.storage.join(uri, dataset.MANIFEST_FILE) if complete else None,
+        "labels": dataset.storage.join(uri, dataset.LABELS_FILE) if complete else None,
+    }
+
+
+# ----------------------------------------------------------------------------- MLflow
+
+
+def _start_tracking(prep: Prepared):
+    job = prep.job
+    if not job.tracking.enabled:
+        return None
+    from drivedit import tracking
+
+    uri = job.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
+        tracking.embedded_tracking_uri(EMBEDDED_TRACKING_DIR)
+    tags = {"drivedit.job": "generate", "drivedit.model_ref": job.model.ref,
+            "drivedit.model_version": prep.model.version, "drivedit.model_digest": prep.model.digest,
+            "drivedit.spec_hash": prep.spec_hash, "drivedit.output": job.output.uri}
+    # the run id lives beside the dataset, so resuming a dataset logs into the run that started it
+    return tracking.start_run(uri, job.tracking.experiment, f"generate-{prep.spec_hash[:8]}",
+                              storage_dir=job.output.uri, params=tracking.config_params(job.model_dump(mode="json")),
+                              tags=tags)
+
+
+def _log_summary(run, summary: dict) -> None:
+    metrics = {"images_written": summary["images_written"], "images_per_s": summary["images_per_s"],
+               "seconds": summary["seconds"], "shards_written": summary["shards_written"],
+               "shards_skipped": summary["shards_skipped"]}
+    metrics.update({f"count.{s}": c for s, c in summary["per_scenario"].items()})
+    step = len(run.client.get_metric_history(run.run_id, "images_written"))  # one step per execution
+    run.log_metrics(metrics, step=step)
+    run.log_dict(summary, f"generate/summary-{step}.json")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _help_lines(model, prefix: str = "") -> list[str]:
+    from pydantic import BaseModel
+
+    lines = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                   None)
+        if sub is not None:
+            lines.append(f"\n[{prefix}{name}] {f.description or ''}")
+            lines += _help_lines(sub, f"{prefix}{name}.")
+        else:
+            default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+            lines.append(f"  --{prefix}{name}  {f.description or ''} ({default})")
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="drivedit generate", add_help=False,
+        description="Generate a labelled synthetic dataset. Any config field can be overridden: --section.field VALUE")
+    parser.add_argument("--config", help="YAML job config (configs/demo/generate.yaml)")
+    parser.add_argument("-h", "--help", action="store_true")
+    args, overrides = parser.parse_known_args(argv)
+    if args.help:
+        print(parser.format_help() + "\n".join(_help_lines(GenerateJob)))
+        return 0
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        job = load_config(GenerateJob, args.config, overrides)
+        summary = run_generate(job)
+    except (ConfigError, SpecError, dataset.OutputConflictError) as e:
+        print(f"drivedit generate: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"drivedit generate: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["complete"] else 1

@@ -1,0 +1,85 @@
+"""The sampling stage of a generation job: `ShardSampler`, a Ray Data callable class (one per GPU,
+or a CPU actor) that loads the model once and turns shard rows into the shards' latents.
+
+A shard is sampled in fixed micro-batches in item order, so a rewritten shard is computed exactly
+as the first time. The actor receives the job as `model_dump(mode="json")` and re-validates it:
+workers never read driver globals or argv.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+
+from drivedit.config.base import validate_config
+from drivedit.config.generate import GenerateJob
+from drivedit.generate.model_ref import load_sampling_model
+from drivedit.generate.sampler import DiTSampler, SamplerSettings
+from drivedit.generate.writer import decode_to_uint8, limit_threads
+
+
+def sampler_settings(job: GenerateJob) -> SamplerSettings:
+    s = job.sampler
+    return SamplerSettings(sampler=s.sampler, steps=s.steps, guidance=s.guidance, guidance_kind=s.guidance_kind,
+                           guide_channels=s.guide_channels)
+
+
+def _device(job: GenerateJob) -> torch.device:
+    if job.scaling.use_gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class ShardSampler:
+    """Samples whole shards. Input rows: {shard, items}; output rows: {shard, items, kind, payload, shape}."""
+
+    def __init__(self, job: dict, model_digest: str, tracking_uri: str | None = None):
+        self.job = validate_config(GenerateJob, job, "generate job (sampler actor)")
+        self.device = _device(self.job)
+        if self.device.type == "cpu":
+            limit_threads(self.job.scaling.cpus_per_worker)
+        m = self.job.model
+        self.sm = load_sampling_model(m.ref, class_names=m.class_names, codec=m.codec, tracking_uri=tracking_uri,
+                                      device=self.device)
+        if self.sm.digest != model_digest:
+            raise RuntimeError(f"the model {m.ref} on this worker (digest {self.sm.digest[:12]}) differs from the one "
+                               f"the driver planned with ({model_digest[:12]}); was it overwritten during the job?")
+        dtype = self.job.sampler.dtype
+        amp = getattr(torch, dtype) if dtype != "float32" else None  # the sampler autocasts on CUDA only
+        self.sampler = DiTSampler(self.sm.model, betas=self.sm.betas, device=self.device, amp_dtype=amp)
+        self.settings = sampler_settings(self.job)
+        self.codec = self.sm.load_codec(self.device) if self.job.output.decode_on == "actor" else None
+
+    @torch.inference_mode()
+    def sample_items(self, items: list[dict]) -> torch.Tensor:
+        """Latents (N, C, h, w) of items, drawn `batch_size` at a time in item order."""
+        out = []
+        bs = self.job.sampler.batch_size
+        for start in range(0, len(items), bs):
+            chunk = items[start:start + bs]
+            labels = torch.tensor([self.sm.label_of(it["scenario"]) for it in chunk], dtype=torch.long,
+                                  device=self.device)  # (n,)
+            seeds = [int(it["seed"]) for it in chunk]
+            uncond = self.sm.superclass_of(labels) if self.settings.guidance_kind == "superclass" else None
+            latents = self.sampler.sample(labels, seeds, self.settings, uncond_labels=uncond)  # (n, C, h, w)
+            out.append(latents.float())
+        return torch.cat(out)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows: dict[str, list] = {"shard": [], "items": [], "kind": [], "payload": [], "shape": [], "sample_s": []}
+        for shard, items_json in zip(batch["shard"], batch["items"]):
+            t0 = time.perf_counter()
+            latents = self.sample_items(json.loads(items_json))  # (N, C, h, w)
+            if self.codec is not None:
+                array, kind = decode_to_uint8(self.codec, latents), "images"  # (N, H, W, 3) uint8
+            else:
+                array, kind = latents.cpu().numpy().astype(np.float32), "latents"
+            rows["shard"].append(int(shard))
+            rows["items"].append(items_json)
+            rows["kind"].append(kind)
+            rows["payload"].append(array.tobytes())
+            rows["shape"].append(json.dumps(list(array.shape)))
+            rows["sample_s"].append(time.perf_counter() - t0)
+        return rows

@@ -1,0 +1,108 @@
+"""The writing stage of a generation job: `write_shards`, a Ray Data task on CPU.
+
+Latents -> images (codec decode, unless the sampler actor already decoded) -> PNG -> files, then
+the shard's manifest part, which marks the shard complete. It imports no DiT code, and a task
+worker keeps its imports and its codec from one shard to the next.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from drivedit import storage
+from drivedit.config.base import validate_config
+from drivedit.config.generate import GenerateJob
+from drivedit.generate import dataset
+from drivedit.generate.grid import latents_to_uint8
+from drivedit.models.codec import load_codec
+
+DECODE_CHUNK = 16  # images per codec.decode call: bounds a VAE decoder's activation memory
+
+
+def limit_threads(cpus: float) -> None:
+    # several CPU actors on one node would otherwise each start one thread per core
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def codec_from_info(info: dict):
+    """A codec from its plain description {kind, source, scale_factor, dtype} (SamplingModel.codec_info)."""
+    return load_codec(info["kind"], info.get("source"), info.get("scale_factor"), info.get("dtype") or "float32")
+
+
+def decode_to_uint8(codec, latents: torch.Tensor) -> np.ndarray:
+    """(N, C, h, w) latents -> (N, H, W, 3) uint8, decoding in chunks."""
+    images = torch.cat([codec.decode(chunk) for chunk in latents.split(DECODE_CHUNK)])  # (N, 3, H, W) in [-1, 1]
+    return np.ascontiguousarray(latents_to_uint8(images.cpu()))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes with fixed settings: the same pixels always give the same bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return np.asarray(Image.fromarray(image, mode="RGB").resize((size, size), Image.Resampling.LANCZOS))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_codec(info_json: str):
+    # a task worker process outlives its task: a VAE is loaded once per process, not once per shard
+    return codec_from_info(json.loads(info_json)).to("cpu")
+
+
+def write_shards(batch: dict[str, np.ndarray], job: dict, context: dict) -> dict[str, list]:
+    """Ray Data task: decode (unless the sampler did), encode PNGs, write each shard's images, then its
+    manifest part. `context` holds spec_hash, model_version, image_size, codec and class_ids."""
+    cfg = validate_config(GenerateJob, job, "generate job (writer)")
+    limit_threads(cfg.scaling.cpus_per_write_task)
+    out: dict[str, list] = {"shard": [], "num_images": [], "scenarios": [], "sample_s": [], "write_s": []}
+    for shard, items_json, kind, payload, shape, sample_s in zip(
+            batch["shard"], batch["items"], batch["kind"], batch["payload"], batch["shape"], batch["sample_s"]):
+        t0 = time.perf_counter()
+        items = json.loads(items_json)
+        shape = json.loads(shape)
+        if kind == "latents":
+            latents = torch.from_numpy(np.frombuffer(payload, dtype=np.float32).reshape(shape).copy())
+            codec = _cached_codec(json.dumps(context["codec"], sort_keys=True))
+            with torch.inference_mode():
+                pixels = decode_to_uint8(codec, latents)  # (N, H, W, 3)
+        else:
+            pixels = np.frombuffer(payload, dtype=np.uint8).reshape(shape)  # (N, H, W, 3)
+        write_shard(cfg, context, int(shard), items, pixels)
+        counts: dict[str, int] = {}
+        for it in items:
+            counts[it["scenario"]] = counts.get(it["scenario"], 0) + 1
+        out["shard"].append(int(shard))
+        out["num_images"].append(len(items))
+        out["scenarios"].append(json.dumps(counts))
+        out["sample_s"].append(float(sample_s))
+        out["write_s"].append(time.perf_counter() - t0)
+    return out
+
+
+def write_shard(job: GenerateJob, context: dict, shard: int, items: list[dict], pixels: np.ndarray) -> None:
+    """Write one shard's PNGs (each atomically), then its manifest part: the part says the shard is complete."""
+    uri, size = job.output.uri, context["image_size"]
+    settings = dataset.manifest_settings(job.sampler)
+    names = [dataset.image_name(shard, it["index"]) for it in items]
+    dataset.remove_strays(uri, shard, {n.rsplit("/", 1)[-1] for n in names})
+    rows = []
+    for it, name, image in zip(items, names, pixels):
+        image = resize(image, size)
+        storage.write_bytes_atomic(storage.join(uri, dataset.IMAGES_DIR, name), encode_png(image))
+        weather, timeofday = dataset.scenario_attributes(it["scenario"])
+        rows.append({"index": it["index"], "seed": it["seed"], "scenario": it["scenario"],
+                     "class_id": context["class_ids"][it["scenario"]], "shard": shard, "name": name,
+                     "weather": weather, "timeofday": timeofday, "width": size, "height": size,
+                     "model_version": context["model_version"], "spec_hash": context["spec_hash"], **settings})
+    dataset.write_part(uri, shard, rows)
