@@ -180,7 +180,10 @@ def test_read_latent_dataset_with_ray(local_run):
     root, *_ = local_run
     meta = read_shard_metadata(str(root / "shards"))
     seen = []
-    for batch in read_latent_dataset(str(root / "shards")).iter_batches(batch_size=5, batch_format="numpy"):
+    cols = ["frame_id", "scenario", "moments", "moments_flip", "object_mask"]
+    for batch in read_latent_dataset(str(root / "shards"), columns=cols).iter_batches(batch_size=5,
+                                                                                       batch_format="numpy"):
+        assert sorted(batch) == sorted(cols)
         out = training_batch(batch, meta, torch.Generator().manual_seed(0))
         n = len(batch["frame_id"])
         assert out["latents"].shape == (n, 3, RES, RES) and out["object_mask"].shape == (n, 1, RES, RES)
@@ -292,6 +295,8 @@ def test_config_errors_list_every_problem_before_any_work(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="codec: codec.source .* has no config.json"):
         run_encode(bad_codec)
+    with pytest.raises(ConfigError, match="codec.scale_factor: the pixel codec stores images as they are"):
+        run_encode(make_job(str(tmp_path), str(tmp_path / "out"), codec__scale_factor=0.5))
     # the command line prints the list and exits 2, leaving nothing behind
     assert encode_mod.main(["--data.input", str(tmp_path / "nope"), "--data.output", str(tmp_path / "out"),
                             "--codec.kind", "autoencoder_kl"]) == 2

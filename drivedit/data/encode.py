@@ -87,6 +87,8 @@ def preflight(job: EncodeJob) -> CodecInfo:
         info = describe_codec(job.codec.model_dump(mode="json"))
     except (ValueError, KeyError) as e:
         problems.append(f"codec: {e}")
+    if job.codec.kind == "pixel" and job.codec.scale_factor not in (None, 1.0):
+        problems.append("codec.scale_factor: the pixel codec stores images as they are (scale 1); remove the field")
     if info is not None and job.data.resolution % info.factor:
         lo = job.data.resolution // info.factor * info.factor
         problems.append(f"data.resolution: {job.data.resolution} is not divisible by the codec's downsampling "
@@ -138,7 +140,7 @@ def _check_output(job: EncodeJob, plan: EncodePlan) -> None:
     if storage.exists(record_uri):
         before = json.loads(storage.read_text(record_uri)).get("settings", {})
         differs = sorted(k for k in set(before) | set(plan.settings) if before.get(k) != plan.settings.get(k))
-        if differs:
+        if differs and existing:  # (a run that wrote no shard yet may be restarted with other settings)
             raise ConfigError("encode", [f"data.output: {out} holds shards of a different encode (differs in: "
                                          f"{', '.join(differs)}); choose a new data.output or delete that one"])
     elif existing:

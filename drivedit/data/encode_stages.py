@@ -56,7 +56,7 @@ def describe_codec(codec: dict) -> CodecInfo:
     """What the shards need to know about a codec, without loading its weights."""
     kind, source = codec.get("kind", "pixel"), codec.get("source")
     if kind == "pixel":
-        return CodecInfo("pixel", 1, 3, float(codec.get("scale_factor") or 1.0))
+        return CodecInfo("pixel", 1, 3, 1.0)
     if kind != "autoencoder_kl":
         raise ValueError(f"unknown codec kind {kind!r}; use 'pixel' or 'autoencoder_kl'")
     if not source:

@@ -153,7 +153,8 @@ def read_latent_dataset(uri: str, columns: list[str] | None = None):
         raise FileNotFoundError(f"no latent shards (shard-NNNNN.parquet) at {uri}; run `drivedit encode` first")
     fs, _ = storage.filesystem_for(uri)
     paths = [storage.filesystem_for(f)[1] for f in files]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=columns, shuffle="files")
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle="files")
+    return ds.select_columns(columns) if columns else ds
 
 
 def _matrix(column, width: int, name: str) -> np.ndarray:

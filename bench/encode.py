@@ -1,0 +1,220 @@
+"""Benchmark: the streaming Ray Data encode pipeline against a plain single-process loop.
+
+Both do the same work on the same frames: read the bytes through the storage layer, decode, resize
+and center-crop, rasterise the boxes, encode the image and its mirror with the same codec in
+batches of the same size, and write the shards. The loop runs it one step after another in this
+process; the pipeline (`drivedit.data.encode.run_encode`) overlaps reading and decoding (CPU tasks)
+with encoding (an actor). Ray is started before timing; the pipeline's time includes everything
+`run_encode` does, codec actor start-up included. Each side runs `--repeats` times, alternating,
+and the best run of each is reported, with the codec alone on preloaded tensors as the ceiling.
+
+    python bench/encode.py                  # CPU defaults: S3 (moto server) in and out, a tiny VAE at 64 px
+    python bench/encode.py --source local   # the same from and to this disk
+    python bench/encode.py --num 64 --size 128 --resolution 32 --codec pixel   # a quick smoke run
+    python bench/encode.py --codec sd-vae --resolution 256 --num 2048 --use-gpu   # on a GPU node
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from drivedit import storage  # noqa: E402
+from drivedit.config.encode import EncodeJob  # noqa: E402
+from drivedit.data.encode import plan_frames, preflight, run_encode  # noqa: E402
+from drivedit.data.encode_stages import CodecEncoder, load_images  # noqa: E402
+from drivedit.data.scenes import write_scenes_dataset  # noqa: E402
+from drivedit.data.shards import build_shard_table, shard_name, write_shard  # noqa: E402
+
+VAES = {  # random weights: throughput does not depend on the values
+    "tiny-vae": dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=16),
+    "sd-vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+}
+
+
+def make_codec_dir(kind: str, root: str) -> str | None:
+    if kind == "pixel":
+        return None
+    from diffusers import AutoencoderKL
+
+    cfg = VAES[kind]
+    n = len(cfg["block_out_channels"])
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                        latent_channels=4, **cfg)
+    path = os.path.join(root, kind)
+    vae.save_pretrained(path)
+    return path
+
+
+def start_s3_server():
+    """A moto S3 server in its own process (so it takes no CPU from the loop's process), bucket `bench`."""
+    import socket
+    import subprocess
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    for _ in range(100):
+        try:
+            boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
+            return proc
+        except Exception:
+            time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError("the moto S3 server did not start")
+
+
+def plain_loop(job: EncodeJob) -> int:
+    """The baseline: the same stages, one after another, in this process. Returns rows written."""
+    codec = preflight(job)
+    plan = plan_frames(job, codec)
+    cfg = {"resolution": job.data.resolution, "factor": codec.factor, "min_box_cells": job.data.min_box_cells,
+           "retries": job.pipeline.read_retries}
+    encoder = CodecEncoder(job.codec.model_dump(mode="json"), list(plan.meta.latent_shape),
+                           threads=torch.get_num_threads())
+    storage.makedirs(job.data.output)
+    rows_written = 0
+    rps, rb, eb = job.shards.rows_per_shard, job.pipeline.read_batch_size, job.pipeline.encode_batch_size
+    for s in range(0, len(plan.records), rps):
+        shard_records = plan.records[s:s + rps]
+        parts = []
+        for b in range(0, len(shard_records), eb):
+            recs = shard_records[b:b + eb]
+            loaded = [load_images({k: np.array([r[k] for r in recs[i:i + rb]], dtype=object) for k in recs[0]}, cfg)
+                      for i in range(0, len(recs), rb)]
+            batch = {k: np.concatenate([p[k] for p in loaded]) for k in loaded[0]}
+            parts.append(encoder(batch))
+        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        ok = np.array([e == "" for e in rows["error"]])
+        table = build_shard_table({k: rows[k][ok] for k in ("frame_id", "source_uri", "scenario", "weather",
+                                                           "timeofday", "moments", "moments_flip", "object_mask",
+                                                           "num_objects")}, plan.meta)
+        write_shard(storage.join(job.data.output, shard_name(s // rps)), table)
+        rows_written += int(ok.sum())
+    return rows_written
+
+
+def codec_alone(job: EncodeJob, num: int) -> float:
+    """Images/s of the codec on preloaded uint8 crops (image + mirror per item): the pipeline's ceiling."""
+    codec = preflight(job)
+    g = job.data.resolution // codec.factor
+    encoder = CodecEncoder(job.codec.model_dump(mode="json"), [codec.latent_channels, g, g],
+                           threads=torch.get_num_threads())
+    images = np.random.default_rng(0).integers(0, 256, (job.pipeline.encode_batch_size, job.data.resolution,
+                                                        job.data.resolution, 3), dtype=np.uint8)
+    encoder.encode_images(images)  # warm-up (cuDNN autotune, allocations)
+    done, start = 0, time.perf_counter()
+    while done < num:
+        encoder.encode_images(images)
+        done += len(images)
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize()
+    return done / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--num", type=int, default=256, help="frames")
+    ap.add_argument("--size", type=int, default=360, help="source image height (width = size * aspect)")
+    ap.add_argument("--aspect", type=float, default=16 / 9)
+    ap.add_argument("--resolution", type=int, default=64, help="encode resolution")
+    ap.add_argument("--codec", choices=["pixel", "tiny-vae", "sd-vae"], default="tiny-vae")
+    ap.add_argument("--source", choices=["local", "s3"], default="s3",
+                    help="where frames are read from and shards written: s3 = a local S3 server (moto) in its own "
+                         "process, the way a cluster reads a bucket; local = this disk")
+    ap.add_argument("--workers", type=int, default=1, help="codec actors")
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ap.add_argument("--read-cpus", type=float, default=0.5)
+    ap.add_argument("--read-batch", type=int, default=16)
+    ap.add_argument("--encode-batch", type=int, default=32)
+    ap.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="logical CPUs of the local Ray")
+    ap.add_argument("--use-gpu", action="store_true", help="codec actors on GPUs")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="bench-encode-")
+    moto = None
+    try:
+        if args.source == "s3":
+            moto = start_s3_server()
+            data_root, out_root = "s3://bench/ds", "s3://bench/out"
+        else:
+            data_root, out_root = os.path.join(tmp, "ds"), os.path.join(tmp, "out")
+        t = time.perf_counter()
+        write_scenes_dataset(data_root, args.num, args.size, seed=0, aspect=args.aspect,
+                             weathers=["clear", "overcast", "partly cloudy", "rainy", "snowy"])
+        print(f"dataset: {args.num} frames {round(args.size * args.aspect)}x{args.size} JPEG at {data_root} "
+              f"({time.perf_counter() - t:.1f} s to generate)")
+        source = make_codec_dir(args.codec, tmp)
+
+        def job(out: str, limit: int | None = None) -> EncodeJob:
+            return EncodeJob.model_validate({
+                "data": {"input": data_root, "output": out, "resolution": args.resolution, "limit": limit},
+                "codec": {"kind": "pixel" if args.codec == "pixel" else "autoencoder_kl", "source": source},
+                "shards": {"rows_per_shard": 128},
+                "pipeline": {"read_batch_size": args.read_batch, "encode_batch_size": args.encode_batch,
+                             "read_cpus": args.read_cpus},
+                "scaling": {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
+                            "use_gpu": args.use_gpu}})
+
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, runtime_env={"env_vars": {
+            k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "HF_HUB_OFFLINE"}})
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        # warm-up on a few frames: starts Ray Data's own actors and the task workers once, for both sides
+        run_encode(job(f"{out_root}/warm-pipe", limit=8))
+        plain_loop(job(f"{out_root}/warm-loop", limit=8))
+        pipe_times, loop_times = [], []
+        for r in range(args.repeats):
+            t = time.perf_counter()
+            summary = run_encode(job(f"{out_root}/pipe{r}"))
+            pipe_times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            rows = plain_loop(job(f"{out_root}/loop{r}"))
+            loop_times.append(time.perf_counter() - t)
+            assert rows == summary["encoded"] == args.num, (rows, summary["encoded"])
+            print(f"  run {r}: pipeline {pipe_times[-1]:.2f} s, loop {loop_times[-1]:.2f} s")
+        ceiling = codec_alone(job(f"{out_root}/x"), max(args.num, 4 * args.encode_batch))
+        pipe, loop = args.num / min(pipe_times), args.num / min(loop_times)
+        result = {"frames": args.num, "source_size": [round(args.size * args.aspect), args.size],
+                  "resolution": args.resolution, "codec": args.codec, "source": args.source,
+                  "workers": args.workers, "ray_cpus": args.num_cpus, "torch_threads_loop": torch.get_num_threads(),
+                  "pipeline_images_per_s": round(pipe, 2), "loop_images_per_s": round(loop, 2),
+                  "ratio_pipeline_over_loop": round(pipe / loop, 3),
+                  "codec_alone_images_per_s": round(ceiling, 2), "pipeline_fraction_of_codec_alone": round(pipe / ceiling, 3)}
+        print(json.dumps(result, indent=2))
+        print(f"pipeline {pipe:.1f} img/s vs plain loop {loop:.1f} img/s: {pipe / loop:.2f}x "
+              f"(codec alone on preloaded tensors: {ceiling:.1f} img/s, pipeline at {pipe / ceiling:.0%} of it)")
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if moto is not None:
+            moto.terminate()
+            moto.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
