@@ -60,6 +60,7 @@ def make_dataset(root: str, num: int = 18) -> list[Frame]:
     frames.append(Frame("brokenbox.png", "clear", "daytime"))
     labels = [frame_to_json(f) for f in frames]
     labels[-1]["labels"] = [{"id": "1", "category": "car", "box2d": {"x1": 9, "y1": 5, "x2": 3, "y2": 8}}]
+    labels.append(frame_to_json(next(f for f in frames if f.name == "box.png")))  # listed twice: encoded once
     storage.write_text_atomic(storage.join(root, "labels.json"), json.dumps(labels))
     return load_label_file(storage.join(root, "labels.json"))
 
@@ -124,9 +125,9 @@ def local_run(tmp_path_factory, ray_session):
 def test_local_summary_schema_and_rejects(local_run):
     root, frames, job, summary = local_run
     foggy = sum(f.weather == "foggy" and f.timeofday != "night" for f in frames)
-    kept = len(frames) - foggy - 1  # minus the broken-box frame
+    kept = len(frames) - foggy - 2  # minus the broken-box frame and the duplicate
     assert summary["frames_listed"] == len(frames) and summary["dropped_by_scenario"] == foggy > 0
-    assert summary["broken_boxes"] == 1 and summary["frames_read"] == kept
+    assert summary["broken_boxes"] == 1 and summary["duplicates"] == 1 and summary["frames_read"] == kept
     assert summary["corrupt"] == 4 and summary["encoded"] == kept - 4 == summary["rows_total"]
     assert summary["corrupt_reasons"] == {"undecodable image": 2, "missing image": 1, "too small": 1}
     assert summary["shards_written"] == -(-kept // 6) and summary["images_per_s"] > 0
@@ -139,7 +140,8 @@ def test_local_summary_schema_and_rejects(local_run):
     assert meta.scenarios == ["clear", "overcast", "partly cloudy", "rainy", "snowy", "night"]
     rejected = json.loads((out / "rejected.json").read_text())
     by_name = {r["frame_id"]: r["reason"] for r in rejected}
-    assert set(by_name) == set(BAD) | {"brokenbox.png"}
+    assert len(rejected) == 6 and set(by_name) == set(BAD) | {"brokenbox.png", "box.png"}
+    assert by_name["box.png"] == "duplicate frame in the labels"
     for name, reason in BAD.items():
         assert by_name[name].startswith(reason)
     assert by_name["brokenbox.png"].startswith("broken box")
@@ -152,8 +154,8 @@ def test_pixel_moments_decode_to_the_images_and_masks_follow_boxes(local_run):
     by_name = {f.name: f for f in frames}
     codec = PixelCodec()
     vocab = job.data.scenarios
-    assert len(rows) == len([f for f in frames if f.name not in BAD and f.name != "brokenbox.png"
-                             and not (f.weather == "foggy" and f.timeofday != "night")])
+    assert len(rows) == len({f.name for f in frames if f.name not in BAD and f.name != "brokenbox.png"
+                             and not (f.weather == "foggy" and f.timeofday != "night")})
     for name, r in rows.items():
         f = by_name[name]
         assert r["source_uri"] == str(root / "ds" / "images" / name)
@@ -215,7 +217,8 @@ def test_rerun_skips_complete_shards_and_adds_no_duplicates(local_run, tmp_path)
         assert before[k]["moments"] == after[k]["moments"]
     assert not any(".tmp-" in n for n in os.listdir(out))
     # the skipped-frame list still covers every shard
-    assert {r["frame_id"] for r in json.loads((out / "rejected.json").read_text())} == set(BAD) | {"brokenbox.png"}
+    assert {r["frame_id"] for r in json.loads((out / "rejected.json").read_text())} == \
+        set(BAD) | {"brokenbox.png", "box.png"}
     third = run_encode(job)  # nothing left to do: no Ray work at all
     assert third["frames_read"] == 0 and third["shards_written"] == 0 and third["rows_total"] == first["rows_total"]
     changed = make_job(job.data.input, job.data.output, data__resolution=16)
@@ -241,8 +244,8 @@ def test_s3_to_s3_with_autoencoder_kl_from_the_bucket(ray_session, s3_bucket, tm
     storage.upload_dir(str(tmp_path / "vae"), f"{base}/models/vae")
     job = make_job(f"{base}/ds", f"{base}/shards", codec__kind="autoencoder_kl", codec__source=f"{base}/models/vae")
     summary = run_encode(job)
-    good = [f for f in frames if f.name not in BAD and f.name != "brokenbox.png"
-            and not (f.weather == "foggy" and f.timeofday != "night")]
+    good = {f.name for f in frames if f.name not in BAD and f.name != "brokenbox.png"
+            and not (f.weather == "foggy" and f.timeofday != "night")}
     assert summary["encoded"] == len(good) and summary["corrupt"] == 4
     assert storage.exists(f"{base}/shards/rejected.json") and storage.exists(f"{base}/shards/encode.json")
     meta = read_shard_metadata(f"{base}/shards")

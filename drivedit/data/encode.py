@@ -49,7 +49,7 @@ class EncodePlan:
     records: list[dict]                   # kept frames, in shard order
     frames_listed: int
     dropped: dict[str, int]               # scenario rules: reason -> count
-    broken: list[dict]                    # frames skipped for broken boxes
+    broken: list[dict]                    # frames skipped on the driver: broken boxes, duplicates
     settings: dict                        # what a rerun must match
     existing: set[int] = field(default_factory=set)  # complete shards already in the output
 
@@ -106,9 +106,13 @@ def plan_frames(job: EncodeJob, codec: CodecInfo) -> EncodePlan:
     vocab = ScenarioVocabulary(job.data.scenarios, job.data.night_scenario, tuple(job.data.drop_weathers))
     kept, dropped = vocab.split(frames)
     images, wanted = _images_uri(job), set(job.data.object_categories)
-    records, broken = [], []
+    records, broken, seen = [], [], set()
     for frame, sid in kept:
         uri = storage.join(images, frame.name)
+        if frame.name in seen:  # each frame is encoded once, whatever the label file says
+            broken.append({"frame_id": frame.name, "source_uri": uri, "reason": "duplicate frame in the labels"})
+            continue
+        seen.add(frame.name)
         if frame.broken_boxes:
             broken.append({"frame_id": frame.name, "source_uri": uri,
                            "reason": "broken box: " + "; ".join(frame.broken_boxes)})
@@ -244,7 +248,7 @@ def run_encode(job: EncodeJob) -> dict:
     plan = plan_frames(job, codec)
     if not plan.records:
         raise ConfigError("encode", [f"data.input: no frame of {_labels_uri(job)} is left after the scenario rules "
-                                     f"(dropped: {plan.dropped or 'none'}; broken boxes: {len(plan.broken)})"])
+                                     f"(dropped: {plan.dropped or 'none'}; skipped: {len(plan.broken)})"])
     _check_output(job, plan)
     todo = [r for r in plan.records if r["shard"] not in plan.existing]
     expected: dict[int, int] = {}
@@ -279,7 +283,9 @@ def run_encode(job: EncodeJob) -> dict:
     summary = {
         "output": out, "frames_listed": plan.frames_listed,
         "dropped_by_scenario": sum(plan.dropped.values()), "dropped_reasons": plan.dropped,
-        "broken_boxes": len(plan.broken), "frames_read": len(todo), "encoded": collector.encoded,
+        "broken_boxes": sum(r["reason"].startswith("broken box") for r in plan.broken),
+        "duplicates": sum(r["reason"].startswith("duplicate") for r in plan.broken),
+        "frames_read": len(todo), "encoded": collector.encoded,
         "corrupt": len(collector.rejected), "corrupt_reasons": reasons,
         "already_encoded_shards": len(plan.existing), "shards_written": len(expected),
         "rows_total": len(plan.records) - sum(1 for r in rejected if "shard" in r),
