@@ -37,16 +37,16 @@ def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 class _SharedLinear(nn.Linear):
-    """An nn.Linear that adopts another Linear's Parameters instead of allocating its own."""
+    """An nn.Linear that adopts another Linear's Parameters instead of allocating its own.
+
+    Subclasses add their adapter tensors and a `merged()` that folds them into a plain nn.Linear.
+    """
 
     def __init__(self, base: nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
-
-    def merged(self) -> nn.Linear:
-        raise NotImplementedError
 
 
 class WeightModulatorLinear(_SharedLinear):
