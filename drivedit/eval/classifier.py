@@ -149,13 +149,13 @@ class ScenarioClassifier:
 
 
 def stratified_split(labels: np.ndarray, heldout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, heldout): each class gives round(fraction * n) of its frames to the held-out
-    set, but always keeps at least one for training."""
+    """Indices (train, heldout): each class gives round(fraction * n) of its frames, at least one, to
+    the held-out set (so every class is scored), but always keeps at least one for training."""
     rng = np.random.default_rng(seed)
     train, held = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_held = min(int(round(heldout_fraction * len(idx))), len(idx) - 1)
+        n_held = min(max(int(round(heldout_fraction * len(idx))), 1), len(idx) - 1)
         held.append(idx[:n_held])
         train.append(idx[n_held:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.models.inception import BasicConv2d, Inception3, InceptionAux, InceptionB, InceptionC, InceptionD
 from torchvision.models.inception import InceptionA, InceptionE
 
@@ -140,6 +140,7 @@ class InceptionFeatures:
 
     name = "inception-v3-fid"
     dim = FEATURE_DIM
+    image_size = INPUT_SIZE  # images are read at the network's input size, not upsampled from 32 px
 
     def __init__(self, weights: str | Path, device: str = "cpu", batch_size: int = 32):
         self.model = load_fid_inception(weights, device)
