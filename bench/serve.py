@@ -35,7 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
     p.add_argument("--requests", type=int, default=64, help="requests per (mode, concurrency) measurement")
     p.add_argument("--max-batch-size", type=int, default=32, help="images per batched sampler call")
-    p.add_argument("--batch-wait", type=float, default=0.01, help="batch_wait_timeout_s of the batched mode")
+    p.add_argument("--batch-wait", type=float, default=0.05,
+                   help="batch_wait_timeout_s of the batched mode (default: the ServeApp default)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
