@@ -105,6 +105,9 @@ def test_resumed_run_finishes_in_one_mlflow_run(finished_run):
     assert names == {"step_00000012", "step_00000016"}
     for f in ("trainable.safetensors", "ema.safetensors", "state.pt", "bundle/bundle.json"):
         assert storage.exists(storage.join(run_dir, "step_00000016", f)), f
+    for f in ("bundle/bundle.json", "bundle/adapter.safetensors", "result.json", "samples/step_00000008.png",
+              "samples/step_00000016.png", "method/report.json", "mlflow_run.json"):
+        assert storage.exists(storage.join(run_dir, f)), f
 
     client = tracking.TrackedRun(finished_run["tracking_uri"], s["mlflow_run_id"], "0").client
     runs = client.search_runs([client.get_experiment_by_name("test-finetune").experiment_id],

@@ -24,6 +24,7 @@ same number, not necessarily the same rows).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -299,16 +300,25 @@ class WorkerLoop:
         log.info(f"[finetune] {self.job.method.name}: {counts.get('trainable', 0):,} trainable of "
                  f"{counts.get('total', 0):,} parameters; {self.e.world_size} worker(s) on {self.e.device.type}; "
                  f"{'starting' if fresh else f'resuming at step {self.step}'} to {self.job.optim.total_steps}")
-        if self.tracked is None or not fresh:
+        if not fresh:
             return
         from drivedit.train.gap import write_gap_report
 
         report = {k: v for k, v in self.result.report.items() if k != "gap"}
-        self.tracked.log_dict(report, "method/report.json")
-        if "gap" in self.result.report:
-            with tempfile.TemporaryDirectory() as d:
-                write_gap_report(self.result.report["gap"], d)
-                self.tracked.log_artifacts(d, "gap")
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "report.json").write_text(json.dumps(report, indent=1, default=str))
+            self._publish(Path(d) / "report.json", "method")
+            if "gap" in self.result.report:
+                for path in write_gap_report(self.result.report["gap"], Path(d) / "gap"):
+                    self._publish(path, "gap")
+
+    def _publish(self, path: Path, folder: str) -> None:
+        """A report file goes to the run directory and, when tracking, to the MLflow run."""
+        from drivedit import storage
+
+        storage.write_bytes_atomic(storage.join(self.ctx.run_dir, folder, path.name), path.read_bytes())
+        if self.tracked is not None:
+            self.tracked.log_artifact(path, folder)
 
     # ------------------------------------------------------------------ grids, checkpoints, bundle
 
@@ -339,8 +349,7 @@ class WorkerLoop:
         with self._bundle_weights() as model, tempfile.TemporaryDirectory() as d:
             path = draw_grid(model, self.meta, self.job.sampling, self.schedule.final_betas(), self.e.device,
                              Path(d) / f"step_{self.step:08d}.png", superclass=self.method.name == "finediffusion")
-            if self.tracked is not None:
-                self.tracked.log_artifact(path, "samples")
+            self._publish(path, "samples")
 
     def _checkpoint(self, final: bool) -> None:
         from drivedit.train.adapt_model import adapter_tensors
