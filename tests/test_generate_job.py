@@ -161,6 +161,8 @@ def test_small_job_counts_files_labels_manifest(reference, models):
     assert run.data.tags["drivedit.spec_hash"] == summary["spec_hash"]
     assert run.data.metrics["images_written"] == 12 and run.data.metrics["count.rainy"] == 5
     assert run.data.params["spec.shard_size"] == "4" and run.info.status == "FINISHED"
+    artifacts = {f.path for f in MlflowClient(models.tracking_uri).list_artifacts(run.info.run_id, "generate")}
+    assert {"generate/preview.png", "generate/summary-0.json"} <= artifacts
 
 
 def test_rerun_of_a_complete_dataset_samples_nothing(reference, models):

@@ -118,18 +118,18 @@ def test_plan_interleaves_seeds_and_shards():
 def test_spec_hash_covers_what_decides_the_images():
     plan = plan_items({"rainy": 4, "night": 2}, base_seed=0, shard_size=3)
     sampler = {"sampler": "ddim", "steps": 10, "guidance": 4.0, "guidance_kind": "cfg", "guide_channels": None}
-    base = spec_hash(spec_document(plan, model_version="m@1", sampler=sampler, image_size=32, codec="pixel"))
-    assert base == spec_hash(spec_document(plan, model_version="m@1", sampler=dict(reversed(sampler.items())),
+    base = spec_hash(spec_document(plan, model_digest="m@1", sampler=sampler, image_size=32, codec="pixel"))
+    assert base == spec_hash(spec_document(plan, model_digest="m@1", sampler=dict(reversed(sampler.items())),
                                            image_size=32, codec="pixel"))
     variants = [
-        spec_document(plan, model_version="m@2", sampler=sampler, image_size=32, codec="pixel"),
-        spec_document(plan, model_version="m@1", sampler={**sampler, "steps": 11}, image_size=32, codec="pixel"),
-        spec_document(plan, model_version="m@1", sampler=sampler, image_size=64, codec="pixel"),
-        spec_document(plan_items({"rainy": 4, "night": 2}, 1, 3), model_version="m@1", sampler=sampler,
+        spec_document(plan, model_digest="m@2", sampler=sampler, image_size=32, codec="pixel"),
+        spec_document(plan, model_digest="m@1", sampler={**sampler, "steps": 11}, image_size=32, codec="pixel"),
+        spec_document(plan, model_digest="m@1", sampler=sampler, image_size=64, codec="pixel"),
+        spec_document(plan_items({"rainy": 4, "night": 2}, 1, 3), model_digest="m@1", sampler=sampler,
                       image_size=32, codec="pixel"),
-        spec_document(plan_items({"rainy": 4, "night": 2}, 0, 4), model_version="m@1", sampler=sampler,
+        spec_document(plan_items({"rainy": 4, "night": 2}, 0, 4), model_digest="m@1", sampler=sampler,
                       image_size=32, codec="pixel"),
-        spec_document(plan_items({"rainy": 5, "night": 2}, 0, 3), model_version="m@1", sampler=sampler,
+        spec_document(plan_items({"rainy": 5, "night": 2}, 0, 3), model_digest="m@1", sampler=sampler,
                       image_size=32, codec="pixel"),
     ]
     hashes = {spec_hash(d) for d in variants}

@@ -85,7 +85,7 @@ def read_spec(uri: str) -> dict | None:
     return json.loads(storage.read_bytes(path))
 
 
-def claim_output(uri: str, document: dict, digest: str) -> bool:
+def claim_output(uri: str, document: dict, digest: str, model_version: str = "") -> bool:
     """Make `uri` this spec's dataset. Returns True when it already was (a resume).
 
     Raises OutputConflictError, before anything is written, when `uri` holds another spec, or
@@ -105,7 +105,8 @@ def claim_output(uri: str, document: dict, digest: str) -> bool:
         raise OutputConflictError(
             f"{uri} is not empty and has no {SPEC_FILE}, so it is not a generated dataset; choose an empty or "
             f"new output.uri")
-    body = json.dumps({"spec_hash": digest, "spec": document}, indent=2, sort_keys=True).encode()
+    body = json.dumps({"spec_hash": digest, "spec": document, "model_version": model_version},
+                      indent=2, sort_keys=True).encode()
     storage.write_bytes_atomic(storage.join(uri, SPEC_FILE), body)
     return False
 

@@ -25,11 +25,11 @@ from drivedit.config.base import ConfigError, load_config
 from drivedit.config.generate import GenerateJob
 from drivedit.generate import dataset
 from drivedit.generate.model_ref import SamplingModel, load_sampling_model
+from drivedit.generate.report import log_summary, start_tracking
 from drivedit.generate.spec import (ItemPlan, SpecError, existing_scenario_counts, plan_items, resolve_counts,
                                     spec_document, spec_hash)
 
 log = logging.getLogger("drivedit.generate")
-EMBEDDED_TRACKING_DIR = "runs/generate"
 
 
 @dataclass
@@ -100,7 +100,7 @@ def prepare(job: GenerateJob) -> Prepared:
     counts = resolve_counts(job.spec, sm.scenarios, existing)
     plan = plan_items(counts, job.spec.base_seed, job.spec.shard_size)
     image_size = job.output.image_size or sm.image_size
-    document = spec_document(plan, model_version=f"{sm.version}@{sm.digest}",
+    document = spec_document(plan, model_digest=sm.digest,
                              sampler=dataset.manifest_settings(job.sampler),
                              image_size=image_size, codec=sm.codec_id)
     sm.model = None  # the driver only plans; actors load their own copy
@@ -139,7 +139,14 @@ def _pool_sizes(job: GenerateJob, num_pending: int) -> tuple[int, int, bool]:
     if grow:
         log.warning("scaling.num_workers asks for %d GPU actors but the cluster has %d GPUs now; starting with "
                     "what fits and growing if the cluster autoscales", samplers, gpus)
-    left = float(free.get("CPU", total.get("CPU", 1))) - samplers * sc.cpus_per_worker - 1
+    cpus = float(total.get("CPU", 0))
+    need = samplers * sc.cpus_per_worker + sc.cpus_per_write_task
+    if need > cpus:
+        raise ValueError(f"{samplers} sampler actor(s) x scaling.cpus_per_worker {sc.cpus_per_worker} + one write task "
+                         f"x scaling.cpus_per_write_task {sc.cpus_per_write_task} need {need:g} CPUs but the Ray "
+                         f"cluster has {cpus:g}; lower scaling.num_workers or the CPUs per worker (or give Ray more "
+                         f"CPUs: ray.num_cpus)")
+    left = float(free.get("CPU", cpus)) - samplers * sc.cpus_per_worker - 1
     writers = max(1, min(num_pending, int(left // sc.cpus_per_write_task)))
     return samplers, writers, grow
 
@@ -199,13 +206,13 @@ def run_generate(job: GenerateJob, *, stop_after_shards: int | None = None) -> d
     prep = prepare(absolute_local_paths(job))
     job = prep.job
     uri = job.output.uri
-    resumed = dataset.claim_output(uri, prep.document, prep.spec_hash)
+    resumed = dataset.claim_output(uri, prep.document, prep.spec_hash, prep.model.version)
     plan = prep.plan
     complete = dataset.complete_shards(uri) & set(range(plan.num_shards))
     pending = [k for k in range(plan.num_shards) if k not in complete]
     log.info("%s: %d items in %d shards (%s); %d shards already complete", uri, plan.num_items, plan.num_shards,
              ", ".join(f"{s}={c}" for s, c in plan.counts().items()), len(complete))
-    run = _start_tracking(prep)
+    run = start_tracking(prep.job, prep.model, prep.spec_hash)
     status = "FAILED"
     try:
         rows: list[dict] = []
@@ -220,7 +227,7 @@ def run_generate(job: GenerateJob, *, stop_after_shards: int | None = None) -> d
         summary = _summary(prep, rows, len(complete), seconds, time.perf_counter() - t_start, finished, resumed)
         if run is not None:
             summary["mlflow_run_id"] = run.run_id
-            _log_summary(run, summary)
+            log_summary(run, summary)
         status = "FINISHED" if finished else "KILLED"
         return summary
     finally:
@@ -258,36 +265,6 @@ def _summary(prep: Prepared, rows: list[dict], skipped: int, seconds: float, tot
         "manifest": dataset.storage.join(uri, dataset.MANIFEST_FILE) if complete else None,
         "labels": dataset.storage.join(uri, dataset.LABELS_FILE) if complete else None,
     }
-
-
-# ----------------------------------------------------------------------------- MLflow
-
-
-def _start_tracking(prep: Prepared):
-    job = prep.job
-    if not job.tracking.enabled:
-        return None
-    from drivedit import tracking
-
-    uri = job.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-        tracking.embedded_tracking_uri(EMBEDDED_TRACKING_DIR)
-    tags = {"drivedit.job": "generate", "drivedit.model_ref": job.model.ref,
-            "drivedit.model_version": prep.model.version, "drivedit.model_digest": prep.model.digest,
-            "drivedit.spec_hash": prep.spec_hash, "drivedit.output": job.output.uri}
-    # the run id lives beside the dataset, so resuming a dataset logs into the run that started it
-    return tracking.start_run(uri, job.tracking.experiment, f"generate-{prep.spec_hash[:8]}",
-                              storage_dir=job.output.uri, params=tracking.config_params(job.model_dump(mode="json")),
-                              tags=tags)
-
-
-def _log_summary(run, summary: dict) -> None:
-    metrics = {"images_written": summary["images_written"], "images_per_s": summary["images_per_s"],
-               "seconds": summary["seconds"], "shards_written": summary["shards_written"],
-               "shards_skipped": summary["shards_skipped"]}
-    metrics.update({f"count.{s}": c for s, c in summary["per_scenario"].items()})
-    step = len(run.client.get_metric_history(run.run_id, "images_written"))  # one step per execution
-    run.log_metrics(metrics, step=step)
-    run.log_dict(summary, f"generate/summary-{step}.json")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -7,7 +7,7 @@ scenarios and asks for what each one lacks to reach the same count.
 Items are interleaved by scenario (item k of a scenario with c items sits at (k + 0.5) / c of the
 way through the list), so any prefix of the dataset, and every shard, is close to the requested
 mix. Item i always has seed base_seed + i. The spec hash covers everything that decides the
-images (model version, counts, order, seeds, shard layout, sampler settings, size, codec) and
+images (model digest, counts, order, seeds, shard layout, sampler settings, size, codec) and
 nothing that does not (batch size, actors), so a resumed run on a different cluster shape is
 still the same dataset.
 """
@@ -173,11 +173,15 @@ def plan_items(counts: dict[str, int], base_seed: int, shard_size: int) -> ItemP
 # ----------------------------------------------------------------------------- spec hash
 
 
-def spec_document(plan: ItemPlan, *, model_version: str, sampler: dict, image_size: int, codec: str) -> dict:
-    """The canonical description of a dataset; its hash names the dataset in spec.json."""
+def spec_document(plan: ItemPlan, *, model_digest: str, sampler: dict, image_size: int, codec: str) -> dict:
+    """The canonical description of a dataset; its hash names the dataset in spec.json.
+
+    The model enters by content (its files' digest), not by path or registry name: moving a bundle
+    or registering it again does not make its dataset a different one.
+    """
     return {
         "format": SPEC_FORMAT,
-        "model_version": model_version,
+        "model_digest": model_digest,
         "counts": plan.counts(),
         "scenario_order": plan.scenarios,
         "num_items": plan.num_items,
