@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import sys
-import resource
 import shutil
 import signal
 import tempfile
@@ -38,7 +37,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 from pydantic import BaseModel
 
 from drivedit.config.base import validate_config
@@ -260,10 +258,10 @@ class WorkerLoop:
             last = self.step == job.optim.total_steps
             if self.step % job.run.log_every == 0 or last:
                 elapsed = time.perf_counter() - t_last
-                mean = self._mean_over_ranks(loss_sum / n_loss)
+                mean = st.mean_over_ranks(loss_sum / n_loss, e.world_size, e.device)
                 self.last_metrics = {"loss": mean, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                      "images_per_s": images / max(elapsed, 1e-9),
-                                     "peak_mem_gib": self._peak_memory_gib(),
+                                     "peak_mem_gib": st.peak_memory_gib(e.device),
                                      "stage": float(self.schedule.stage_at(self.step - 1)),
                                      "epoch": float(self.data["epoch"])}
                 if self.is_main:
@@ -275,18 +273,6 @@ class WorkerLoop:
             if self.step % job.run.checkpoint_every == 0 or last:
                 self._checkpoint(final=last)
             self._drills()
-
-    def _mean_over_ranks(self, value: float) -> float:
-        if self.e.world_size == 1 or not dist.is_initialized():
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.e.device)
-        dist.all_reduce(t)
-        return float(t) / self.e.world_size
-
-    def _peak_memory_gib(self) -> float:
-        if self.e.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.e.device) / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (peak RSS)
 
     def _log_line(self, m: dict) -> None:
         mem = "peak mem" if self.e.device.type == "cuda" else "peak RSS"

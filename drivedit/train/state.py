@@ -1,4 +1,5 @@
-"""Training state that outlives a worker: EMA, learning-rate schedule, per-step seeds, checkpoints.
+"""Training state that outlives a worker: EMA, learning-rate schedule, per-step seeds, checkpoints
+(and the two per-rank measurements the log line needs).
 
 Plain torch + safetensors, no Ray: `loop.py` hands these directories to `ray.train.report` and
 gets them back from `ray.train.get_checkpoint()`.
@@ -19,8 +20,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import resource
+
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -44,6 +48,22 @@ def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
     """
     state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def mean_over_ranks(value: float, world_size: int, device: torch.device) -> float:
+    """The mean of a per-rank number over all ranks (every rank must call it)."""
+    if world_size == 1 or not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / world_size
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated on a GPU; the process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
