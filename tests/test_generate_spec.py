@@ -49,6 +49,24 @@ def test_balance_arithmetic_on_a_label_file(label_file):
     assert counts_for_balance({"a": 3}, ["a", "b"]) == {"a": 0, "b": 3}
 
 
+def test_balance_from_latent_shards_matches_scenarios_by_name(tmp_path):
+    from drivedit.data.shards import ShardMetadata, build_shard_table, shard_name, write_shard
+
+    # the shards' own vocabulary orders (and names) scenarios differently from the model's
+    meta = ShardMetadata("pixel", 1.0, 2, (3, 2, 2), ["night", "rainy", "foggy", "clear"])
+    for k, ids in enumerate([[0, 1, 3, 3, 2], [3, 3, 3, 2, 2, 2, 2, 2]]):
+        n = len(ids)
+        rows = {"frame_id": [f"f{k}-{i}" for i in range(n)], "source_uri": ["x"] * n, "scenario": ids,
+                "weather": ["clear"] * n, "timeofday": ["daytime"] * n, "moments": np.zeros((n, 24)),
+                "moments_flip": np.zeros((n, 24)), "object_mask": np.zeros((n, 4)), "num_objects": [0] * n}
+        write_shard(str(tmp_path / shard_name(k)), build_shard_table(rows, meta))
+    existing = existing_scenario_counts(str(tmp_path), VOCAB)
+    # foggy (6 rows, the most) is not the model's to generate, so clear (5) sets the target, not foggy
+    assert existing == {"night": 1, "rainy": 1, "clear": 5}
+    counts = resolve_counts(SpecSection(balance={"source": str(tmp_path)}), VOCAB, existing)
+    assert counts == {"overcast": 5, "partly cloudy": 5, "rainy": 4, "snowy": 5, "night": 4}
+
+
 def test_balance_that_is_already_met_is_an_error(label_file):
     spec = SpecSection(balance={"source": label_file, "target": 2, "scenarios": ["clear", "rainy"]})
     with pytest.raises(SpecError, match="already balanced"):

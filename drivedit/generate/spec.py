@@ -71,18 +71,20 @@ def scenario_counts_from_labels(uri: str, vocabulary: list[str]) -> dict[str, in
     return dict(counts)
 
 
-def scenario_counts_from_shards(uri: str) -> dict[str, int]:
-    """Per-scenario row counts of a directory of latent shards, named by the shards' own vocabulary."""
+def scenario_counts_from_shards(uri: str, vocabulary: list[str]) -> dict[str, int]:
+    """Per-scenario row counts of a directory of latent shards, matched by name (the shards carry their
+    own vocabulary, whose ids need not be the model's); scenarios outside `vocabulary` are left out."""
     from drivedit.data.shards import scenario_counts
 
-    return dict(scenario_counts(uri))
+    return {name: c for name, c in scenario_counts(uri).items() if name in vocabulary and c > 0}
 
 
 def existing_scenario_counts(source: str, vocabulary: list[str]) -> dict[str, int]:
-    """A balance source is a label file (.json) or a directory / URI of latent shards."""
+    """Frames per scenario of the model's `vocabulary` in a balance source: a label file (.json) or a
+    directory / URI of latent shards. Scenarios the model cannot generate do not set the target."""
     if source.rstrip("/").endswith(".json"):
         return scenario_counts_from_labels(source, vocabulary)
-    return scenario_counts_from_shards(source)
+    return scenario_counts_from_shards(source, vocabulary)
 
 
 def resolve_counts(spec, vocabulary: list[str], existing: dict[str, int] | None = None) -> dict[str, int]:
