@@ -3,8 +3,8 @@
 Both do the same work on the same frames: read the bytes through the storage layer, decode, resize
 and center-crop, rasterise the boxes, encode the image and its mirror with the same codec in
 batches of the same size, and write the shards. The loop runs it one step after another in this
-process; the pipeline (`drivedit.data.encode.run_encode`) overlaps reading and decoding (CPU tasks)
-with encoding (an actor). Ray is started before timing; the pipeline's time includes everything
+process, reading one file after another; the pipeline (`drivedit.data.encode.run_encode`) overlaps
+reading (several reads in flight per task) and decoding (CPU tasks) with encoding (an actor). Ray is started before timing; the pipeline's time includes everything
 `run_encode` does, codec actor start-up included. Each side runs `--repeats` times, alternating,
 and the best run of each is reported, with the codec alone on preloaded tensors as the ceiling.
 
@@ -89,7 +89,7 @@ def plain_loop(job: EncodeJob) -> int:
     codec = preflight(job)
     plan = plan_frames(job, codec)
     cfg = {"resolution": job.data.resolution, "factor": codec.factor, "min_box_cells": job.data.min_box_cells,
-           "retries": job.pipeline.read_retries}
+           "retries": job.pipeline.read_retries, "io_threads": 1}  # plain: one file after another
     encoder = CodecEncoder(job.codec.model_dump(mode="json"), list(plan.meta.latent_shape),
                            threads=torch.get_num_threads())
     storage.makedirs(job.data.output)

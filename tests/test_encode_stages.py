@@ -62,12 +62,14 @@ def test_rasterise_boxes():
     assert n == 1 and mask[:2, :2].all() and mask.sum() == 4
 
 
-def test_load_images_keeps_every_row(tmp_path):
+@pytest.mark.parametrize("io_threads", [1, 8])
+def test_load_images_keeps_every_row(tmp_path, io_threads):
     (tmp_path / "a.jpg").write_bytes(_jpeg(64, 48))
     batch = {"source_uri": np.array([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")], dtype=object),
              "boxes": np.array([json.dumps([[0, 0, 64, 24]]), "[]"], dtype=object),
              "shard": np.array([0, 0]), "frame_id": np.array(["a.jpg", "b.jpg"], dtype=object)}
-    out = load_images(batch, {"resolution": 32, "factor": 4, "min_box_cells": 2.0, "retries": 0})
+    out = load_images(batch, {"resolution": 32, "factor": 4, "min_box_cells": 2.0, "retries": 0,
+                              "io_threads": io_threads})
     assert out["image"].shape == (2, 32, 32, 3) and "boxes" not in out
     assert list(out["error"]) == ["", "missing image"] and out["num_objects"].tolist() == [1, 0]
     assert out["object_mask"].reshape(2, 8, 8)[0, :4].all() and out["object_mask"][1].sum() == 0

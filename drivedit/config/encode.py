@@ -72,6 +72,8 @@ class PipelineConfig(StrictModel):
         0.5, gt=0, description="CPUs per read/decode task; under 1 lets one task's I/O wait overlap another's "
                                "decoding (keep it different from scaling.cpus_per_worker on CPU-only runs, or Ray "
                                "fuses reading into the codec actors)")
+    io_threads: int = Field(8, ge=1, description="concurrent reads per read task (object stores are "
+                                                 "latency-bound; 1 reads one file after another)")
     read_retries: int = Field(3, ge=0, description="retries of a failed read before the frame is listed as unreadable")
 
 

@@ -178,7 +178,7 @@ def build_dataset(job: EncodeJob, plan: EncodePlan, records: list[dict]):
     import ray.data
 
     cfg = {"resolution": job.data.resolution, "factor": plan.codec.factor, "min_box_cells": job.data.min_box_cells,
-           "retries": job.pipeline.read_retries}
+           "retries": job.pipeline.read_retries, "io_threads": job.pipeline.io_threads}
     rb = job.pipeline.read_batch_size
     ds = ray.data.from_items(records, override_num_blocks=max(1, math.ceil(len(records) / rb)))
     read_compute = ray.data.TaskPoolStrategy(size=job.pipeline.max_read_tasks) if job.pipeline.max_read_tasks else None

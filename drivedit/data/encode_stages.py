@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,10 +163,28 @@ def load_images(batch: dict[str, np.ndarray], cfg: dict) -> dict[str, np.ndarray
     masks = np.zeros((n, g * g), np.uint8)
     num_objects = np.zeros(n, np.int16)
     errors = []
+    retries = cfg.get("retries", 3)
+
+    def fetch(uri: str) -> bytes | BadImage:
+        try:
+            return read_image_bytes(uri, retries)
+        except BadImage as e:
+            return e
+
+    # Object-store reads are latency-bound: fetch the whole batch with threads (the GIL is released while
+    # waiting), then decode one by one.
+    uris = [str(u) for u in batch["source_uri"]]
+    threads = min(int(cfg.get("io_threads", 8)), n)
+    if threads > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            blobs = list(pool.map(fetch, uris))
+    else:
+        blobs = [fetch(u) for u in uris]
     for i in range(n):
         try:
-            data = read_image_bytes(str(batch["source_uri"][i]), cfg.get("retries", 3))
-            images[i], transform = decode_and_crop(data, res)
+            if isinstance(blobs[i], BadImage):
+                raise blobs[i]
+            images[i], transform = decode_and_crop(blobs[i], res)
             mask, num_objects[i] = rasterise_boxes(json.loads(str(batch["boxes"][i])), transform, res, factor,
                                                    cfg["min_box_cells"])
             masks[i] = mask.reshape(-1)
