@@ -186,3 +186,16 @@ def _save_tiny(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
     clf, _ = train_scenario_classifier(images, np.arange(12) % 6, DEFAULT_SCENARIOS, image_size=16, steps=2)
     return clf.save(tmp_path / "tiny")
+
+
+def test_folders_on_s3_read_like_local_ones(data, s3_bucket):
+    from drivedit import storage
+
+    uri = f"s3://{s3_bucket}/synthetic/v1"
+    storage.upload_dir(str(data / "fake"), uri)
+    vocab = vocabulary_for(DEFAULT_SCENARIOS)
+    local, remote = index_folder(str(data / "fake"), vocab), index_folder(uri, vocab)
+    assert len(remote) == len(local) and remote.missing == local.missing == ["999/0.png"]
+    assert np.array_equal(remote.scenarios, local.scenarios)
+    assert [f[len(uri):] for f in remote.files] == [f[len(str(data / "fake")):] for f in local.files]
+    assert np.array_equal(remote.load(32, [0, 5]), local.load(32, [0, 5]))
