@@ -5,6 +5,7 @@
     <uri>/manifest/part-<shard>.parquet  written last for a shard: it marks the shard complete
     <uri>/manifest.parquet               every item, sorted by index (written when all shards are complete)
     <uri>/labels.json                    BDD100K frames (name relative to images/, weather, timeofday, scene)
+    <uri>/mlflow_run.json                the MLflow run of this dataset (when tracking is on), for reruns
 
 Every file is written under a temporary name and renamed (S3 puts are atomic), so nothing
 half-written is ever visible under a final name. A rerun skips shards that have a manifest part

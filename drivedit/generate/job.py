@@ -216,11 +216,12 @@ def run_generate(job: GenerateJob, *, stop_after_shards: int | None = None) -> d
     status = "FAILED"
     try:
         rows: list[dict] = []
-        t0 = time.perf_counter()
+        seconds = 0.0
         if pending:
             connect_ray(job)
+            t0 = time.perf_counter()  # the pipeline's time: actor start and model loads included, Ray's own not
             rows = run_pipeline(prep, pending, stop_after_shards)
-        seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
         finished = dataset.complete_shards(uri) >= set(range(plan.num_shards))
         if finished and (rows or dataset.manifest_row_count(uri) != plan.num_items):
             dataset.finalize(uri, plan.num_items, plan.num_shards)
