@@ -198,7 +198,9 @@ class WorkerLoop:
 
     # ------------------------------------------------------------------ one step
 
-    def _train_step(self, batches: Iterator[dict]) -> tuple[float, float]:
+    def _train_step(self, batches: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns the mean loss and the gradient norm as device tensors (reading
+        them would wait for the GPU, so the caller does that only when it logs)."""
         from drivedit.data.shards import training_batch
         from drivedit.train.weighting import object_weight
 
@@ -235,7 +237,7 @@ class WorkerLoop:
         self.scheduler.step()
         self.ema.update(self.trainable)
         self.step += 1
-        return float(total) / accum, float(grad_norm)
+        return total / accum, grad_norm
 
     # ------------------------------------------------------------------ the run
 
@@ -246,7 +248,7 @@ class WorkerLoop:
         if self.is_main:
             self._log_start(fresh)
         batches = self._micro_batches()
-        loss_sum, n_loss, t_last, images = 0.0, 0, time.perf_counter(), 0
+        loss_sum, n_loss, t_last, images = torch.zeros((), device=e.device), 0, time.perf_counter(), 0
         images_per_step = job.optim.global_batch_size
         first = True
         while self.step < job.optim.total_steps:
@@ -258,15 +260,16 @@ class WorkerLoop:
             last = self.step == job.optim.total_steps
             if self.step % job.run.log_every == 0 or last:
                 elapsed = time.perf_counter() - t_last
-                mean = st.mean_over_ranks(loss_sum / n_loss, e.world_size, e.device)
-                self.last_metrics = {"loss": mean, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                mean = st.mean_over_ranks(float(loss_sum) / n_loss, e.world_size, e.device)
+                self.last_metrics = {"loss": mean, "lr": self.scheduler.get_last_lr()[0],
+                                     "grad_norm": float(grad_norm),
                                      "images_per_s": images / max(elapsed, 1e-9),
                                      "peak_mem_gib": st.peak_memory_gib(e.device),
                                      "stage": float(self.schedule.stage_at(self.step - 1)),
                                      "epoch": float(self.data["epoch"])}
                 if self.is_main:
                     self._log_line(self.last_metrics)
-                loss_sum, n_loss, images, t_last = 0.0, 0, 0, time.perf_counter()
+                loss_sum, n_loss, images, t_last = torch.zeros((), device=e.device), 0, 0, time.perf_counter()
             every = job.sampling.every_steps
             if self.is_main and every and self.step % every == 0 and not last:
                 self._sample_grid()

@@ -97,8 +97,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self, params: dict[str, torch.nn.Parameter]) -> None:
-        for k, p in params.items():
-            self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
+        # one fused kernel over all tensors rather than one launch per tensor
+        torch._foreach_lerp_([self.shadow[k] for k in params], [p.detach().float() for p in params.values()],
+                             1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.shadow.items()}
