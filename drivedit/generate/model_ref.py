@@ -161,6 +161,10 @@ def load_sampling_model(ref: str, *, class_names: list[str] | dict[str, int] | N
         if ref.startswith("models:/"):
             from drivedit.tracking import download_registered_bundle
 
+            if class_names is not None:
+                raise ValueError(f"{ref} is a registered adapter bundle, which carries its own scenario vocabulary; "
+                                 f"remove model.class_names")
+
             path = download_registered_bundle(ref, Path(tmp) / "bundle", tracking_uri=tracking_uri)
             sm = _from_bundle(path, version=ref, device=device, workdir=Path(tmp))
         else:
@@ -189,11 +193,11 @@ def _check_codec(sm: SamplingModel) -> None:
 
 
 def _from_checkpoint(path: Path, ref: str, class_names, device) -> SamplingModel:
-    model = load_dit(path, map_location="cpu").to(device).eval().requires_grad_(False)
-    num_classes = model.config.num_classes
     if class_names is None:
         raise ValueError(f"{ref} is a plain DiT checkpoint without a scenario vocabulary; set model.class_names "
                          f"to name its class ids (a list for ids 0..n-1, or a mapping such as {{snowplow: 803}})")
+    model = load_dit(path, map_location="cpu").to(device).eval().requires_grad_(False)
+    num_classes = model.config.num_classes
     pairs = list(enumerate(class_names)) if isinstance(class_names, list) else \
         [(i, n) for n, i in class_names.items()]
     bad = [f"{n}={i}" for i, n in pairs if not 0 <= i < num_classes]
