@@ -8,8 +8,8 @@ reading (several reads in flight per task) and decoding (CPU tasks) with encodin
 `run_encode` does, codec actor start-up included. Each side runs `--repeats` times, alternating,
 and the best run of each is reported, with the codec alone on preloaded tensors as the ceiling.
 
-    python bench/encode.py                  # CPU defaults: S3 (moto server) in and out, a tiny VAE at 64 px
-    python bench/encode.py --source local   # the same from and to this disk
+    python bench/encode.py                  # CPU defaults: S3 (moto server) in and out, pixel codec at 64 px
+    python bench/encode.py --source local --codec tiny-vae --cpus-per-worker 2   # codec-bound, local disk
     python bench/encode.py --num 64 --size 128 --resolution 32 --codec pixel   # a quick smoke run
     python bench/encode.py --codec sd-vae --resolution 256 --num 2048 --use-gpu   # on a GPU node
 """
@@ -134,20 +134,24 @@ def codec_alone(job: EncodeJob, num: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num", type=int, default=256, help="frames")
-    ap.add_argument("--size", type=int, default=360, help="source image height (width = size * aspect)")
+    ap.add_argument("--num", type=int, default=1024, help="frames")
+    ap.add_argument("--size", type=int, default=256, help="source image height (width = size * aspect)")
     ap.add_argument("--aspect", type=float, default=16 / 9)
     ap.add_argument("--resolution", type=int, default=64, help="encode resolution")
-    ap.add_argument("--codec", choices=["pixel", "tiny-vae", "sd-vae"], default="tiny-vae")
+    ap.add_argument("--codec", choices=["pixel", "tiny-vae", "sd-vae"], default="pixel",
+                    help="pixel: the CPU demo's identity codec; tiny-vae: a small random AutoencoderKL (CPU); "
+                         "sd-vae: the sd-vae-ft-* architecture with random weights (GPU)")
     ap.add_argument("--source", choices=["local", "s3"], default="s3",
                     help="where frames are read from and shards written: s3 = a local S3 server (moto) in its own "
                          "process, the way a cluster reads a bucket; local = this disk")
+    ap.add_argument("--data", help="with --source local: a dataset folder to write once and reuse across runs")
     ap.add_argument("--workers", type=int, default=1, help="codec actors")
     ap.add_argument("--cpus-per-worker", type=float, default=1.0)
     ap.add_argument("--read-cpus", type=float, default=0.5)
     ap.add_argument("--read-batch", type=int, default=16)
     ap.add_argument("--encode-batch", type=int, default=32)
-    ap.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="logical CPUs of the local Ray")
+    ap.add_argument("--num-cpus", type=int, default=max(4, os.cpu_count() or 1),
+                    help="logical CPUs of the local Ray (as in the tests: 4 on a 2-core machine)")
     ap.add_argument("--use-gpu", action="store_true", help="codec actors on GPUs")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
@@ -162,11 +166,17 @@ def main(argv=None) -> int:
             data_root, out_root = "s3://bench/ds", "s3://bench/out"
         else:
             data_root, out_root = os.path.join(tmp, "ds"), os.path.join(tmp, "out")
+        if args.source == "local" and args.data:
+            data_root = args.data  # reused between runs when it already holds this many frames
         t = time.perf_counter()
-        write_scenes_dataset(data_root, args.num, args.size, seed=0, aspect=args.aspect,
-                             weathers=["clear", "overcast", "partly cloudy", "rainy", "snowy"])
-        print(f"dataset: {args.num} frames {round(args.size * args.aspect)}x{args.size} JPEG at {data_root} "
-              f"({time.perf_counter() - t:.1f} s to generate)")
+        labels = storage.join(data_root, "labels.json")
+        if storage.exists(labels) and len(json.loads(storage.read_text(labels))) == args.num:
+            print(f"dataset: reusing {data_root}")
+        else:
+            write_scenes_dataset(data_root, args.num, args.size, seed=0, aspect=args.aspect,
+                                 weathers=["clear", "overcast", "partly cloudy", "rainy", "snowy"])
+            print(f"dataset: {args.num} frames {round(args.size * args.aspect)}x{args.size} JPEG at {data_root} "
+                  f"({time.perf_counter() - t:.1f} s to generate)")
         source = make_codec_dir(args.codec, tmp)
 
         def job(out: str, limit: int | None = None) -> EncodeJob:
