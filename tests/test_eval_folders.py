@@ -20,9 +20,11 @@ from drivedit.eval.cli import main as eval_main
 from drivedit.eval.evaluate import evaluate_folders
 from drivedit.eval.folders import index_folder, vocabulary_for
 
-# measured on 240 procedural 32 px scenes (seed 0): 0.93-0.98 held-out accuracy over seeds; chance is 1/6
-ACCURACY_FLOOR = 0.85
-STEPS = 60  # at the CLI's batch of 64
+# Held-out accuracy of the classifier on 240 procedural 32 px scenes (about 42 held-out frames), 100
+# steps at batch 64, measured over (data seed, classifier seed) in {(0,0), (1,0), (3,1)}: 1.00, 1.00,
+# 0.95 (at 60 steps: 0.86-0.98). Chance is 1/6.
+ACCURACY_FLOOR = 0.90
+STEPS = 100
 
 
 def _as_generated(src, dst, shard_size: int = 16, rotate: int = 0, extra_missing: bool = False) -> None:

@@ -211,11 +211,12 @@ def train_scenario_classifier(
     train_idx, held_idx = stratified_split(labels, heldout_fraction, seed)
     if len(held_idx) == 0:
         raise ValueError(f"no frames left for the held-out set ({len(images)} frames); give more real frames")
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # a seeded weight init that leaves the caller's RNG alone
+        torch.manual_seed(seed)
+        model = ScenarioCNN(len(scenarios), width).to(device)
+    gen = torch.Generator().manual_seed(seed)  # batches and augmentation
     x_train = to_tensor(images[train_idx], image_size, device)              # (Nt, 3, S, S)
     y_train = torch.from_numpy(labels[train_idx]).to(device)
-    model = ScenarioCNN(len(scenarios), width).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     # balance classes: scenario frequencies in driving data are very skewed (clear >> snowy)
