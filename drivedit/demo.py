@@ -1,0 +1,247 @@
+"""`make demo` / `drivedit demo`: the whole platform on one machine, end to end.
+
+scenes -> encode (Ray Data) -> fine-tune the shipped tiny DiT with driveditfit (Ray Train, 2 workers)
+-> registered bundle in MLflow -> generate a labelled dataset (Ray Data) -> serve it (Ray Serve) and
+ask for one sample per scenario -> evaluate the generated set against the real frames.
+
+Every step is the same job a user runs from its config in configs/demo/; the demo only points all
+of their paths under one output directory and shares one local Ray between them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIGS = REPO / "configs" / "demo"
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big each step is. `full` is `make demo`; `small` is the version `make test` runs."""
+
+    num_scenes: int
+    finetune_steps: int
+    checkpoint_every: int
+    grid_every: int
+    per_scenario: int
+    sampler_steps: int
+    eval_classifier_steps: int
+
+
+SIZES = {
+    "full": DemoSize(num_scenes=900, finetune_steps=400, checkpoint_every=200, grid_every=200, per_scenario=40,
+                     sampler_steps=25, eval_classifier_steps=400),
+    "small": DemoSize(num_scenes=120, finetune_steps=12, checkpoint_every=6, grid_every=0, per_scenario=3,
+                      sampler_steps=5, eval_classifier_steps=60),
+}
+
+
+def _log(msg: str) -> None:
+    print(f"\n=== demo: {msg}", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step_scenes(out: Path, size: DemoSize, seed: int) -> dict:
+    from drivedit.data.scenes import write_scenes_dataset
+
+    _log(f"1/6 procedural driving dataset: {size.num_scenes} frames -> {out / 'scenes'}")
+    if (out / "scenes" / "labels.json").is_file():
+        print("already written; reusing it")
+        return {"out_dir": str(out / "scenes"), "reused": True}
+    return write_scenes_dataset(str(out / "scenes"), num=size.num_scenes, size=64, seed=seed)
+
+
+def step_encode(out: Path) -> dict:
+    from drivedit.config import load_config
+    from drivedit.config.encode import EncodeJob
+    from drivedit.data.encode import run_encode
+
+    _log(f"2/6 encode with Ray Data -> {out / 'shards'}")
+    job = load_config(EncodeJob, DEMO_CONFIGS / "encode.yaml", [
+        "--data.input", str(out / "scenes"), "--data.output", str(out / "shards")])
+    return run_encode(job)
+
+
+def step_finetune(out: Path, size: DemoSize) -> dict:
+    from drivedit.config import load_config
+    from drivedit.config.finetune import FinetuneJob
+    from drivedit.train.trainer import run_finetune
+
+    _log("3/6 fine-tune the shipped tiny DiT with driveditfit on Ray Train (2 workers)")
+    job = load_config(FinetuneJob, DEMO_CONFIGS / "finetune.yaml", [
+        "--data.shards", str(out / "shards"),
+        "--run.storage_path", str(out / "finetune"),
+        "--optim.total_steps", str(size.finetune_steps),
+        "--optim.warmup_steps", str(min(20, size.finetune_steps // 4)),
+        "--run.checkpoint_every", str(size.checkpoint_every),
+        "--sampling.every_steps", str(size.grid_every),
+        "--run.log_every", str(max(1, min(20, size.finetune_steps // 4))),
+    ])
+    return run_finetune(job)
+
+
+def step_generate(out: Path, size: DemoSize, model_uri: str, tracking_uri: str, scenarios: list[str]) -> dict:
+    from drivedit.config import load_config
+    from drivedit.config.generate import GenerateJob
+    from drivedit.generate.job import run_generate
+
+    total = size.per_scenario * len(scenarios)
+    _log(f"4/6 generate {total} labelled images ({size.per_scenario} per scenario) with Ray Data")
+    counts = "{" + ", ".join(f"{s}: {size.per_scenario}" for s in scenarios) + "}"
+    job = load_config(GenerateJob, DEMO_CONFIGS / "generate.yaml", [
+        "--model.ref", model_uri,
+        "--tracking.tracking_uri", tracking_uri,
+        "--spec.balance", "null",
+        "--spec.counts", counts,
+        "--sampler.steps", str(size.sampler_steps),
+        "--output.uri", str(out / "synthetic"),
+    ])
+    return run_generate(job)
+
+
+def step_serve(out: Path, size: DemoSize, model_uri: str, tracking_uri: str, scenarios: list[str]) -> dict:
+    from ray import serve
+
+    from drivedit.config import load_config
+    from drivedit.config.serve import ServeApp
+    from drivedit.serve.app import build_app
+
+    port = _free_port()
+    _log(f"5/6 Ray Serve on 127.0.0.1:{port}: one sample per scenario")
+    cfg = load_config(ServeApp, DEMO_CONFIGS / "serve.yaml", [
+        "--model.ref", model_uri, "--model.tracking_uri", tracking_uri, "--http.port", str(port)])
+    serve.start(http_options={"host": cfg.http.host, "port": port})
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
+    samples_dir = out / "served"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    base = f"http://127.0.0.1:{port}"
+    written = {}
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=60) as r:
+            health = json.loads(r.read())
+        for i, scenario in enumerate(scenarios):
+            body = json.dumps({"scenario": scenario, "seed": 1000 + i, "steps": size.sampler_steps}).encode()
+            req = urllib.request.Request(f"{base}/v1/samples", data=body,
+                                         headers={"Content-Type": "application/json"}, method="POST")
+            with urllib.request.urlopen(req, timeout=300) as r:
+                png = r.read()
+                if r.headers.get("Content-Type") != "image/png" or not png.startswith(b"\x89PNG"):
+                    raise RuntimeError(f"the endpoint did not answer a PNG for {scenario}")
+            path = samples_dir / f"{scenario.replace(' ', '_')}.png"
+            path.write_bytes(png)
+            written[scenario] = str(path)
+            print(f"POST /v1/samples {{scenario: {scenario!r}}} -> {path} ({len(png)} bytes)")
+    finally:
+        serve.shutdown()
+    return {"health": health, "samples": written}
+
+
+def step_eval(out: Path, size: DemoSize) -> dict:
+    from drivedit.eval.evaluate import evaluate_folders
+
+    _log("6/6 evaluate the generated set against the real frames")
+    report = evaluate_folders(out / "scenes", out / "synthetic", train_classifier=True,
+                              save_classifier=out / "eval" / "classifier", image_size=32,
+                              classifier_steps=size.eval_classifier_steps, kid_subset_size=50)
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    (out / "eval" / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def scenario_table(report: dict, scenarios: list[str]) -> str:
+    rows = [f"{'scenario':<14} {'generated':>9} {'cond. acc':>9} {'FID':>9}"]
+    for s in scenarios:
+        m = report["per_scenario"].get(s, {})
+        rows.append(f"{s:<14} {m.get('num_fake', 0):>9} {_fmt(m.get('condition_accuracy')):>9} {_fmt(m.get('fid'), '.2f'):>9}")
+    o = report["overall"]
+    rows.append(f"{'overall':<14} {o.get('num_fake', 0):>9} {_fmt(o.get('condition_accuracy')):>9} {_fmt(o.get('fid'), '.2f'):>9}")
+    return "\n".join(rows)
+
+
+def run_demo(out: str | Path = "runs/demo", size: str = "full", seed: int = 0, fresh: bool = False) -> dict:
+    import ray
+
+    out = Path(out).resolve()
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sz = SIZES[size]
+    t0 = time.time()
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False)
+        started_ray = True
+    try:
+        summary: dict = {"out": str(out)}
+        step_scenes(out, sz, seed)
+        summary["encode"] = step_encode(out)
+        ft = step_finetune(out, sz)
+        summary["finetune"] = ft
+        scenarios = list(ft["scenarios"])
+        summary["generate"] = step_generate(out, sz, ft["model_uri"], ft["tracking_uri"], scenarios)
+        summary["serve"] = step_serve(out, sz, ft["model_uri"], ft["tracking_uri"], scenarios)
+        summary["eval"] = step_eval(out, sz)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    summary["seconds"] = round(time.time() - t0, 1)
+    (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
+    _print_where(summary, scenarios)
+    return summary
+
+
+def _print_where(summary: dict, scenarios: list[str]) -> None:
+    ft, ev = summary["finetune"], summary["eval"]
+    grids = sorted(Path(ft["run_dir"]).rglob("*.png")) if ft.get("run_dir") else []
+    clf = ev.get("classifier") or {}
+    print("\n" + "=" * 72)
+    print(f"drivedit demo finished in {summary['seconds']:.0f} s. Everything is under {summary['out']}:")
+    print(f"  real frames        {summary['out']}/scenes")
+    print(f"  latent shards      {summary['encode']['output']}")
+    print(f"  adapter bundle     {ft['bundle_uri']}")
+    print(f"  registered model   {ft['model_uri']}")
+    print(f"  MLflow             {ft['tracking_uri']}  (run {ft['mlflow_run_id']})")
+    print(f"                     mlflow ui --backend-store-uri {ft['tracking_uri']}")
+    if grids:
+        print(f"  sample grid        {grids[-1]}")
+    print(f"  generated dataset  {summary['generate'].get('output', summary['out'] + '/synthetic')}")
+    print(f"  served samples     {summary['out']}/served")
+    print(f"  evaluation         {summary['out']}/eval/report.json")
+    acc = clf.get("heldout_accuracy")
+    chance = 1.0 / len(scenarios)
+    print(f"\nScenario classifier held-out accuracy on real frames: {_fmt(acc)} (chance {chance:.3f})\n")
+    print(scenario_table(ev, scenarios))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="drivedit demo", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/demo", help="where everything goes")
+    p.add_argument("--size", choices=sorted(SIZES), default="full", help="full (make demo) or small (tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="delete --out first (otherwise completed steps resume)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run_demo(args.out, size=args.size, seed=args.seed, fresh=args.fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
