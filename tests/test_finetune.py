@@ -32,50 +32,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class MlflowServer:
+    """`mlflow server` on loopback: SQLite backend store, artifacts proxied to a bucket on the S3 server.
+    Started at once, waited for only when first used, so it boots while Ray does."""
+
+    def __init__(self, s3_endpoint: str, root: Path):
+        import boto3
+
+        self.bucket, self.root = "mlflow-artifacts", root
+        boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=self.bucket)
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(root / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", f"s3://{self.bucket}/artifacts"],
+            env={**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def ready(self) -> str:
+        deadline = time.time() + 240
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return self.url
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.proc.kill()
+                    raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(s3_server, tmp_path_factory):
-    """`mlflow server` on loopback: SQLite backend store, artifacts proxied to a bucket on the S3 server."""
-    import boto3
-
-    bucket = "mlflow-artifacts"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server}
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", f"s3://{bucket}/artifacts"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield url, bucket
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    server = MlflowServer(s3_server, tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
-def finished_run(ray_session, s3_server, mlflow_server, tmp_path_factory):
+def finished_run(s3_server, mlflow_server, ray_session, tmp_path_factory):
     """Run 1: rank 1 killed after step 6 (restarted by Ray), stopped after step 10. Run 2: the rerun."""
     import boto3
 
-    tracking_uri, artifact_bucket = mlflow_server
     root = tmp_path_factory.mktemp("finetune")
     base = write_base_model(root / "base.safetensors")
     shards = write_shards(root / "shards")
     bucket = "finetune-runs"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     storage_path = f"s3://{bucket}/runs"
+    tracking_uri = mlflow_server.url
     raw = job_dict(shards, base, storage_path, "cluster-run",
                    data={"materialize": True},
                    optim={"total_steps": TOTAL, "lr": 2e-2},
@@ -86,11 +97,12 @@ def finished_run(ray_session, s3_server, mlflow_server, tmp_path_factory):
     job = validate_config(FinetuneJob, raw)
     from drivedit.train.trainer import run_finetune
 
+    mlflow_server.ready()
     with pytest.raises(RuntimeError, match=r"rerun with the same run.name and storage to resume from step 8"):
         run_finetune(job)
     summary = run_finetune(job)  # the same config: drills already fired, the run resumes at step 8
     return {"summary": summary, "job": job, "base": base, "root": root, "tracking_uri": tracking_uri,
-            "artifact_bucket": artifact_bucket, "bucket": bucket}
+            "artifact_bucket": mlflow_server.bucket, "bucket": bucket}
 
 
 def test_resumed_run_finishes_in_one_mlflow_run(finished_run):
