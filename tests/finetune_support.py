@@ -31,12 +31,13 @@ def write_base_model(path: Path, num_classes: int = 4, seed: int = 0) -> Path:
     return export_safetensors(model, path)
 
 
-def write_shards(directory: Path, rows_per_shard: int = 24, num_shards: int = 2, seed: int = 0) -> Path:
-    """Pixel-codec shards of 16 px scenario images with one object box each."""
+def write_shards(directory: Path, rows_per_shard: int = 24, num_shards: int = 2, seed: int = 0,
+                 size: int = SIZE) -> Path:
+    """Pixel-codec shards of `size` px scenario images with one object box each."""
     from drivedit.data.shards import ShardMetadata, build_shard_table, shard_name, write_shard
 
     rng = np.random.default_rng(seed)
-    meta = ShardMetadata("pixel", 1.0, SIZE, (3, SIZE, SIZE), list(SCENARIOS))
+    meta = ShardMetadata("pixel", 1.0, size, (3, size, size), list(SCENARIOS))
     tone = {0: (0.4, 0.5, 0.7), 1: (-0.8, -0.8, -0.6), 2: (0.9, 0.9, 0.95)}
     directory.mkdir(parents=True, exist_ok=True)
     for s in range(num_shards):
@@ -44,13 +45,13 @@ def write_shards(directory: Path, rows_per_shard: int = 24, num_shards: int = 2,
                                 "moments_flip", "object_mask", "num_objects")}
         for i in range(rows_per_shard):
             sc = (s * rows_per_shard + i) % len(SCENARIOS)
-            img = np.ones((3, SIZE, SIZE), np.float32) * np.array(tone[sc], np.float32)[:, None, None]
-            img[:, SIZE // 2:, :] -= 0.3  # the road
-            y0, x0 = rng.integers(2, SIZE - 6, size=2)
+            img = np.ones((3, size, size), np.float32) * np.array(tone[sc], np.float32)[:, None, None]
+            img[:, size // 2:, :] -= 0.3  # the road
+            y0, x0 = rng.integers(2, size - 6, size=2)
             img[0, y0:y0 + 4, x0:x0 + 4] = 0.9  # a red object
             img[1:, y0:y0 + 4, x0:x0 + 4] = -0.9
             img = np.clip(img + rng.normal(0, 0.05, img.shape).astype(np.float32), -1, 1)
-            mask = np.zeros((SIZE, SIZE), np.uint8)
+            mask = np.zeros((size, size), np.uint8)
             mask[y0:y0 + 4, x0:x0 + 4] = 1
             logvar = np.full_like(img, -20.0)
             rows["frame_id"].append(f"f{s}-{i}")
