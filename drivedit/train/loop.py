@@ -143,6 +143,10 @@ class WorkerLoop:
         self.meta = read_shard_metadata(job.data.shards)
         base = load_dit(self.ctx.base_path)
         self.base_config = base.config
+        if self.is_main and job.method.name == "driveditfit" and not base.final_layer.linear.weight.any():
+            log.warning("[finetune] warning: the base model's final layer is all zeros (an untrained adaLN-Zero "
+                        "DiT?); driveditfit's modulators scale frozen weights, so they cannot change its output "
+                        "beyond the output bias: pre-train the base first or use method full")
         torch.manual_seed(job.method.probe_seed)
         comm_device = e.device if e.device.type == "cuda" else None  # NCCL moves objects through the GPU
         self.result = adapt_for_training(base, job, list(self.meta.scenarios), e.rank, e.world_size, e.restored,
