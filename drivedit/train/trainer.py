@@ -113,6 +113,22 @@ def _ensure_ray(job: FinetuneJob) -> None:
         ray.init(num_cpus=job.ray.num_cpus)
 
 
+def _warn_if_short(job: FinetuneJob) -> None:
+    """Ray Train waits (for an autoscaler) when the cluster lacks the workers' resources; say so up front."""
+    import ray
+
+    s = job.scaling
+    need = {"CPU": s.num_workers * s.cpus_per_worker, **{k: v * s.num_workers for k, v in s.resources_per_worker.items()}}
+    if s.use_gpu:
+        need["GPU"] = need.get("GPU", 0) + s.num_workers
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
+    if short:
+        what = ", ".join(f"{k} {want:g} (cluster has {got:g})" for k, (want, got) in short.items())
+        print(f"[finetune] warning: the workers need {what}; Ray Train waits until the cluster provides them "
+              f"(an autoscaler adds nodes; a fixed cluster never does: lower scaling.num_workers)", flush=True)
+
+
 def _storage_args(storage_path: str) -> dict:
     if storage.is_remote(storage_path):
         fs, path = storage.filesystem_for(storage_path)
@@ -157,6 +173,7 @@ def _run(plan: preflight.Plan) -> dict:
               flush=True)
         return done
     _ensure_ray(job)
+    _warn_if_short(job)
     tracked = _start_tracking(plan)
     try:
         latest = plan.latest
