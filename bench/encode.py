@@ -8,8 +8,9 @@ reading (several reads in flight per task) and decoding (CPU tasks) with encodin
 `run_encode` does, codec actor start-up included. Each side runs `--repeats` times, alternating,
 and the best run of each is reported, with the codec alone on preloaded tensors as the ceiling.
 
-    python bench/encode.py                  # CPU defaults: S3 (moto server) in and out, pixel codec at 64 px
-    python bench/encode.py --source local --codec tiny-vae --cpus-per-worker 2   # codec-bound, local disk
+    python bench/encode.py                  # CPU defaults: S3 (moto server) in and out, tiny VAE at 64 px
+    python bench/encode.py --source local --data /tmp/bench-ds   # from and to this disk, dataset kept
+    python bench/encode.py --codec pixel --cpus-per-worker 1     # the CPU demo's identity codec
     python bench/encode.py --num 64 --size 128 --resolution 32 --codec pixel   # a quick smoke run
     python bench/encode.py --codec sd-vae --resolution 256 --num 2048 --use-gpu   # on a GPU node
 """
@@ -34,6 +35,7 @@ import torch  # noqa: E402
 
 from drivedit import storage  # noqa: E402
 from drivedit.config.encode import EncodeJob  # noqa: E402
+from drivedit.data import encode as encode_mod  # noqa: E402
 from drivedit.data.encode import plan_frames, preflight, run_encode  # noqa: E402
 from drivedit.data.encode_stages import CodecEncoder, load_images  # noqa: E402
 from drivedit.data.scenes import write_scenes_dataset  # noqa: E402
@@ -134,11 +136,11 @@ def codec_alone(job: EncodeJob, num: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num", type=int, default=1024, help="frames")
+    ap.add_argument("--num", type=int, default=768, help="frames")
     ap.add_argument("--size", type=int, default=256, help="source image height (width = size * aspect)")
     ap.add_argument("--aspect", type=float, default=16 / 9)
     ap.add_argument("--resolution", type=int, default=64, help="encode resolution")
-    ap.add_argument("--codec", choices=["pixel", "tiny-vae", "sd-vae"], default="pixel",
+    ap.add_argument("--codec", choices=["pixel", "tiny-vae", "sd-vae"], default="tiny-vae",
                     help="pixel: the CPU demo's identity codec; tiny-vae: a small random AutoencoderKL (CPU); "
                          "sd-vae: the sd-vae-ft-* architecture with random weights (GPU)")
     ap.add_argument("--source", choices=["local", "s3"], default="s3",
@@ -146,7 +148,8 @@ def main(argv=None) -> int:
                          "process, the way a cluster reads a bucket; local = this disk")
     ap.add_argument("--data", help="with --source local: a dataset folder to write once and reuse across runs")
     ap.add_argument("--workers", type=int, default=1, help="codec actors")
-    ap.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ap.add_argument("--cpus-per-worker", type=float, default=2.0,
+                    help="CPUs (and torch threads) per codec actor; the loop's torch uses every core too")
     ap.add_argument("--read-cpus", type=float, default=0.5)
     ap.add_argument("--read-batch", type=int, default=16)
     ap.add_argument("--encode-batch", type=int, default=32)
@@ -195,6 +198,16 @@ def main(argv=None) -> int:
         # warm-up on a few frames: starts Ray Data's own actors and the task workers once, for both sides
         run_encode(job(f"{out_root}/warm-pipe", limit=8))
         plain_loop(job(f"{out_root}/warm-loop", limit=8))
+        # when the first encoded rows reach the driver: the pipeline's start-up (actor spawn, codec load)
+        first_rows: list[float] = []
+        add = encode_mod.ShardCollector.add
+
+        def timed_add(self, batch):
+            if len(first_rows) == len(pipe_times):
+                first_rows.append(time.perf_counter() - t)
+            return add(self, batch)
+
+        encode_mod.ShardCollector.add = timed_add
         pipe_times, loop_times = [], []
         for r in range(args.repeats):
             t = time.perf_counter()
@@ -204,7 +217,8 @@ def main(argv=None) -> int:
             rows = plain_loop(job(f"{out_root}/loop{r}"))
             loop_times.append(time.perf_counter() - t)
             assert rows == summary["encoded"] == args.num, (rows, summary["encoded"])
-            print(f"  run {r}: pipeline {pipe_times[-1]:.2f} s, loop {loop_times[-1]:.2f} s")
+            print(f"  run {r}: pipeline {pipe_times[-1]:.2f} s (first rows after {first_rows[-1]:.2f} s), "
+                  f"loop {loop_times[-1]:.2f} s")
         ceiling = codec_alone(job(f"{out_root}/x"), max(args.num, 4 * args.encode_batch))
         pipe, loop = args.num / min(pipe_times), args.num / min(loop_times)
         result = {"frames": args.num, "source_size": [round(args.size * args.aspect), args.size],
@@ -212,6 +226,8 @@ def main(argv=None) -> int:
                   "workers": args.workers, "ray_cpus": args.num_cpus, "torch_threads_loop": torch.get_num_threads(),
                   "pipeline_images_per_s": round(pipe, 2), "loop_images_per_s": round(loop, 2),
                   "ratio_pipeline_over_loop": round(pipe / loop, 3),
+                  "pipeline_first_rows_s": round(first_rows[pipe_times.index(min(pipe_times))], 2),
+                  "load_average_1m": round(os.getloadavg()[0], 2),
                   "codec_alone_images_per_s": round(ceiling, 2), "pipeline_fraction_of_codec_alone": round(pipe / ceiling, 3)}
         print(json.dumps(result, indent=2))
         print(f"pipeline {pipe:.1f} img/s vs plain loop {loop:.1f} img/s: {pipe / loop:.2f}x "

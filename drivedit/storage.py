@@ -108,6 +108,13 @@ def is_dir(uri: str) -> bool:
 
 def read_bytes(uri: str) -> bytes:
     """The whole object; FileNotFoundError (naming the URI) when there is none."""
+    if is_remote(uri):
+        # one GET; going through pyarrow's stream would add a HEAD per object
+        path = filesystem_for(uri)[1]
+        try:
+            return _s3fs().cat_file(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {uri}") from None
     fs, path = filesystem_for(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -127,8 +134,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     fs, path = filesystem_for(uri)
     if is_remote(uri):
         # an S3 object appears only when its upload completes: the PUT itself is the commit
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+        _s3fs().pipe_file(path, bytes(data))
         return
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
