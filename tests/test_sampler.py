@@ -224,3 +224,21 @@ def test_latents_to_uint8_and_grid(tmp_path):
     with pytest.raises(ValueError, match="got 1 row labels for 2 rows"):
         save_grid(tiles, tmp_path / "bad.png", nrow=3, labels=["one"])
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_pixel_models_clip_predicted_x0_to_the_image_range():
+    """clip_x0 (set for pixel codecs) keeps every DDIM x0 prediction, hence the final image, in [-1, 1];
+    latent models sample unclipped as DiT does."""
+    from drivedit.models.codec import sample_clip_range
+    from drivedit.models.dit import build_dit, dit_config
+
+    torch.manual_seed(0)
+    model = build_dit(dit_config("DiT-N/4", input_size=8, in_channels=3, num_classes=2))
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=2.0)  # wild eps predictions
+    settings = SamplerSettings(sampler="ddim", steps=4, guidance=1.0)
+    labels = torch.tensor([0, 1])
+    free = DiTSampler(model).sample(labels, [1, 2], settings)
+    clipped = DiTSampler(model, clip_x0=sample_clip_range("pixel")).sample(labels, [1, 2], settings)
+    assert free.abs().max() > 1.5
+    assert clipped.abs().max() <= 1.0 + 1e-6
+    assert sample_clip_range("autoencoder_kl") is None

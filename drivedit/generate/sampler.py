@@ -58,14 +58,17 @@ class SamplerSettings:
             raise ValueError("invalid sampler settings: " + "; ".join(problems))
 
 
-def build_scheduler(settings: SamplerSettings, betas: np.ndarray | None = None, learn_sigma: bool = True):
+def build_scheduler(settings: SamplerSettings, betas: np.ndarray | None = None, learn_sigma: bool = True,
+                    clip_x0: float | None = None):
     """A fresh diffusers scheduler for `settings` (schedulers hold per-run state: one per call).
 
     `betas` None means DiT's linear 1e-4..0.02 over 1000 steps; custom betas (a progressive
-    schedule's final stage) go in as `trained_betas`.
+    schedule's final stage) go in as `trained_betas`. `clip_x0` clips each step's predicted x0 to
+    [-clip_x0, clip_x0]: right for pixel-space models (images live in [-1, 1]), wrong for VAE latents,
+    which DiT samples unclipped.
     """
-    common = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False,
-                  prediction_type="epsilon", num_train_timesteps=1000)
+    common = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=clip_x0 is not None,
+                  clip_sample_range=float(clip_x0 or 1.0), prediction_type="epsilon", num_train_timesteps=1000)
     if betas is not None:
         common.update(num_train_timesteps=len(betas), trained_betas=[float(b) for b in betas])
     if settings.sampler == "ddpm":
@@ -79,8 +82,9 @@ class DiTSampler:
     """Sample latents from a DiT. The model is put in eval mode and moved to `device`."""
 
     def __init__(self, model: torch.nn.Module, betas: np.ndarray | None = None, device: str | torch.device = "cpu",
-                 amp_dtype: torch.dtype | None = torch.bfloat16):
+                 amp_dtype: torch.dtype | None = torch.bfloat16, clip_x0: float | None = None):
         self.device = torch.device(device)
+        self.clip_x0 = clip_x0  # pixel-space models: clip predicted x0 to the image range each step
         self.amp_dtype = amp_dtype  # autocast dtype on CUDA; None = float32 throughout
         self.model = model.eval().to(self.device)
         self.config = model.config
@@ -143,7 +147,7 @@ class DiTSampler:
         if n == 0:
             return torch.empty(0, cfg.in_channels, cfg.input_size, cfg.input_size, device=self.device)
 
-        scheduler = build_scheduler(settings, self.betas, cfg.learn_sigma)
+        scheduler = build_scheduler(settings, self.betas, cfg.learn_sigma, self.clip_x0)
         # timesteps stay on the CPU: the scheduler's table lookups then never wait on the GPU;
         # the model gets a device copy made once
         scheduler.set_timesteps(settings.steps)

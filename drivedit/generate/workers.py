@@ -16,6 +16,7 @@ import torch
 from drivedit.config.base import validate_config
 from drivedit.config.generate import GenerateJob
 from drivedit.generate.model_ref import load_sampling_model
+from drivedit.models.codec import sample_clip_range
 from drivedit.generate.sampler import DiTSampler, SamplerSettings
 from drivedit.generate.writer import decode_to_uint8, limit_threads
 
@@ -48,7 +49,8 @@ class ShardSampler:
                                f"the driver planned with ({model_digest[:12]}); was it overwritten during the job?")
         dtype = self.job.sampler.dtype
         amp = getattr(torch, dtype) if dtype != "float32" else None  # the sampler autocasts on CUDA only
-        self.sampler = DiTSampler(self.sm.model, betas=self.sm.betas, device=self.device, amp_dtype=amp)
+        self.sampler = DiTSampler(self.sm.model, betas=self.sm.betas, device=self.device, amp_dtype=amp,
+                                  clip_x0=sample_clip_range(self.sm.codec_kind))
         self.settings = sampler_settings(self.job)
         self.codec = self.sm.load_codec(self.device) if self.job.output.decode_on == "actor" else None
 

@@ -120,3 +120,9 @@ def load_codec(kind: str = "pixel", source: str | None = None, scale_factor: flo
             if os.environ.get("HF_HUB_OFFLINE") else ""
         raise ValueError(f"could not load AutoencoderKL from {source!r}: {e}{hint}") from None
     return AutoencoderKLCodec(vae, source, scale_factor, dtype)
+
+
+def sample_clip_range(codec_kind: str) -> float | None:
+    """Where a sampler may clip its predicted x0: pixel latents are images in [-1, 1]; VAE latents are
+    unbounded (DiT samples them unclipped)."""
+    return 1.0 if codec_kind == "pixel" else None

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from drivedit.generate.grid import latents_to_uint8
+from drivedit.models.codec import sample_clip_range
 from drivedit.generate.sampler import DiTSampler, SamplerSettings
 
 DECODE_CHUNK = 16  # images per codec.decode call: bounds a VAE decoder's activation memory
@@ -87,7 +88,7 @@ class SampleEngine:
             raise ValueError(f"sampler.guide_channels ({guide_channels}) exceeds the model's {latent_channels} "
                              f"latent channels")
         self.device = torch.device(device)
-        self.sampler = DiTSampler(model, betas=betas, device=self.device)
+        self.sampler = DiTSampler(model, betas=betas, device=self.device, clip_x0=sample_clip_range(getattr(codec, "kind", "")))
         self.codec = codec.to(self.device)
         self.guidance_kind = guidance_kind
         self.guide_channels = guide_channels

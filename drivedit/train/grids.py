@@ -27,6 +27,7 @@ def draw_grid(model, meta, sampling: SamplingSection, betas: np.ndarray, device:
     """
     from drivedit.generate.grid import latents_to_uint8, save_grid
     from drivedit.generate.sampler import DiTSampler, SamplerSettings
+    from drivedit.models.codec import sample_clip_range
 
     k, scenarios = sampling.num_per_scenario, list(meta.scenarios)
     labels = torch.arange(len(scenarios)).repeat_interleave(k)  # (S*k,)
@@ -34,7 +35,8 @@ def draw_grid(model, meta, sampling: SamplingSection, betas: np.ndarray, device:
     settings = SamplerSettings(sampler=sampling.sampler, steps=sampling.steps, guidance=sampling.guidance,
                                guidance_kind="superclass" if superclass else "cfg")
     uncond = model.y_embedder.superclass_of(labels.to(device)) if superclass else None
-    latents = DiTSampler(model, betas, device).sample(labels, seeds, settings, uncond)  # (S*k, C, h, w)
     codec = codec_for(meta.codec_id, meta.scale_factor).to(device)
+    sampler = DiTSampler(model, betas, device, clip_x0=sample_clip_range(codec.kind))
+    latents = sampler.sample(labels, seeds, settings, uncond)  # (S*k, C, h, w)
     images = codec.decode(latents)  # (S*k, 3, H, W) in [-1, 1]
     return save_grid(latents_to_uint8(images), path, nrow=k, labels=scenarios)
