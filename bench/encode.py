@@ -8,15 +8,16 @@ reading (several reads in flight per task) and decoding (CPU tasks) with encodin
 `run_encode` does, codec actor start-up included. Each side runs `--repeats` times, alternating,
 and the best run of each is reported, with the codec alone on preloaded tensors as the ceiling.
 
-    python bench/encode.py                  # CPU defaults: S3 (moto server) in and out, tiny VAE at 64 px
+    python bench/encode.py                  # CPU defaults: S3 (moto server) in and out, pixel codec at 32 px
     python bench/encode.py --source local --data /tmp/bench-ds   # from and to this disk, dataset kept
-    python bench/encode.py --codec pixel --cpus-per-worker 1     # the CPU demo's identity codec
+    python bench/encode.py --codec tiny-vae --cpus-per-worker 2 --num 1024   # codec-bound on the CPU
     python bench/encode.py --num 64 --size 128 --resolution 32 --codec pixel   # a quick smoke run
     python bench/encode.py --codec sd-vae --resolution 256 --num 2048 --use-gpu   # on a GPU node
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ from drivedit import storage  # noqa: E402
 from drivedit.config.encode import EncodeJob  # noqa: E402
 from drivedit.data import encode as encode_mod  # noqa: E402
 from drivedit.data.encode import plan_frames, preflight, run_encode  # noqa: E402
+from drivedit.data.bdd100k import load_label_file, write_label_file  # noqa: E402
 from drivedit.data.encode_stages import CodecEncoder, load_images  # noqa: E402
 from drivedit.data.scenes import write_scenes_dataset  # noqa: E402
 from drivedit.data.shards import build_shard_table, shard_name, write_shard  # noqa: E402
@@ -60,6 +62,23 @@ def make_codec_dir(kind: str, root: str) -> str | None:
     path = os.path.join(root, kind)
     vae.save_pretrained(path)
     return path
+
+
+def make_dataset(root: str, args) -> None:
+    """`args.unique` rendered scenes, copied under new names up to `args.num` frames (rendering is slower
+    than encoding; a copy costs the same to read and decode as the original)."""
+    unique = min(args.unique, args.num)
+    write_scenes_dataset(root, unique, args.size, seed=0, aspect=args.aspect,
+                         weathers=["clear", "overcast", "partly cloudy", "rainy", "snowy"])
+    frames = load_label_file(storage.join(root, "labels.json"))
+    blobs = [storage.read_bytes(storage.join(root, "images", f.name)) for f in frames]
+    copies = []
+    for i in range(unique, args.num):
+        src = frames[i % unique]
+        name = f"copy-{i:06d}.jpg"
+        storage.write_bytes_atomic(storage.join(root, "images", name), blobs[i % unique])
+        copies.append(dataclasses.replace(src, name=name))
+    write_label_file(frames + copies, storage.join(root, "labels.json"))
 
 
 def start_s3_server():
@@ -136,11 +155,12 @@ def codec_alone(job: EncodeJob, num: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num", type=int, default=768, help="frames")
+    ap.add_argument("--num", type=int, default=4096, help="frames")
+    ap.add_argument("--unique", type=int, default=128, help="distinct rendered images (the rest are copies)")
     ap.add_argument("--size", type=int, default=256, help="source image height (width = size * aspect)")
     ap.add_argument("--aspect", type=float, default=16 / 9)
-    ap.add_argument("--resolution", type=int, default=64, help="encode resolution")
-    ap.add_argument("--codec", choices=["pixel", "tiny-vae", "sd-vae"], default="tiny-vae",
+    ap.add_argument("--resolution", type=int, default=32, help="encode resolution (the CPU demo's is 32)")
+    ap.add_argument("--codec", choices=["pixel", "tiny-vae", "sd-vae"], default="pixel",
                     help="pixel: the CPU demo's identity codec; tiny-vae: a small random AutoencoderKL (CPU); "
                          "sd-vae: the sd-vae-ft-* architecture with random weights (GPU)")
     ap.add_argument("--source", choices=["local", "s3"], default="s3",
@@ -148,7 +168,7 @@ def main(argv=None) -> int:
                          "process, the way a cluster reads a bucket; local = this disk")
     ap.add_argument("--data", help="with --source local: a dataset folder to write once and reuse across runs")
     ap.add_argument("--workers", type=int, default=1, help="codec actors")
-    ap.add_argument("--cpus-per-worker", type=float, default=2.0,
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0,
                     help="CPUs (and torch threads) per codec actor; the loop's torch uses every core too")
     ap.add_argument("--read-cpus", type=float, default=0.5)
     ap.add_argument("--read-batch", type=int, default=16)
@@ -176,10 +196,10 @@ def main(argv=None) -> int:
         if storage.exists(labels) and len(json.loads(storage.read_text(labels))) == args.num:
             print(f"dataset: reusing {data_root}")
         else:
-            write_scenes_dataset(data_root, args.num, args.size, seed=0, aspect=args.aspect,
-                                 weathers=["clear", "overcast", "partly cloudy", "rainy", "snowy"])
-            print(f"dataset: {args.num} frames {round(args.size * args.aspect)}x{args.size} JPEG at {data_root} "
-                  f"({time.perf_counter() - t:.1f} s to generate)")
+            make_dataset(data_root, args)
+            print(f"dataset: {args.num} frames ({min(args.unique, args.num)} distinct) "
+                  f"{round(args.size * args.aspect)}x{args.size} JPEG at {data_root} "
+                  f"({time.perf_counter() - t:.1f} s to write)")
         source = make_codec_dir(args.codec, tmp)
 
         def job(out: str, limit: int | None = None) -> EncodeJob:
@@ -217,6 +237,9 @@ def main(argv=None) -> int:
             rows = plain_loop(job(f"{out_root}/loop{r}"))
             loop_times.append(time.perf_counter() - t)
             assert rows == summary["encoded"] == args.num, (rows, summary["encoded"])
+            for out in (f"{out_root}/pipe{r}", f"{out_root}/loop{r}"):  # the S3 server keeps objects in memory
+                for f in storage.list_files(out):
+                    storage.delete(f)
             print(f"  run {r}: pipeline {pipe_times[-1]:.2f} s (first rows after {first_rows[-1]:.2f} s), "
                   f"loop {loop_times[-1]:.2f} s")
         ceiling = codec_alone(job(f"{out_root}/x"), max(args.num, 4 * args.encode_batch))
