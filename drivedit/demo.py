@@ -39,7 +39,7 @@ class DemoSize:
 
 SIZES = {
     "full": DemoSize(num_scenes=900, finetune_steps=400, checkpoint_every=200, grid_every=200, per_scenario=40,
-                     sampler_steps=25, eval_classifier_steps=400),
+                     sampler_steps=50, eval_classifier_steps=400),
     "small": DemoSize(num_scenes=120, finetune_steps=12, checkpoint_every=6, grid_every=0, per_scenario=3,
                       sampler_steps=5, eval_classifier_steps=60),
 }
@@ -134,7 +134,8 @@ def step_serve(out: Path, size: DemoSize, model_uri: str, tracking_uri: str, sce
         with urllib.request.urlopen(f"{base}/healthz", timeout=60) as r:
             health = json.loads(r.read())
         for i, scenario in enumerate(scenarios):
-            body = json.dumps({"scenario": scenario, "seed": 1000 + i, "steps": size.sampler_steps}).encode()
+            body = json.dumps({"scenario": scenario, "seed": 1000 + i, "steps": size.sampler_steps,
+                               "sampler": "ddpm"}).encode()
             req = urllib.request.Request(f"{base}/v1/samples", data=body,
                                          headers={"Content-Type": "application/json"}, method="POST")
             with urllib.request.urlopen(req, timeout=300) as r:
