@@ -215,6 +215,7 @@ def test_stages_in_process_superclass_guidance_actor_decode_resize(models, tmp_p
     from drivedit.generate.grid import latents_to_uint8
     from drivedit.generate.model_ref import load_sampling_model
     from drivedit.generate.sampler import DiTSampler, SamplerSettings
+    from drivedit.models.codec import sample_clip_range
     from drivedit.generate.workers import ShardSampler
     from drivedit.generate.writer import write_shards
 
@@ -230,14 +231,15 @@ def test_stages_in_process_superclass_guidance_actor_decode_resize(models, tmp_p
 
     # the same images from the sampler directly, guided against each scenario's superclass row
     sm = load_sampling_model(str(models.tiered_bundle))
+    clip = sample_clip_range(sm.codec_kind)  # the job clips x0 for pixel models
     labels = sm.labels([it["scenario"] for it in items])
     settings = SamplerSettings(steps=4, guidance=3.0, guidance_kind="superclass")
-    latents = DiTSampler(sm.model, betas=sm.betas).sample(labels, [it["seed"] for it in items], settings,
+    latents = DiTSampler(sm.model, betas=sm.betas, clip_x0=clip).sample(labels, [it["seed"] for it in items], settings,
                                                             uncond_labels=sm.superclass_of(labels))
     expected = latents_to_uint8(sm.load_codec().decode(latents))
     got = np.frombuffer(sampled["payload"][0], dtype=np.uint8).reshape(4, 8, 8, 3)
     np.testing.assert_array_equal(got, expected)
-    unguided = DiTSampler(sm.model, betas=sm.betas).sample(labels, [it["seed"] for it in items],
+    unguided = DiTSampler(sm.model, betas=sm.betas, clip_x0=clip).sample(labels, [it["seed"] for it in items],
                                                            SamplerSettings(steps=4, guidance=1.0))
     assert not torch.equal(unguided, latents)
 
