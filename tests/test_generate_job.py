@@ -183,14 +183,20 @@ def test_killed_run_resumes_on_s3_byte_identical(reference, models, s3_bucket):
     # whatever the abandoned tasks still finished, leave the worst a kill can: shard 0 complete but its
     # marker gone, shard 2 with a truncated image under its final name, a missing image, a stray
     # temporary object, no marker; no final manifest or labels
+    # (which shard finished first depends on scheduling: keep one complete, damage the other two)
+    done = dataset.complete_shards(uri)
+    assert done, "the first run completed no shard"
+    keep = min(done)
+    others = [s for s in (0, 1, 2) if s != keep]
     for name in ("manifest.parquet", "labels.json"):
         storage.delete(storage.join(uri, name))
-    storage.delete(dataset.part_uri(uri, 0))
-    storage.delete(dataset.part_uri(uri, 2))
-    storage.write_bytes_atomic(storage.join(uri, "images", dataset.image_name(2, 8)), b"\x89PNG truncated")
-    storage.delete(storage.join(uri, "images", dataset.image_name(2, 9)))
-    storage.write_bytes_atomic(storage.join(uri, "images/00002/.00000010.png.tmp-dead"), b"half")
-    assert dataset.complete_shards(uri) == {1}
+    for s in others:
+        storage.delete(dataset.part_uri(uri, s))
+    bad = others[-1]  # 4 items per shard: shard k holds items 4k .. 4k+3
+    storage.write_bytes_atomic(storage.join(uri, "images", dataset.image_name(bad, 4 * bad)), b"\x89PNG truncated")
+    storage.delete(storage.join(uri, "images", dataset.image_name(bad, 4 * bad + 1)))
+    storage.write_bytes_atomic(storage.join(uri, f"images/{bad:05d}/.{4 * bad + 2:08d}.png.tmp-dead"), b"half")
+    assert dataset.complete_shards(uri) == {keep}
 
     second = run_generate(job)
     assert second["complete"] and second["resumed"]
