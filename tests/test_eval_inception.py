@@ -53,7 +53,10 @@ def test_state_dict_with_counters_also_loads(tmp_path, fid_state):
     full = Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict()
     with_counters = {**fid_state, **{k: v for k, v in full.items() if k.endswith("num_batches_tracked")}}
     torch.save(with_counters, tmp_path / "w.pth")
-    load_fid_inception(tmp_path / "w.pth")
+    model = load_fid_inception(tmp_path / "w.pth")
+    loaded = model.state_dict()
+    for name in ("Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.conv.weight"):
+        assert torch.equal(loaded[name], fid_state[name])  # the file's weights, not a fresh init
 
 
 def test_wrong_files_are_refused_with_the_reason(tmp_path, fid_state):
