@@ -117,3 +117,19 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def field_help_lines(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """`--help` text of a job config: a header per section, then `--section.field  description (default)`."""
+    lines: list[str] = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                   None)
+        if sub is not None:
+            lines.append(f"\n[{prefix}{name}] {f.description or ''}")
+            lines += field_help_lines(sub, f"{prefix}{name}.")
+        else:
+            default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+            lines.append(f"  --{prefix}{name}  {f.description or ''} ({default})")
+    return lines

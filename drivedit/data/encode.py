@@ -14,6 +14,7 @@ skipped, counted, and listed in `rejected.json` beside the shards.
 """
 from __future__ import annotations
 
+from drivedit.config.base import field_help_lines
 import argparse
 import hashlib
 import json
@@ -297,24 +298,12 @@ def run_encode(job: EncodeJob) -> dict:
     return summary
 
 
-def fields_help(model, prefix: str = "") -> list[str]:
-    """One line per config field (`--section.field  description`), for --help."""
-    lines = []
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and hasattr(ann, "model_fields"):
-            lines += fields_help(ann, f"{prefix}{name}.")
-        else:
-            lines.append(f"  --{prefix}{name}  {f.description or ''}")
-    return lines
-
-
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="drivedit encode", description="Encode a BDD100K-layout dataset into latent shards (Ray Data).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config fields (set in the YAML or override as --section.field VALUE):\n"
-               + "\n".join(fields_help(EncodeJob)))
+               + "\n".join(field_help_lines(EncodeJob)))
     ap.add_argument("--config", help="YAML job config (e.g. configs/demo/encode.yaml)")
     args, overrides = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -12,6 +12,7 @@ exactly the requested items, byte-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
+from drivedit.config.base import field_help_lines
 import argparse
 import json
 import logging
@@ -271,23 +272,6 @@ def _summary(prep: Prepared, rows: list[dict], skipped: int, seconds: float, tot
 # ----------------------------------------------------------------------------- CLI
 
 
-def _help_lines(model, prefix: str = "") -> list[str]:
-    from pydantic import BaseModel
-
-    lines = []
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
-                   None)
-        if sub is not None:
-            lines.append(f"\n[{prefix}{name}] {f.description or ''}")
-            lines += _help_lines(sub, f"{prefix}{name}.")
-        else:
-            default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
-            lines.append(f"  --{prefix}{name}  {f.description or ''} ({default})")
-    return lines
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="drivedit generate", add_help=False,
@@ -296,7 +280,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-h", "--help", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     if args.help:
-        print(parser.format_help() + "\n".join(_help_lines(GenerateJob)))
+        print(parser.format_help() + "\n".join(field_help_lines(GenerateJob)))
         return 0
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -16,6 +16,7 @@ of configs/serve/serve_config.yaml for `serve deploy`), `main(argv)` for `drived
 """
 from __future__ import annotations
 
+from drivedit.config.base import field_help_lines
 import argparse
 import asyncio
 import logging
@@ -174,18 +175,6 @@ def app_builder(args: dict) -> Application:
 # ----------------------------------------------------------------------------- command line
 
 
-def _field_help(model, prefix: str = "") -> list[str]:
-    lines = []
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and hasattr(ann, "model_fields"):
-            lines += _field_help(ann, f"{prefix}{name}.")
-            continue
-        default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
-        lines.append(f"  --{prefix}{name}  ({default})  {f.description or ''}")
-    return lines
-
-
 def usage() -> str:
     return "\n".join([
         "usage: drivedit serve --config FILE [--section.field VALUE ...] [--detach] [--check]",
@@ -195,7 +184,7 @@ def usage() -> str:
         "--check validates the config and prints it without starting anything.",
         "",
         "config fields:",
-        *_field_help(ServeApp),
+        *field_help_lines(ServeApp),
     ])
 
 
