@@ -38,6 +38,15 @@ def _local_path(uri: str) -> str:
     return str(Path(uri).expanduser().absolute())
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute against this process's working directory; remote URIs unchanged.
+
+    Jobs call this on the driver before shipping a config to Ray workers, whose working directory is
+    not the driver's (Ray Train runs each worker in its run directory).
+    """
+    return str(uri) if is_remote(uri) else _local_path(uri)
+
+
 def s3_endpoint() -> str | None:
     """The S3 endpoint from the environment (the S3-specific variable wins), or None for AWS itself."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None

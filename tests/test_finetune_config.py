@@ -143,3 +143,14 @@ def test_checkpoint_round_trip(tmp_path):
     (tmp_path / "c" / st.EMA_FILE).unlink()
     with pytest.raises(ValueError, match="incomplete.*ema.safetensors"):
         st.load_state(tmp_path / "c")
+
+
+def test_relative_paths_become_absolute_for_the_workers(material, tmp_path, monkeypatch):
+    # Ray Train runs each worker in its run directory, so the driver must hand it absolute paths
+    base, shards = material
+    monkeypatch.chdir(shards.parent)
+    plan = preflight.check(job_dict(Path(shards.name), Path(base.name), "runs", "rel"))
+    assert plan.job.data.shards == str(shards)
+    assert plan.job.run.storage_path == str(shards.parent / "runs")
+    assert plan.base_path == base and plan.base_path.is_absolute()
+    assert plan.run_dir == str(shards.parent / "runs" / "rel")

@@ -96,7 +96,7 @@ def _check_base(model: ModelSection, shards, problems: list[str]):
     from drivedit.models.dit import dit_config, model_name
 
     try:
-        path = resolve_model_source(model.source)
+        path = resolve_model_source(model.source).absolute()  # workers run in another directory
         found = read_dit_config(path)
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         problems.append(f"model.source: {e}")
@@ -148,10 +148,27 @@ def _check_resume(latest: dict, method: MethodConfig | None, model: ModelSection
                         f"{optim.total_steps}; raise total_steps or start a new run.name")
 
 
+# (section, field) of local paths that Ray workers read: they run in another working directory
+_PATH_FIELDS = (("data", "shards"), ("data", "source_shards"), ("run", "storage_path"))
+
+
+def _with_absolute_paths(raw: dict) -> dict:
+    """A copy of raw with its relative local paths made absolute against the driver's directory."""
+    if not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    for section, field in _PATH_FIELDS:
+        sec = out.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(field), str) and sec[field]:
+            out[section] = {**sec, field: storage.absolute(sec[field])}
+    return out
+
+
 def check(raw: dict, source: str = "(config)") -> Plan:
     """Validate a raw config dict and everything it points at; raise ConfigError with every problem."""
     problems: list[str] = []
     job = None
+    raw = _with_absolute_paths(raw)
     try:
         job = FinetuneJob.model_validate(raw)
     except ValidationError as e:
