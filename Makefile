@@ -38,6 +38,7 @@ bench: install
 	$(PY) bench/finetune_scaling.py
 	$(PY) bench/generate.py
 	$(PY) bench/serve.py
+	$(PY) bench/methods_fid.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs

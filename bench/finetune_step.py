@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench._common import apply_preset  # noqa: E402
+
 METHODS = ("full", "bitfit", "difffit", "finediffusion", "lora", "driveditfit")
 PRESETS = {
     "cpu": dict(model="DiT-T/2", image_size=64, latent_factor=8, batch=8, dtype="float32", device="cpu", steps=5),
@@ -56,10 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="also write the measurements here")
     args = p.parse_args(argv)
-    preset = PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")]
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_preset(args, PRESETS)
     if "full" not in args.methods:
         args.methods = ["full"] + args.methods
     if args.device == "cuda" and not torch.cuda.is_available():

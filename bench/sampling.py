@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench._common import apply_preset, random_dit, random_vae  # noqa: E402
+
 PRESETS = {
     "cpu": dict(model="DiT-T/2", image_size=64, vae_factor=4, batch=8, dtype="float32", device="cpu"),
     "gpu": dict(model="DiT-XL/2", image_size=256, vae_factor=8, batch=32, dtype="bfloat16", device="cuda"),
@@ -54,10 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="also write the measurements here")
     args = p.parse_args(argv)
-    preset = PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")]
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_preset(args, PRESETS)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is visible")
     if args.dtype == "bfloat16" and args.device != "cuda":
@@ -67,29 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def random_vae(factor: int, full: bool):
-    """A randomly initialised AutoencoderKL with 4 latent channels and the given downsampling factor."""
-    from diffusers import AutoencoderKL
-
-    levels = {2: 2, 4: 3, 8: 4}[factor]
-    widths = (128, 256, 512, 512)[:levels] if full else (32, 32, 64, 64)[:levels]
-    torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=widths,
-                         layers_per_block=2 if full else 1, norm_num_groups=32,
-                         down_block_types=("DownEncoderBlock2D",) * levels,
-                         up_block_types=("UpDecoderBlock2D",) * levels).eval()
-
-
-def random_dit(name: str, input_size: int):
-    from drivedit.models.dit import build_dit, dit_config
-
-    model = build_dit(dit_config(name, input_size=input_size, num_classes=1000))  # DiTPipeline's null id is 1000
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # adaLN-Zero init outputs zeros: give every weight a value
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.eval()
 
 
 def sync(device: str) -> None:
