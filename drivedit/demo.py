@@ -38,7 +38,7 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(num_scenes=900, finetune_steps=400, checkpoint_every=200, grid_every=200, per_scenario=40,
+    "full": DemoSize(num_scenes=900, finetune_steps=800, checkpoint_every=400, grid_every=400, per_scenario=40,
                      sampler_steps=50, eval_classifier_steps=400),
     "small": DemoSize(num_scenes=120, finetune_steps=12, checkpoint_every=6, grid_every=0, per_scenario=3,
                       sampler_steps=5, eval_classifier_steps=60),
