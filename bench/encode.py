@@ -148,7 +148,7 @@ def codec_alone(job: EncodeJob, num: int) -> float:
     while done < num:
         encoder.encode_images(images)
         done += len(images)
-    if encoder.device.type == "cuda":
+    if encoder.device_type == "cuda":
         torch.cuda.synchronize()
     return done / (time.perf_counter() - start)
 
@@ -171,8 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpus-per-worker", type=float, default=1.0,
                     help="CPUs (and torch threads) per codec actor; the loop's torch uses every core too")
     ap.add_argument("--read-cpus", type=float, default=0.5)
-    ap.add_argument("--read-batch", type=int, default=16)
-    ap.add_argument("--encode-batch", type=int, default=32)
+    ap.add_argument("--read-batch", type=int, default=64, help="pipeline.read_batch_size (the job's default)")
+    ap.add_argument("--encode-batch", type=int, default=64, help="pipeline.encode_batch_size (the job's default)")
     ap.add_argument("--num-cpus", type=int, default=max(4, os.cpu_count() or 1),
                     help="logical CPUs of the local Ray (as in the tests: 4 on a 2-core machine)")
     ap.add_argument("--use-gpu", action="store_true", help="codec actors on GPUs")

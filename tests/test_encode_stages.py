@@ -119,3 +119,23 @@ def test_pixel_codec_actor_is_exact():
     assert describe_codec({"kind": "pixel"}).factor == 1
     with pytest.raises(ValueError, match="codec.source is required"):
         describe_codec({"kind": "autoencoder_kl"})
+
+
+def test_pixel_codec_actor_matches_the_torch_codec_and_needs_no_torch():
+    # the actor's numpy path gives the very bits PixelCodec.encode gives (what the shards held before)
+    from drivedit.models.codec import PixelCodec
+
+    images = np.random.default_rng(2).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    m, mf = CodecEncoder({"kind": "pixel"}, [3, 16, 16]).encode_images(images)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (3, 3, 16, 16)
+    ref = PixelCodec().encode(torch.cat([x, x.flip(-1)])).reshape(6, -1).to(torch.float16).numpy()
+    np.testing.assert_array_equal(m, ref[:3])
+    np.testing.assert_array_equal(mf, ref[3:])
+    # and it starts without importing torch (seconds per actor process on a 2-core machine)
+    import subprocess
+    import sys
+
+    code = ("import sys; from drivedit.data.encode_stages import CodecEncoder; "
+            "CodecEncoder({'kind': 'pixel'}, [3, 8, 8]); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from drivedit import storage
+from drivedit.models.pixel import pixel_moments
 
 
 class BadImage(Exception):
@@ -201,31 +202,45 @@ class CodecEncoder:
     The codec is loaded once per actor; on a GPU node it runs there."""
 
     def __init__(self, codec: dict, latent_shape: list[int], threads: int = 1):
-        import torch
-
         from drivedit.config.common import CodecConfig
-        from drivedit.models.codec import load_codec
 
         cfg = CodecConfig.model_validate(codec)  # re-validate: workers trust nothing but plain data
+        self.latent_shape = tuple(latent_shape)
+        self.torch = self.codec = None
+        self.device_type = "cpu"
+        if cfg.kind == "pixel":  # numpy only: the actor starts without importing torch
+            return
+        import torch
+
+        from drivedit.models.codec import load_codec
+
         torch.set_num_threads(max(1, int(threads)))
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device_type = self.device.type
         self.codec = load_codec(cfg.kind, local_codec_source(cfg.source), cfg.scale_factor, cfg.dtype).to(self.device)
-        self.latent_shape = tuple(latent_shape)
 
     def encode_images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(n, H, W, 3) uint8 -> (moments, moments_flip), each (n, 2*C*h*w) float16."""
-        torch = self.torch
         n = images.shape[0]
+        if self.codec is None:  # the pixel codec
+            m = pixel_moments(np.concatenate([images, images[:, :, ::-1]]))  # (2n, 6, H, W): image, then mirror
+            self._check_shape(m.shape)
+            m = m.reshape(2 * n, -1).astype(np.float16)
+            return m[:n], m[n:]
+        torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0        # (n, 3, H, W) in [-1, 1]
         x = torch.cat([x, x.flip(-1)])                          # (2n, 3, H, W): image, then mirror
         m = self.codec.encode(x)                                # (2n, 2C, h, w)
-        c, h, w = self.latent_shape
-        if tuple(m.shape[1:]) != (2 * c, h, w):
-            raise RuntimeError(f"codec produced moments of shape {tuple(m.shape[1:])}, expected {(2 * c, h, w)}")
+        self._check_shape(m.shape)
         m = m.reshape(2 * n, -1).to(torch.float16).cpu().numpy()
         return m[:n], m[n:]
+
+    def _check_shape(self, shape) -> None:
+        c, h, w = self.latent_shape
+        if tuple(shape[1:]) != (2 * c, h, w):
+            raise RuntimeError(f"codec produced moments of shape {tuple(shape[1:])}, expected {(2 * c, h, w)}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch["image"]

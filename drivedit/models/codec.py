@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-PIXEL_LOGVAR = -20.0  # the pixel "posterior" is a point mass; exp(-10) keeps sampled noise below 1e-4
+from drivedit.models.pixel import PIXEL_LOGVAR
 
 
 class PixelCodec:
