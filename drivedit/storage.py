@@ -38,13 +38,21 @@ def _local_path(uri: str) -> str:
     return str(Path(uri).expanduser().absolute())
 
 
-def absolute(uri: str) -> str:
-    """A local path made absolute against this process's working directory; remote URIs unchanged.
+NON_PATH_PREFIXES = ("models:/", "builtin:")  # registry versions and shipped models: names, not paths
+
+
+def absolute(ref: str, only_if_exists: bool = False) -> str:
+    """A relative local path made absolute against this process's working directory; URIs (s3://,
+    file://, models:/, builtin:) unchanged. With `only_if_exists`, a name that is no local path (a hub
+    id such as stabilityai/sd-vae-ft-ema) is left alone too.
 
     Jobs call this on the driver before shipping a config to Ray workers, whose working directory is
-    not the driver's (Ray Train runs each worker in its run directory).
+    not the driver's (Ray Train runs each worker in its run directory; Serve replicas run elsewhere).
     """
-    return str(uri) if is_remote(uri) else _local_path(uri)
+    ref = str(ref)
+    if "://" in ref or ref.startswith(NON_PATH_PREFIXES) or (only_if_exists and not Path(ref).exists()):
+        return ref
+    return _local_path(ref)
 
 
 def s3_endpoint() -> str | None:

@@ -85,6 +85,14 @@ def embedded_tracking_uri(storage_dir: str) -> str:
     return f"sqlite:///{path / DB_FILE}"
 
 
+def absolute_tracking_uri(uri: str | None) -> str | None:
+    """An SQLite store given relative to this directory (sqlite:///runs/mlflow.db) made absolute; other URIs
+    unchanged. Ray workers and replicas run in other directories."""
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{storage.absolute(uri[len('sqlite:///'):])}"
+    return uri
+
+
 def resolve_tracking_uri(tracking_uri: str | None, storage_dir: str) -> str:
     return tracking_uri or embedded_tracking_uri(storage_dir)
 

@@ -88,3 +88,19 @@ def test_s3_credentials_never_in_errors(s3_server, monkeypatch):
         storage.read_bytes("s3://no-such-bucket-xyz/key")
     assert "sekrit-value-123" not in str(err.value)
     storage._S3_CACHE.clear()
+
+
+def test_absolute_refs_for_workers_in_other_directories(tmp_path, monkeypatch):
+    from drivedit.tracking import absolute_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("runs/shards") == str(tmp_path / "runs" / "shards")
+    for ref in ("s3://bucket/shards", "file:///data/x", "models:/drivedit-demo/1", "builtin:tiny-dit"):
+        assert storage.absolute(ref) == ref
+    # a hub id is not a path unless such a folder exists here
+    assert storage.absolute("stabilityai/sd-vae-ft-ema", only_if_exists=True) == "stabilityai/sd-vae-ft-ema"
+    (tmp_path / "stabilityai" / "sd-vae-ft-ema").mkdir(parents=True)
+    assert storage.absolute("stabilityai/sd-vae-ft-ema", only_if_exists=True) == str(tmp_path / "stabilityai" / "sd-vae-ft-ema")
+    assert absolute_tracking_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    for uri in ("sqlite:////abs/mlflow.db", "http://mlflow:5000", None):
+        assert absolute_tracking_uri(uri) == uri

@@ -20,8 +20,8 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+from drivedit import storage, tracking
 from drivedit.config.base import ConfigError, load_config
 from drivedit.config.generate import GenerateJob
 from drivedit.generate import dataset
@@ -52,10 +52,6 @@ class Prepared:
                 "codec": sm.codec_info, "class_ids": dict(zip(sm.scenarios, sm.class_ids))}
 
 
-def _absolute(path: str) -> str:
-    return path if "://" in path or path.startswith(("models:/", "builtin:")) else str(Path(path).resolve())
-
-
 def absolute_local_paths(job: GenerateJob) -> GenerateJob:
     """Relative local paths made absolute here, where the user meant them: Ray workers run elsewhere.
 
@@ -63,15 +59,13 @@ def absolute_local_paths(job: GenerateJob) -> GenerateJob:
     SQLite tracking store; URIs (s3://, models:/, builtin:) are left alone. The caller's job is not changed.
     """
     job = job.model_copy(deep=True)
-    job.model.ref = _absolute(job.model.ref)
-    if job.model.codec is not None and job.model.codec.source and Path(job.model.codec.source).exists():
-        job.model.codec.source = str(Path(job.model.codec.source).resolve())
-    job.output.uri = _absolute(job.output.uri)
+    job.model.ref = storage.absolute(job.model.ref)
+    if job.model.codec is not None and job.model.codec.source:
+        job.model.codec.source = storage.absolute(job.model.codec.source, only_if_exists=True)  # or a hub id
+    job.output.uri = storage.absolute(job.output.uri)
     if job.spec.balance is not None:
-        job.spec.balance.source = _absolute(job.spec.balance.source)
-    uri = job.tracking.tracking_uri
-    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        job.tracking.tracking_uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        job.spec.balance.source = storage.absolute(job.spec.balance.source)
+    job.tracking.tracking_uri = tracking.absolute_tracking_uri(job.tracking.tracking_uri)
     return job
 
 
@@ -264,8 +258,8 @@ def _summary(prep: Prepared, rows: list[dict], skipped: int, seconds: float, tot
         "per_scenario": prep.plan.counts(),
         "per_scenario_written": written,
         "image_size": prep.image_size,
-        "manifest": dataset.storage.join(uri, dataset.MANIFEST_FILE) if complete else None,
-        "labels": dataset.storage.join(uri, dataset.LABELS_FILE) if complete else None,
+        "manifest": storage.join(uri, dataset.MANIFEST_FILE) if complete else None,
+        "labels": storage.join(uri, dataset.LABELS_FILE) if complete else None,
     }
 
 

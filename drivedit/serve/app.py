@@ -32,6 +32,7 @@ import yaml
 from ray import serve
 from ray.serve import Application
 
+from drivedit import storage, tracking
 from drivedit.config.base import ConfigError, load_config, validate_config
 from drivedit.config.serve import ServeApp
 from drivedit.serve.engine import SampleJob, SampleResult, count_images
@@ -110,13 +111,10 @@ def absolute_local_refs(cfg: ServeApp) -> ServeApp:
     written: a replica's working directory is not necessarily this one."""
     cfg = cfg.model_copy(deep=True)
     m = cfg.model
-    if "://" not in m.ref and not m.ref.startswith(("models:/", "builtin:")) and Path(m.ref).exists():
-        m.ref = str(Path(m.ref).resolve())
-    uri = m.tracking_uri
-    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        m.tracking_uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    if m.codec is not None and m.codec.source and Path(m.codec.source).exists():
-        m.codec.source = str(Path(m.codec.source).resolve())
+    m.ref = storage.absolute(m.ref, only_if_exists=True)  # a hub id stays as it is
+    m.tracking_uri = tracking.absolute_tracking_uri(m.tracking_uri)
+    if m.codec is not None and m.codec.source:
+        m.codec.source = storage.absolute(m.codec.source, only_if_exists=True)
     return cfg
 
 
