@@ -85,7 +85,7 @@ class Runner:
     def __init__(self, name: str, base, args, batch: dict, device: torch.device):
         from drivedit.config.method import MethodConfig
         from drivedit.models.diffusion import GaussianDiffusion, linear_betas
-        from drivedit.train.methods import apply_method
+        from drivedit.train.method_adapters import apply_method
 
         self.name, self.batch, self.device = name, batch, device
         model = copy.deepcopy(base)

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("drivedit.eval.cli", "main", "FID / KID / precision / recall and condition accuracy of two folders"),
     "export": ("drivedit.export", "main", "merge an adapter bundle into its base; write official / diffusers files"),
     "new-model": ("drivedit.new_model", "main", "write a freshly initialised DiT checkpoint (pre-training from scratch)"),
-    "inspect": ("drivedit.inspect", "main", "inspect a model size, a method's trainable set, or shards"),
+    "inspect": ("drivedit.inspect_cli", "main", "inspect a model size, a method's trainable set, or shards"),
     "demo": ("drivedit.demo", "main", "the whole platform on this machine, end to end"),
 }
 

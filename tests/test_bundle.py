@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from drivedit.config.method import MethodConfig
-from drivedit.models.adapt import apply_spec
+from drivedit.models.adapter_spec import apply_spec
 from drivedit.models.bundle import BundleInfo, apply_bundle, load_bundle, merge, save_bundle
 from drivedit.models.checkpoint import export_safetensors, sha256_file
 from drivedit.models.dit import DiT, build_dit, dit_config
-from drivedit.train.methods import apply_method
+from drivedit.train.method_adapters import apply_method
 from drivedit.train.schedule import ProgressiveSchedule
 
 METHODS = ["full", "bitfit", "difffit", "finediffusion", "lora", "driveditfit"]

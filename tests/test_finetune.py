@@ -152,7 +152,7 @@ def test_resumed_run_finishes_in_one_mlflow_run(finished_run):
 
 def test_registered_bundle_equals_last_checkpoint(finished_run, tmp_path):
     """merge(base, bundle) == the adapted model holding the last checkpoint's EMA tensors."""
-    from drivedit.models.adapt import AdapterSpec, apply_spec
+    from drivedit.models.adapter_spec import AdapterSpec, apply_spec
     from drivedit.models.bundle import load_bundle, merge
     from drivedit.models.checkpoint import load_dit
     from drivedit.train import state as st

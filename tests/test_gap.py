@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from drivedit.config.method import MethodConfig
-from drivedit.models.adapt import linear_names, modulator_cost
+from drivedit.models.adapter_spec import linear_names, modulator_cost
 from drivedit.models.dit import build_dit, dit_config
 from drivedit.train.gap import ProbeData, module_gaps, select_by_gap, write_gap_report
-from drivedit.train.methods import apply_method
+from drivedit.train.method_adapters import apply_method
 
 PLANTED = "blocks.2.attn.proj"
 

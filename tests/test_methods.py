@@ -9,7 +9,7 @@ from drivedit.config.method import MethodConfig
 from drivedit.models.diffusion import GaussianDiffusion, linear_betas
 from drivedit.models.dit import build_dit, dit_config
 from drivedit.train.gap import ProbeData
-from drivedit.train.methods import apply_method, count_method
+from drivedit.train.method_adapters import apply_method, count_method
 
 METHODS = ["full", "bitfit", "difffit", "finediffusion", "lora", "driveditfit"]
 SCENARIOS = ["clear", "rainy", "night"]

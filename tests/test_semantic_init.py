@@ -10,7 +10,7 @@ from drivedit.config.method import MethodConfig
 from drivedit.models.diffusion import linear_betas
 from drivedit.models.dit import build_dit, dit_config
 from drivedit.train.gap import ProbeData
-from drivedit.train.methods import apply_method
+from drivedit.train.method_adapters import apply_method
 from drivedit.train.semantic_init import choose_by_denoising, choose_by_text
 
 K, C, H = 8, 4, 8

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from drivedit.models.adapt import AdapterSpec, apply_spec, fold, saved_names, trainable_names
+from drivedit.models.adapter_spec import AdapterSpec, apply_spec, fold, saved_names, trainable_names
 from drivedit.models.dit import DiT, DiTConfig
 
 FORMAT = "drivedit.adapter_bundle"

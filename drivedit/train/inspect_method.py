@@ -71,7 +71,7 @@ def _format(r: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from drivedit.train.methods import count_method
+    from drivedit.train.method_adapters import count_method
 
     args = _parser().parse_args(argv)
     problems = []

@@ -136,7 +136,7 @@ class WorkerLoop:
     def _build(self) -> None:
         from drivedit.data.shards import read_shard_metadata
         from drivedit.models.checkpoint import load_dit
-        from drivedit.train.adapt_model import adapt_for_training, sync_from_rank0
+        from drivedit.train.adapt_ranks import adapt_for_training, sync_from_rank0
         from drivedit.train.schedule import build_schedule
 
         job, e = self.job, self.e
@@ -317,7 +317,7 @@ class WorkerLoop:
 
     def _bundle_tensors(self) -> dict[str, torch.Tensor]:
         """Trainable values for the bundle (EMA or raw, as configured) plus any saved-but-frozen table."""
-        from drivedit.models.adapt import saved_names
+        from drivedit.models.adapter_spec import saved_names
 
         chosen = self.ema.state_dict() if self.job.optim.bundle_weights == "ema" else \
             {k: p.detach().cpu() for k, p in self.trainable.items()}
@@ -345,7 +345,7 @@ class WorkerLoop:
             self._publish(path, "samples")
 
     def _checkpoint(self, final: bool) -> None:
-        from drivedit.train.adapt_model import adapter_tensors
+        from drivedit.train.adapt_ranks import adapter_tensors
 
         name = st.checkpoint_dir_name(self.step)
         metrics = {"step": self.step, **getattr(self, "last_metrics", {})}

@@ -1,4 +1,5 @@
-"""Adapt the base DiT on every worker so that all ranks hold the same adapted model.
+"""Adapt the base DiT on every Ray Train rank so that all ranks hold the same adapted model
+(`adapt_for_training`, around `train/method_adapters.apply_method`).
 
 A fresh run: rank 0 runs the method (gap measurement and semantic init need a probe of shard
 rows and some forward passes; doing them once keeps the ranks from disagreeing by a rounding
@@ -12,10 +13,10 @@ import torch
 import torch.distributed as dist
 
 from drivedit.config.finetune import FinetuneJob
-from drivedit.models.adapt import AdapterSpec, apply_spec, saved_names, trainable_names
+from drivedit.models.adapter_spec import AdapterSpec, apply_spec, saved_names, trainable_names
 from drivedit.models.dit import DiT
 from drivedit.train import state as st
-from drivedit.train.methods import MethodResult, apply_method, count_groups
+from drivedit.train.method_adapters import MethodResult, apply_method, count_groups
 
 
 def result_from_spec(model: DiT, job: FinetuneJob, spec: AdapterSpec, scenarios: list[str]) -> MethodResult:

@@ -1,4 +1,7 @@
-"""Install a method's adapters on a DiT from a plain spec, say which tensors train, and fold them back.
+"""`AdapterSpec` and what follows from it: install its adapters on a DiT, say which tensors train, fold them back.
+
+The layers themselves are in `models/adapter_layers.py`; choosing a method's spec is
+`train/method_adapters.apply_method` (the entry point the jobs use).
 
 `AdapterSpec` is the JSON-able description of an adapted model (it travels in `bundle.json`), so
 `apply_spec(build_dit(cfg), spec)` rebuilds the exact structure that training used, and
@@ -23,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn as nn
 
-from drivedit.models.adapters import (
+from drivedit.models.adapter_layers import (
     LoRALinear,
     ScaledLinear,
     ScenarioEmbedder,

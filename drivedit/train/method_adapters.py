@@ -1,4 +1,7 @@
-"""Method name -> trainable subset of a DiT: full, bitfit, difffit, finediffusion, lora, driveditfit.
+"""Method name -> its adapters installed and its trainable subset chosen: `apply_method` is the entry point.
+
+Methods: full, bitfit, difffit, finediffusion, lora, driveditfit. The adapter layers are in
+`models/adapter_layers.py`, the spec that installs and folds them in `models/adapter_spec.py`.
 
 Published trainable sets (reference/methods.md), every one starting as the base model's function:
 - full: every parameter except the fixed sin-cos `pos_embed`.
@@ -22,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from drivedit.config.method import MethodConfig
-from drivedit.models.adapt import (
+from drivedit.models.adapter_spec import (
     AdapterSpec,
     apply_spec,
     attention_linears,
@@ -31,7 +34,7 @@ from drivedit.models.adapt import (
     paper_modulated,
     trainable_names,
 )
-from drivedit.models.adapters import init_rows
+from drivedit.models.adapter_layers import init_rows
 from drivedit.models.dit import DiT, build_dit, dit_config
 from drivedit.train import gap as gap_mod
 from drivedit.train import semantic_init

@@ -1,4 +1,8 @@
-"""Adapter modules that fine-tuning methods install on a frozen DiT.
+"""The adapter layers that fine-tuning methods install on a frozen DiT (layers only).
+
+Where the adapter code lives: these layers; `models/adapter_spec.py` installs a spec's layers on a DiT
+and folds them back; `train/method_adapters.py` turns a method name into a spec and its trainable
+set (`apply_method`: the one entry point); `train/adapt_ranks.py` does that identically on every rank.
 
 Every Linear adapter is an `nn.Linear` subclass that *shares* the frozen `weight` / `bias`
 Parameters of the Linear it replaces, so the official state-dict keys (`blocks.3.attn.qkv.weight`)
