@@ -11,9 +11,14 @@ and renamed; an S3 object becomes visible only when its (single or multipart) up
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
@@ -170,6 +175,74 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
 
 def write_text_atomic(uri: str, text: str) -> None:
     write_bytes_atomic(uri, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_local_file(path: str | Path) -> Iterator[Path]:
+    """A hidden temporary path beside local file `path` for a writer that wants a path (torch.save,
+    safetensors, savefig); when the block ends without error it is renamed onto `path`, otherwise
+    removed, so readers see the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARKER}{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_local_dir(path: str | Path) -> Iterator[Path]:
+    """A hidden temporary directory beside local directory `path` to fill; when the block ends without
+    error it takes `path`'s place whole (an existing directory is swapped out, never half-overwritten),
+    otherwise it is removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}{TMP_MARKER}"))
+    try:
+        yield tmp
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(local_dir: str | Path, uri: str) -> None:
+    """Copy a local directory to `uri`: a local target is swapped in whole; on S3 each object lands
+    when its upload completes, in sorted order (so a manifest named to sort last lands last)."""
+    if is_remote(uri):
+        upload_dir(str(local_dir), uri)
+        return
+    with atomic_local_dir(filesystem_for(uri)[1]) as tmp:
+        shutil.copytree(local_dir, tmp, dirs_exist_ok=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 hex digest of one local file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a local file (its bytes, as `sha256_file`), or of a directory's files: each file's
+    relative name then its bytes, in sorted order. Bundles record their base model's digest this way."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def delete(uri: str) -> None:

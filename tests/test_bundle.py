@@ -8,7 +8,8 @@ import torch
 from drivedit.config.method import MethodConfig
 from drivedit.models.adapter_spec import apply_spec
 from drivedit.models.bundle import BundleInfo, apply_bundle, load_bundle, merge, save_bundle
-from drivedit.models.checkpoint import export_safetensors, sha256_file
+from drivedit.models.checkpoint import export_safetensors
+from drivedit.storage import sha256_file
 from drivedit.models.dit import DiT, build_dit, dit_config
 from drivedit.train.method_adapters import apply_method
 from drivedit.train.schedule import ProgressiveSchedule

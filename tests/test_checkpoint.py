@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 import drivedit.models.checkpoint as ckpt
 from drivedit.models.checkpoint import (CheckpointMismatchError, export_diffusers, export_official,
-                                        export_safetensors, load_dit, read_dit_config, resolve_model_source,
-                                        sha256_file)
+                                        export_safetensors, load_dit, read_dit_config, resolve_model_source)
+from drivedit.storage import sha256_file
 from drivedit.models.diffusers_format import DiffusersFormatError, patch_for_parity
 from drivedit.models.dit import build_dit, dit_config
 

@@ -22,7 +22,8 @@ import torch
 from drivedit.config.common import DEFAULT_SCENARIOS
 from drivedit.models.adapter_spec import AdapterSpec, apply_spec
 from drivedit.models.bundle import BundleInfo, load_bundle, merge, save_bundle
-from drivedit.models.checkpoint import export_safetensors, load_dit, sha256_file
+from drivedit.models.checkpoint import export_safetensors, load_dit
+from drivedit.storage import sha256_file
 from drivedit.models.diffusion import linear_betas
 from drivedit.models.dit import build_dit, dit_config
 

@@ -42,6 +42,49 @@ def test_local_failed_write_leaves_old_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["f.txt"]
 
 
+def test_atomic_local_file_and_dir_replace_whole_or_not_at_all(tmp_path):
+    f = tmp_path / "sub" / "w.bin"
+    with storage.atomic_local_file(f) as tmp:
+        assert tmp.parent == f.parent and storage.TMP_MARKER in tmp.name
+        tmp.write_bytes(b"one")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with storage.atomic_local_file(f) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert f.read_bytes() == b"one" and os.listdir(f.parent) == ["w.bin"]
+
+    d = tmp_path / "bundle"
+    with storage.atomic_local_dir(d) as tmp:
+        (tmp / "a.txt").write_text("1")
+        (tmp / "b.txt").write_text("1")
+    with storage.atomic_local_dir(d) as tmp:  # a second write swaps the whole directory
+        (tmp / "a.txt").write_text("2")
+    assert sorted(os.listdir(d)) == ["a.txt"] and (d / "a.txt").read_text() == "2"
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with storage.atomic_local_dir(d) as tmp:
+            (tmp / "a.txt").write_text("3")
+            raise RuntimeError("writer failed")
+    assert (d / "a.txt").read_text() == "2"
+    assert sorted(os.listdir(tmp_path)) == ["bundle", "sub"]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.json").write_text("x")
+    storage.publish_dir(src, str(d))
+    assert os.listdir(d) == ["x.json"]
+
+
+def test_sha256_of_files_and_directories(tmp_path):
+    import hashlib
+
+    (tmp_path / "d" / "s").mkdir(parents=True)
+    (tmp_path / "d" / "s" / "b").write_bytes(b"bb")
+    (tmp_path / "d" / "a").write_bytes(b"a")
+    assert storage.sha256_file(tmp_path / "d" / "a") == hashlib.sha256(b"a").hexdigest()
+    assert storage.sha256_path(tmp_path / "d" / "a") == hashlib.sha256(b"a").hexdigest()
+    # a directory: each file's relative name then its bytes, sorted by path
+    assert storage.sha256_path(tmp_path / "d") == hashlib.sha256(b"a" + b"a" + b"s/b" + b"bb").hexdigest()
+
+
 def test_errors_name_the_uri(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file: .*missing.bin"):
         storage.read_bytes(str(tmp_path / "missing.bin"))

@@ -8,9 +8,6 @@ generated frames can be trusted. Saved as `classifier.safetensors` + `classifier
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from drivedit import storage
 
 FORMAT = "drivedit-scenario-classifier"
 WEIGHTS_FILE = "classifier.safetensors"
@@ -110,22 +109,10 @@ class ScenarioClassifier:
     def save(self, path: str | Path) -> Path:
         """Write the folder `path` (weights + JSON) atomically: a complete new folder replaces any old one."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with storage.atomic_local_dir(path) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE))
             (tmp / META_FILE).write_text(json.dumps(self.metadata(), indent=2))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from drivedit import storage
 
 PAD = 2  # pixels between tiles
 LABEL_PAD = 4
@@ -66,13 +66,6 @@ def save_grid(images_uint8: np.ndarray, path: str | Path, nrow: int, labels: Seq
     """Write the grid as a PNG (temp name, then rename: never a half-written file)."""
     path = Path(path)
     img = grid_image(images_uint8, nrow, labels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with storage.atomic_local_file(path) as tmp:
+        img.save(tmp, format="PNG")
     return path

@@ -10,7 +10,6 @@ Used by the generation job's actors and by the serve replicas, so it imports no 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from drivedit import storage
-from drivedit.models.checkpoint import load_dit, resolve_model_source, sha256_file
+from drivedit.models.checkpoint import load_dit, resolve_model_source
 from drivedit.models.codec import load_codec
 from drivedit.models.diffusion import linear_betas
 from drivedit.models.dit import DiT
@@ -122,13 +121,6 @@ def _parse_codec_id(codec_id: str) -> dict:
 # ----------------------------------------------------------------------------- references
 
 
-def _digest_dir(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        h.update(p.relative_to(path).as_posix().encode() + b"\0" + sha256_file(p).encode())
-    return h.hexdigest()
-
-
 def _local_copy(uri: str, workdir: Path) -> Path:
     """A remote file or directory copied into `workdir`; a local one is returned as it is."""
     if not storage.is_remote(uri):
@@ -204,7 +196,7 @@ def _from_checkpoint(path: Path, ref: str, class_names, device) -> SamplingModel
     if bad:
         raise ValueError(f"model.class_names: class ids {', '.join(bad)} are outside the checkpoint's "
                          f"{num_classes} classes (0..{num_classes - 1})")
-    digest = _digest_dir(path) if path.is_dir() else sha256_file(path)
+    digest = storage.sha256_path(path)
     superclass_of = getattr(model.y_embedder, "superclass_of", None)
     return SamplingModel(model=model, scenarios=[n for _, n in pairs], class_ids=[i for i, _ in pairs],
                          betas=linear_betas(), image_size=0, version=f"checkpoint:{ref}", digest=digest,
@@ -227,5 +219,5 @@ def _from_bundle(path: Path, version: str, device, workdir: Path) -> SamplingMod
     superclass_of = getattr(model.y_embedder, "superclass_of", None)
     scenarios = list(bundle.scenarios)
     return SamplingModel(model=model, scenarios=scenarios, class_ids=list(range(len(scenarios))),
-                         betas=bundle.betas, image_size=0, version=version, digest=_digest_dir(path),
+                         betas=bundle.betas, image_size=0, version=version, digest=storage.sha256_path(path),
                          superclass_of=superclass_of, **_codec_fields(_parse_codec_id(bundle.codec)))

@@ -8,15 +8,11 @@ A bundle is a local directory (jobs upload / download it) holding
 
 `apply_bundle(base, bundle)` rebuilds the adapted, unmerged model; `merge(base, bundle)` folds it
 into a plain DiT with the official keys whose label table is the scenario table (num_classes = S).
-Imports torch, safetensors and numpy only.
+Imports torch, safetensors and numpy (and storage.py for atomic writes and sha256; no Ray).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from drivedit.models.adapter_spec import AdapterSpec, apply_spec, fold, saved_names, trainable_names
 from drivedit.models.dit import DiT, DiTConfig
+from drivedit.storage import atomic_local_dir, sha256_path
 
 FORMAT = "drivedit.adapter_bundle"
 VERSION = 1
@@ -87,17 +84,6 @@ class Bundle:
         return DiTConfig(**self.info.model_config)
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished temp directory into place; an existing bundle is swapped out, never half-overwritten."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_bundle(directory: str | Path, model: DiT, info: BundleInfo,
                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the bundle of an adapted model: its trainable tensors + label table, and `info`.
@@ -120,15 +106,9 @@ def save_bundle(directory: str | Path, model: DiT, info: BundleInfo,
         raise ValueError("bundle betas must be the sampling schedule (at least 2 values)")
     out = {n: tensors[n].detach().to("cpu", torch.float32).contiguous() for n in names}
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with atomic_local_dir(target) as tmp:  # an existing bundle is swapped out, never half-overwritten
         save_file(out, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         (tmp / INFO_FILE).write_text(json.dumps(info.to_json(out), indent=1))
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -162,21 +142,6 @@ def load_bundle(directory: str | Path) -> Bundle:
     return Bundle(info=info, tensors=tensors, path=d)
 
 
-def sha256_path(path: str | Path) -> str:
-    """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-_sha256 = sha256_path  # the name the training job first imported
 
 
 def load_base(bundle: Bundle) -> DiT:

@@ -11,18 +11,14 @@ Sources `load_dit` accepts:
 Pickles are read with `weights_only=True`; the only class allowed besides tensors and plain
 containers is `argparse.Namespace` (train.py's `args`). The architecture is inferred from tensor
 shapes (metadata fills what shapes cannot tell: heads, the rope grid). Imports torch, numpy,
-safetensors and diffusers (through diffusers_format) only.
+safetensors, diffusers (through diffusers_format) and storage.py (atomic writes) only.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import pickle
 import re
-import shutil
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -33,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from .diffusers_format import (DiffusersFormatError, config_fields_from_diffusers, diffusers_config,
                                diffusers_to_official, official_to_diffusers)
 from .dit import DIT_SIZES, DiT, DiTConfig, rope_2d_tables, sincos_2d_pos_embed
+from ..storage import atomic_local_dir, atomic_local_file
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_PREFIX = "builtin:"
@@ -85,14 +82,6 @@ def resolve_model_source(ref: str | Path) -> Path:
         raise FileNotFoundError(f"model source {text!r} does not exist; give a checkpoint file (.pt, "
                                 f".safetensors), a diffusers directory, or builtin:<name>")
     return path
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- reading
@@ -326,13 +315,6 @@ def load_dit(source: str | Path, *, config: DiTConfig | None = None, map_locatio
 # ----------------------------------------------------------------------------- writing
 
 
-def _atomic_file(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def _plain_state(model: DiT) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
@@ -340,25 +322,17 @@ def _plain_state(model: DiT) -> dict[str, torch.Tensor]:
 def export_official(model: DiT, path: str | Path) -> Path:
     """Bare state dict with the official keys (loads into facebookresearch/DiT's `DiT_models`)."""
     path = Path(path)
-    tmp = _atomic_file(path)
-    try:
+    with atomic_local_file(path) as tmp:
         torch.save(_plain_state(model), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
 def export_safetensors(model: DiT, path: str | Path) -> Path:
     """safetensors with the DiTConfig in the header, so loading needs no guessing."""
     path = Path(path)
-    tmp = _atomic_file(path)
-    try:
+    with atomic_local_file(path) as tmp:
         save_file(_plain_state(model), str(tmp),
                   metadata={"format": "pt", METADATA_KEY: json.dumps(model.config.to_dict())})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -384,17 +358,6 @@ def export_diffusers(model: DiT, directory: str | Path) -> Path:
     grid = cfg.input_size // cfg.patch_size
     table = torch.from_numpy(sincos_2d_pos_embed(cfg.hidden_size, grid)).float().unsqueeze(0)
     transformer.pos_embed.register_buffer("pos_embed", table, persistent=False)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
+    with atomic_local_dir(directory) as tmp:
         transformer.save_pretrained(tmp, safe_serialization=True)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -30,15 +30,14 @@ Selection: modules in decreasing gap, each added if its modulator cost still fit
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from drivedit import storage
 from drivedit.models.diffusion import GaussianDiffusion, linear_betas
 
 EPS = 1e-3  # relative to each module's RMS activation
@@ -207,17 +206,6 @@ def gap_report(gaps: dict[str, float], costs: dict[str, int], selected: list[str
             "selected": list(selected), "modules": rows}
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_gap_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     """gap_report.json and gap_report.png: bars per block, one colour per module kind; modulated ones solid."""
     import matplotlib
@@ -228,7 +216,7 @@ def write_gap_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "gap_report.json", out / "gap_report.png"
-    _atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    storage.write_text_atomic(str(json_path), json.dumps(report, indent=2))
 
     rows = report["modules"]
     blocks = list(dict.fromkeys(r["block"] for r in rows))
@@ -250,6 +238,7 @@ def write_gap_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     ax.set_title(f"source/target gap per module (solid, outlined = modulated; {report['spent']:,} of "
                  f"{report['budget']:,} params)", fontsize=9)
     fig.tight_layout()
-    _atomic_write(png_path, lambda p: fig.savefig(p, format="png", dpi=110))
+    with storage.atomic_local_file(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return json_path, png_path

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -163,7 +162,6 @@ def _run(plan: preflight.Plan) -> dict:
     from ray.train.torch import TorchTrainer
 
     from drivedit.data.shards import read_latent_dataset
-    from drivedit.models.bundle import _sha256
     from drivedit.train.loop import TRAIN_DATASET, LoopContext, train_loop_per_worker
 
     job = plan.job
@@ -182,7 +180,7 @@ def _run(plan: preflight.Plan) -> dict:
             with tempfile.TemporaryDirectory() as d:
                 storage.download_dir(latest["uri"], d)
                 return _finalize(plan, Path(d), tracked)
-        ctx = LoopContext(base_path=str(plan.base_path), base_ref=plan.base_ref, base_sha256=_sha256(plan.base_path),
+        ctx = LoopContext(base_path=str(plan.base_path), base_ref=plan.base_ref, base_sha256=storage.sha256_path(plan.base_path),
                           tracking=tracked.to_dict() if tracked else None, run_dir=plan.run_dir)
         dataset = read_latent_dataset(job.data.shards, columns=DATA_COLUMNS)
         if job.data.materialize:
@@ -216,25 +214,6 @@ def _run(plan: preflight.Plan) -> dict:
         raise
 
 
-def _publish_dir(local: Path, uri: str) -> None:
-    """Copy a directory to storage; a local target is swapped in whole, never half-written."""
-    if storage.is_remote(uri):
-        storage.upload_dir(str(local), uri)  # bundle.json sorts last: it lands after the weights
-        return
-    target = Path(storage.filesystem_for(uri)[1])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        shutil.copytree(local, tmp, dirs_exist_ok=True)
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _finalize(plan: preflight.Plan, checkpoint: Path, tracked: tracking.TrackedRun | None) -> dict:
     from drivedit.models.bundle import load_bundle
 
@@ -243,7 +222,7 @@ def _finalize(plan: preflight.Plan, checkpoint: Path, tracked: tracking.TrackedR
     bundle_dir = checkpoint / st.BUNDLE_DIR
     bundle = load_bundle(bundle_dir)  # refuse to publish a broken bundle
     bundle_uri = storage.join(plan.run_dir, "bundle")
-    _publish_dir(bundle_dir, bundle_uri)
+    storage.publish_dir(bundle_dir, bundle_uri)  # on S3 bundle.json sorts last: it lands after the weights
     step = int(meta["step"])
     checkpoint_name = st.checkpoint_dir_name(step)
     summary = {"run_name": job.run.name, "run_dir": plan.run_dir, "step": step, "method": job.method.name,
