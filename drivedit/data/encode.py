@@ -35,6 +35,7 @@ from drivedit.data.bdd100k import LabelFileError, ScenarioVocabulary, load_label
 from drivedit.data.encode_stages import CodecEncoder, CodecInfo, describe_codec, load_images
 from drivedit.data.shards import (SHARD_RE, ShardMetadata, build_shard_table, read_file_metadata, shard_name,
                                   write_shard)
+from drivedit.raylocal import connect_ray
 
 log = logging.getLogger("drivedit.encode")
 ROW_COLUMNS = ("frame_id", "source_uri", "scenario", "weather", "timeofday", "moments", "moments_flip",
@@ -161,13 +162,7 @@ def _check_output(job: EncodeJob, plan: EncodePlan) -> None:
 
 
 def _start_ray(job: EncodeJob):
-    import ray
-
-    if not ray.is_initialized():
-        kwargs = {"address": job.ray.address} if job.ray.address else {}
-        if not job.ray.address and job.ray.num_cpus:
-            kwargs["num_cpus"] = job.ray.num_cpus
-        ray.init(**kwargs)
+    ray = connect_ray(job.ray.address, job.ray.num_cpus)
     if job.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise ConfigError("encode", ["scaling.use_gpu: the Ray cluster has no GPU; set scaling.use_gpu: false "
                                      "or connect to a cluster with GPUs (ray.address)"])

@@ -29,6 +29,7 @@ from drivedit.generate.model_ref import SamplingModel, load_sampling_model
 from drivedit.generate.report import log_summary, start_tracking
 from drivedit.generate.spec import (ItemPlan, SpecError, existing_scenario_counts, plan_items, resolve_counts,
                                     spec_document, spec_hash)
+from drivedit.raylocal import connect_ray
 
 log = logging.getLogger("drivedit.generate")
 
@@ -103,17 +104,6 @@ def prepare(job: GenerateJob) -> Prepared:
 
 
 # ----------------------------------------------------------------------------- Ray
-
-
-def connect_ray(job: GenerateJob) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if job.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=job.ray.address)  # the cluster this job was submitted to
-    else:
-        ray.init(num_cpus=job.ray.num_cpus)
 
 
 def _pool_sizes(job: GenerateJob, num_pending: int) -> tuple[int, int, bool]:
@@ -213,7 +203,7 @@ def run_generate(job: GenerateJob, *, stop_after_shards: int | None = None) -> d
         rows: list[dict] = []
         seconds = 0.0
         if pending:
-            connect_ray(job)
+            connect_ray(job.ray.address, job.ray.num_cpus)
             t0 = time.perf_counter()  # the pipeline's time: actor start and model loads included, Ray's own not
             rows = run_pipeline(prep, pending, stop_after_shards)
             seconds = time.perf_counter() - t0

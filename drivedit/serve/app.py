@@ -35,6 +35,7 @@ from ray.serve import Application
 from drivedit import storage, tracking
 from drivedit.config.base import ConfigError, load_config, validate_config
 from drivedit.config.serve import ServeApp
+from drivedit.raylocal import connect_ray
 from drivedit.serve.engine import SampleJob, SampleResult, count_images
 
 logger = logging.getLogger("drivedit.serve")
@@ -213,10 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print("drivedit serve: --detach needs a running Ray cluster (ray.address or RAY_ADDRESS); a Ray started "
               "by this command would end with it", file=sys.stderr)
         return 2
-    import ray
-
-    ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
-             ignore_reinit_error=True)
+    connect_ray(cfg.ray.address, cfg.ray.num_cpus)
     http = {"host": cfg.http.host, "port": cfg.http.port}
     if cfg.http.request_timeout_s is not None:
         http["request_timeout_s"] = cfg.http.request_timeout_s

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ import yaml
 from drivedit import storage, tracking
 from drivedit.config.base import ConfigError, apply_overrides
 from drivedit.config.finetune import FinetuneJob
+from drivedit.raylocal import connect_ray
 from drivedit.train import preflight
 from drivedit.train import state as st
 
@@ -101,17 +101,6 @@ def describe_fields(model, prefix: str = "") -> str:
 # ----------------------------------------------------------------------------- the run
 
 
-def _ensure_ray(job: FinetuneJob) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if job.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=job.ray.address)  # join the cluster this job was submitted to
-    else:
-        ray.init(num_cpus=job.ray.num_cpus)
-
-
 def _warn_if_short(job: FinetuneJob) -> None:
     """Ray Train waits (for an autoscaler) when the cluster lacks the workers' resources; say so up front."""
     import ray
@@ -170,7 +159,7 @@ def _run(plan: preflight.Plan) -> dict:
         print(f"[finetune] run {job.run.name} already finished at step {done['step']}: {done['bundle_uri']}",
               flush=True)
         return done
-    _ensure_ray(job)
+    connect_ray(job.ray.address, job.ray.num_cpus)
     _warn_if_short(job)
     tracked = _start_tracking(plan)
     try:
