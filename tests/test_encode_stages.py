@@ -139,3 +139,16 @@ def test_pixel_codec_actor_matches_the_torch_codec_and_needs_no_torch():
             "CodecEncoder({'kind': 'pixel'}, [3, 8, 8]); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_codec_ids_round_trip_and_bad_ones_are_named():
+    from drivedit.models.codec import check_codec, codec_id, parse_codec_id
+
+    assert codec_id("pixel", None) == "pixel" and parse_codec_id("pixel") == ("pixel", None)
+    assert parse_codec_id(codec_id("autoencoder_kl", "s3://b/vae")) == ("autoencoder_kl", "s3://b/vae")
+    with pytest.raises(ValueError, match="unknown codec id 'vqgan:x'"):
+        parse_codec_id("vqgan:x")
+    with pytest.raises(ValueError, match="unknown codec kind 'vqgan'"):
+        check_codec("vqgan", None)
+    with pytest.raises(ValueError, match="codec.source is required"):
+        check_codec("autoencoder_kl", None)

@@ -56,17 +56,15 @@ def _vae_config(source: str) -> dict:
 
 def describe_codec(codec: dict) -> CodecInfo:
     """What the shards need to know about a codec, without loading its weights."""
+    from drivedit.models.codec import check_codec, codec_id
+
     kind, source = codec.get("kind", "pixel"), codec.get("source")
+    check_codec(kind, source)
     if kind == "pixel":
         return CodecInfo("pixel", 1, 3, 1.0)
-    if kind != "autoencoder_kl":
-        raise ValueError(f"unknown codec kind {kind!r}; use 'pixel' or 'autoencoder_kl'")
-    if not source:
-        raise ValueError("codec.source is required for autoencoder_kl: a diffusers directory (local or s3://) "
-                         "or a hub id such as stabilityai/sd-vae-ft-ema")
     cfg = _vae_config(source)
     scale = codec.get("scale_factor") or cfg.get("scaling_factor", 0.18215)
-    return CodecInfo(f"autoencoder_kl:{source}", 2 ** (len(cfg["block_out_channels"]) - 1),
+    return CodecInfo(codec_id(kind, source), 2 ** (len(cfg["block_out_channels"]) - 1),
                      int(cfg["latent_channels"]), float(scale))
 
 

@@ -21,7 +21,8 @@ import torch
 
 from drivedit import storage
 from drivedit.models.checkpoint import load_dit, resolve_model_source
-from drivedit.models.codec import load_codec
+from drivedit.models.codec import codec_id as format_codec_id
+from drivedit.models.codec import load_codec, parse_codec_id
 from drivedit.models.diffusion import linear_betas
 from drivedit.models.dit import DiT
 
@@ -67,7 +68,7 @@ class SamplingModel:
 
     @property
     def codec_id(self) -> str:
-        return "pixel" if self.codec_kind == "pixel" else f"{self.codec_kind}:{self.codec_source}"
+        return format_codec_id(self.codec_kind, self.codec_source)
 
     def load_codec(self, device="cpu"):
         return load_codec(self.codec_kind, self.codec_source, self.codec_scale, self.codec_dtype).to(device)
@@ -108,14 +109,6 @@ def _default_codec(in_channels: int) -> dict:
     if in_channels == 3:
         return {"kind": "pixel", "source": None, "scale_factor": None, "dtype": "float32"}
     return {"kind": "autoencoder_kl", "source": DEFAULT_VAE, "scale_factor": None, "dtype": "float32"}
-
-
-def _parse_codec_id(codec_id: str) -> dict:
-    """A bundle's codec id ("pixel" or "autoencoder_kl:<source>") -> a codec section."""
-    kind, _, source = codec_id.partition(":")
-    if kind not in ("pixel", "autoencoder_kl"):
-        raise ValueError(f"unknown codec id {codec_id!r} in the bundle; expected 'pixel' or 'autoencoder_kl:<source>'")
-    return {"kind": kind, "source": source or None, "scale_factor": None, "dtype": "float32"}
 
 
 # ----------------------------------------------------------------------------- references
@@ -203,6 +196,12 @@ def _from_checkpoint(path: Path, ref: str, class_names, device) -> SamplingModel
                          superclass_of=superclass_of, **_codec_fields(_default_codec(model.in_channels)))
 
 
+def _section_from_codec_id(recorded_id: str) -> dict:
+    """A bundle's recorded codec id -> a codec section."""
+    kind, source = parse_codec_id(recorded_id)
+    return {"kind": kind, "source": source, "scale_factor": None, "dtype": "float32"}
+
+
 def _codec_fields(section: dict) -> dict:
     return {"codec_kind": section["kind"], "codec_source": section.get("source"),
             "codec_scale": section.get("scale_factor"), "codec_dtype": section.get("dtype") or "float32"}
@@ -220,4 +219,4 @@ def _from_bundle(path: Path, version: str, device, workdir: Path) -> SamplingMod
     scenarios = list(bundle.scenarios)
     return SamplingModel(model=model, scenarios=scenarios, class_ids=list(range(len(scenarios))),
                          betas=bundle.betas, image_size=0, version=version, digest=storage.sha256_path(path),
-                         superclass_of=superclass_of, **_codec_fields(_parse_codec_id(bundle.codec)))
+                         superclass_of=superclass_of, **_codec_fields(_section_from_codec_id(bundle.codec)))

@@ -18,7 +18,8 @@ from drivedit.config.generate import GenerateJob
 from drivedit.generate.model_ref import load_sampling_model
 from drivedit.models.codec import sample_clip_range
 from drivedit.generate.sampler import DiTSampler, SamplerSettings
-from drivedit.generate.writer import decode_to_uint8, limit_threads
+from drivedit.generate.images import decode_to_uint8
+from drivedit.generate.writer import limit_threads
 
 
 def sampler_settings(job: GenerateJob) -> SamplerSettings:

@@ -7,7 +7,6 @@ worker keeps its imports and its codec from one shard to the next.
 from __future__ import annotations
 
 import functools
-import io
 import json
 import time
 
@@ -19,11 +18,8 @@ from drivedit import storage
 from drivedit.config.base import validate_config
 from drivedit.config.generate import GenerateJob
 from drivedit.generate import dataset
-from drivedit.generate.grid import latents_to_uint8
+from drivedit.generate.images import decode_to_uint8, encode_png
 from drivedit.models.codec import load_codec
-
-DECODE_CHUNK = 16  # images per codec.decode call: bounds a VAE decoder's activation memory
-
 
 def limit_threads(cpus: float) -> None:
     # several CPU actors on one node would otherwise each start one thread per core
@@ -33,19 +29,6 @@ def limit_threads(cpus: float) -> None:
 def codec_from_info(info: dict):
     """A codec from its plain description {kind, source, scale_factor, dtype} (SamplingModel.codec_info)."""
     return load_codec(info["kind"], info.get("source"), info.get("scale_factor"), info.get("dtype") or "float32")
-
-
-def decode_to_uint8(codec, latents: torch.Tensor) -> np.ndarray:
-    """(N, C, h, w) latents -> (N, H, W, 3) uint8, decoding in chunks."""
-    images = torch.cat([codec.decode(chunk) for chunk in latents.split(DECODE_CHUNK)])  # (N, 3, H, W) in [-1, 1]
-    return np.ascontiguousarray(latents_to_uint8(images.cpu()))
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> PNG bytes with fixed settings: the same pixels always give the same bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

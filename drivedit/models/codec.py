@@ -17,6 +17,30 @@ import torch
 
 from drivedit.models.pixel import PIXEL_LOGVAR
 
+CODEC_KINDS = ("pixel", "autoencoder_kl")
+
+
+def check_codec(kind: str, source: str | None) -> None:
+    """Refuse an unknown codec kind, or an autoencoder_kl without a source, saying what to write."""
+    if kind not in CODEC_KINDS:
+        raise ValueError(f"unknown codec kind {kind!r}; use 'pixel' or 'autoencoder_kl'")
+    if kind == "autoencoder_kl" and not source:
+        raise ValueError("codec.source is required for autoencoder_kl: a diffusers directory (local or s3://) "
+                         "or a hub id such as stabilityai/sd-vae-ft-ema")
+
+
+def codec_id(kind: str, source: str | None) -> str:
+    """The id shards and bundles record: "pixel" or "autoencoder_kl:<source>"."""
+    return "pixel" if kind == "pixel" else f"{kind}:{source}"
+
+
+def parse_codec_id(codec_id: str) -> tuple[str, str | None]:
+    """(kind, source) of a recorded codec id ("pixel", "autoencoder_kl:<source>")."""
+    kind, _, source = str(codec_id).partition(":")
+    if kind not in CODEC_KINDS:
+        raise ValueError(f"unknown codec id {codec_id!r}; expected 'pixel' or 'autoencoder_kl:<source>'")
+    return kind, source or None
+
 
 class PixelCodec:
     """Identity codec: the latent is the image itself (3 channels, factor 1)."""
@@ -65,7 +89,7 @@ class AutoencoderKLCodec:
 
     @property
     def id(self) -> str:
-        return f"autoencoder_kl:{self.source}"
+        return codec_id(self.kind, self.source)
 
     def to(self, device) -> "AutoencoderKLCodec":
         self.device = torch.device(device)
@@ -100,13 +124,9 @@ def load_codec(kind: str = "pixel", source: str | None = None, scale_factor: flo
     pipeline works too) or a hub id already in the local cache."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    check_codec(kind, source)
     if kind == "pixel":
         return PixelCodec()
-    if kind != "autoencoder_kl":
-        raise ValueError(f"unknown codec kind {kind!r}; use 'pixel' or 'autoencoder_kl'")
-    if not source:
-        raise ValueError("codec.source is required for autoencoder_kl: a local directory or a hub id "
-                         "such as stabilityai/sd-vae-ft-ema")
     from diffusers import AutoencoderKL
 
     path = Path(source)

@@ -7,19 +7,15 @@ generator inside the sampler, so what a request gets does not depend on who it w
 """
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from drivedit.generate.grid import latents_to_uint8
-from drivedit.models.codec import sample_clip_range
+from drivedit.generate.images import decode_to_uint8, encode_png
 from drivedit.generate.sampler import DiTSampler, SamplerSettings
-
-DECODE_CHUNK = 16  # images per codec.decode call: bounds a VAE decoder's activation memory
+from drivedit.models.codec import sample_clip_range
 
 
 @dataclass(frozen=True)
@@ -49,14 +45,6 @@ class SampleResult:
     seeds: list[int]
     batch_images: int  # images in the sampler call this request was part of
     batch_requests: int  # requests in that call
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> PNG bytes. Fixed settings, so the same pixels always give the same bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
 
 
 def count_images(jobs: Sequence[SampleJob]) -> int:
@@ -121,6 +109,5 @@ class SampleEngine:
         seeds = [s for j in jobs for s in j.seeds]
         uncond = self.superclass_of(labels) if self.guidance_kind == "superclass" else None  # (N,) or None
         latents = self.sampler.sample(labels, seeds, self.settings(jobs[0]), uncond_labels=uncond)  # (N, C, h, w)
-        images = torch.cat([self.codec.decode(chunk) for chunk in latents.split(DECODE_CHUNK)])  # (N, 3, H, W)
-        pixels = latents_to_uint8(images)  # (N, H, W, 3) uint8
+        pixels = decode_to_uint8(self.codec, latents)  # (N, H, W, 3) uint8
         return [encode_png(p) for p in pixels]

@@ -11,10 +11,10 @@ from drivedit.config.finetune import SamplingSection
 
 def codec_for(codec_id: str, scale_factor: float):
     """The codec that wrote the shards, from their metadata's codec id ("pixel", "autoencoder_kl:<source>")."""
-    from drivedit.models.codec import load_codec
+    from drivedit.models.codec import load_codec, parse_codec_id
 
-    kind, _, source = codec_id.partition(":")
-    return load_codec(kind, source or None, scale_factor)
+    kind, source = parse_codec_id(codec_id)
+    return load_codec(kind, source, scale_factor)
 
 
 @torch.no_grad()
