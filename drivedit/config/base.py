@@ -82,6 +82,14 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
                 data: dict | None = None) -> M:
     """Load YAML (or a dict), apply overrides, validate. Raises ConfigError listing every problem."""
     source = str(path) if path else "(defaults)"
+    return validate_config(model, read_raw_config(path, overrides, data), source)
+
+
+def read_raw_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                    data: dict | None = None) -> dict:
+    """The YAML file's mapping (or `data`) with overrides applied, not yet validated: for a job that
+    checks more than the schema before it lists the problems (finetune's preflight)."""
+    source = str(path) if path else "(defaults)"
     raw: dict = dict(data or {})
     if path:
         p = Path(path)
@@ -96,7 +104,7 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
         raw.update(loaded)
     if overrides:
         raw = apply_overrides(raw, overrides)
-    return validate_config(model, raw, source)
+    return raw
 
 
 def validate_config(model: type[M], raw: dict, source: str = "(dict)") -> M:

@@ -5,7 +5,7 @@ owned by drivedit.config.method), `optim`, `scaling` (the only section that chan
 laptop and a cluster), `run` (name, storage, checkpoints, restarts), `tracking` (MLflow),
 `sampling` (the per-scenario sample grids), `ray`, and `drill` (fault injection to rehearse
 recovery, off by default). Checks that need no I/O live here; checks that read the shards,
-the base checkpoint or a resumed run live in `drivedit.train.trainer.preflight`.
+the base checkpoint or a resumed run live in `drivedit.train.preflight.check`.
 """
 from __future__ import annotations
 

@@ -20,10 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from drivedit import storage, tracking
-from drivedit.config.base import ConfigError, apply_overrides
+from drivedit.config.base import ConfigError, field_help_lines, read_raw_config
 from drivedit.config.finetune import FinetuneJob
 from drivedit.raylocal import connect_ray
 from drivedit.train import preflight
@@ -44,58 +42,22 @@ def run_finetune(job: FinetuneJob) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """`drivedit finetune --config FILE [--section.field VALUE ...]`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="drivedit finetune", add_help=False,
-                                 description="Fine-tune a DiT on latent shards with Ray Train and register the "
-                                             "adapter bundle in MLflow. Any config field can be overridden as "
-                                             "--section.field VALUE.")
-    ap.add_argument("--config", help="YAML job config (configs/demo/finetune.yaml)")
-    ap.add_argument("-h", "--help", action="store_true")
+    ap = argparse.ArgumentParser(
+        prog="drivedit finetune", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a DiT on latent shards with Ray Train and register the adapter bundle in MLflow.",
+        epilog="config fields (set in the YAML or override as --section.field VALUE):\n"
+               + "\n".join(field_help_lines(FinetuneJob)))
+    ap.add_argument("--config", help="YAML job config (e.g. configs/demo/finetune.yaml)")
     args, overrides = ap.parse_known_args(argv)
-    if args.help:
-        print(ap.format_help())
-        print(describe_fields(FinetuneJob))
-        return 0
     source = args.config or "(command line)"
     try:
-        raw = _load_raw(args.config, overrides)
-        plan = preflight.check(raw, source)
+        plan = preflight.check(read_raw_config(args.config, overrides), source)
     except ConfigError as e:
         print(f"drivedit finetune: {e}", file=sys.stderr)
         return 2
     summary = _run(plan)
     print(json.dumps(summary, indent=1))
     return 0
-
-
-def _load_raw(path: str | None, overrides: list[str]) -> dict:
-    raw: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(path, [f"config file not found: {p}"])
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(path, [f"not valid YAML: {e}"]) from None
-        if not isinstance(raw, dict):
-            raise ConfigError(path, ["the top level must be a mapping of sections"])
-    return apply_overrides(raw, overrides) if overrides else raw
-
-
-def describe_fields(model, prefix: str = "") -> str:
-    """Every config field with its type, default and description (the schema is the CLI)."""
-    from pydantic import BaseModel
-
-    lines = []
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines.append(f"\n{prefix}{name}: {f.description or ''}")
-            lines.append(describe_fields(ann, f"{prefix}{name}."))
-        else:
-            default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
-            lines.append(f"  --{prefix}{name} ({default}): {f.description or ''}")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- the run
