@@ -84,7 +84,7 @@ def test_run_survives_restart_and_registers_bundle(store, tmp_path):
         tracking.download_registered_bundle("runs:/abc/bundle", tracking_uri=uri)
 
 
-def test_stored_run_with_other_tracking_uri_is_refused(store, tmp_path):
+def test_run_dir_with_other_tracking_uri_is_refused(store, tmp_path):
     root, uri = store
     run_dir = str(root / "runs" / "job-b")
     tracking.start_run(uri, "exp", "job-b", storage_dir=run_dir)

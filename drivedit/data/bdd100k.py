@@ -19,11 +19,6 @@ from drivedit import storage
 from drivedit.config.common import DEFAULT_SCENARIOS
 
 DROPPED_WEATHERS = ("undefined", "foggy")
-WEATHERS = ("clear", "overcast", "partly cloudy", "rainy", "snowy", "foggy", "undefined")
-TIMES_OF_DAY = ("daytime", "dawn/dusk", "night", "undefined")
-# every category BDD100K boxes use: det_20 names and the older image-label names
-BOX_CATEGORIES = ("car", "truck", "bus", "train", "pedestrian", "person", "rider", "bicycle", "bike",
-                  "motorcycle", "motor", "traffic light", "traffic sign")
 
 
 @dataclass
@@ -205,6 +200,3 @@ class ScenarioVocabulary:
 
     def to_json(self) -> dict:
         return {"names": self.names, "night": self.night, "drop": list(self.drop)}
-
-
-DEFAULT_VOCABULARY = ScenarioVocabulary(DEFAULT_SCENARIOS)

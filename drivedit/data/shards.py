@@ -43,11 +43,6 @@ class ShardMetadata:
     num_rows: int = 0
     num_files: int = 1
 
-    @property
-    def moments_size(self) -> int:
-        c, h, w = self.latent_shape
-        return 2 * c * h * w
-
     def to_json(self) -> dict:
         d = asdict(self)
         d["latent_shape"] = list(self.latent_shape)
