@@ -20,6 +20,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from drivedit.logs import quiet_ray_noise, setup_logging
+from drivedit.raylocal import QUIET_WORKERS_HOOK
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIGS = REPO / "configs" / "demo"
 
@@ -187,8 +190,10 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", seed: int = 0, f
     sz = SIZES[size]
     t0 = time.time()
     started_ray = False
+    setup_logging()
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False)
+        quiet_ray_noise()
+        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"worker_process_setup_hook": QUIET_WORKERS_HOOK})
         started_ray = True
     try:
         summary: dict = {"out": str(out)}

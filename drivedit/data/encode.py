@@ -35,6 +35,7 @@ from drivedit.data.bdd100k import LabelFileError, ScenarioVocabulary, load_label
 from drivedit.data.encode_stages import CodecEncoder, CodecInfo, describe_codec, load_images
 from drivedit.data.shards import (SHARD_RE, ShardMetadata, build_shard_table, read_file_metadata, shard_name,
                                   write_shard)
+from drivedit.logs import setup_logging
 from drivedit.raylocal import connect_ray
 
 log = logging.getLogger("drivedit.encode")
@@ -301,7 +302,7 @@ def main(argv: list[str]) -> int:
                + "\n".join(field_help_lines(EncodeJob)))
     ap.add_argument("--config", help="YAML job config (e.g. configs/demo/encode.yaml)")
     args, overrides = ap.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     try:
         job = load_config(EncodeJob, args.config, overrides)
         summary = run_encode(job)

@@ -29,6 +29,7 @@ from drivedit.generate.model_ref import SamplingModel, load_sampling_model
 from drivedit.generate.report import log_summary, start_tracking
 from drivedit.generate.spec import (ItemPlan, SpecError, existing_scenario_counts, plan_items, resolve_counts,
                                     spec_document, spec_hash)
+from drivedit.logs import setup_logging
 from drivedit.raylocal import connect_ray
 
 log = logging.getLogger("drivedit.generate")
@@ -266,8 +267,7 @@ def main(argv: list[str]) -> int:
     if args.help:
         print(parser.format_help() + "\n".join(field_help_lines(GenerateJob)))
         return 0
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     try:
         job = load_config(GenerateJob, args.config, overrides)
         summary = run_generate(job)

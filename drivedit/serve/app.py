@@ -35,6 +35,7 @@ from ray.serve import Application
 from drivedit import storage, tracking
 from drivedit.config.base import ConfigError, load_config, validate_config
 from drivedit.config.serve import ServeApp
+from drivedit.logs import setup_logging
 from drivedit.raylocal import connect_ray
 from drivedit.serve.engine import SampleJob, SampleResult, count_images
 
@@ -51,6 +52,7 @@ class DiTSamplerDeployment:
     async def __init__(self, config: dict):
         # Re-validated here: a replica trusts nothing but its own copy of the config.
         self.cfg = validate_config(ServeApp, config, "serve replica config")
+        setup_logging()
         # One thread owns the model: sampler calls never overlap, and the event loop keeps answering
         # /healthz, validation errors and new arrivals while a batch is on the device.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit-sampler")
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print("drivedit serve: --detach needs a running Ray cluster (ray.address or RAY_ADDRESS); a Ray started "
               "by this command would end with it", file=sys.stderr)
         return 2
+    setup_logging()
     connect_ray(cfg.ray.address, cfg.ray.num_cpus)
     http = {"host": cfg.http.host, "port": cfg.http.port}
     if cfg.http.request_timeout_s is not None:

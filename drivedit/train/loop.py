@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import shutil
 import signal
 import tempfile
@@ -41,19 +40,11 @@ from pydantic import BaseModel
 
 from drivedit.config.base import validate_config
 from drivedit.config.finetune import FinetuneJob
+from drivedit.logs import setup_logging
 from drivedit.train import state as st
 
 TRAIN_DATASET = "train"
 log = logging.getLogger("drivedit.finetune")
-
-
-def _ensure_visible(logger: logging.Logger) -> None:
-    """Ray Train workers route logging to the driver; a bare process gets a stdout handler."""
-    if not logger.hasHandlers():
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
 
 
 class LoopContext(BaseModel):
@@ -125,7 +116,7 @@ class WorkerLoop:
         self.job, self.ctx, self.e = job, ctx, edges
         self.is_main = edges.rank == 0
         self.tracked = None
-        _ensure_visible(log)
+        setup_logging(edges.rank)  # rank 0 prints progress; the others only warnings
         if self.is_main and ctx.tracking:
             from drivedit.tracking import TrackedRun
 
@@ -144,7 +135,7 @@ class WorkerLoop:
         base = load_dit(self.ctx.base_path)
         self.base_config = base.config
         if self.is_main and job.method.name == "driveditfit" and not base.final_layer.linear.weight.any():
-            log.warning("[finetune] warning: the base model's final layer is all zeros (an untrained adaLN-Zero "
+            log.warning("the base model's final layer is all zeros (an untrained adaLN-Zero "
                         "DiT?); driveditfit's modulators scale frozen weights, so they cannot change its output "
                         "beyond the output bias: pre-train the base first or use method full")
         torch.manual_seed(job.method.probe_seed)
@@ -283,14 +274,14 @@ class WorkerLoop:
 
     def _log_line(self, m: dict) -> None:
         mem = "peak mem" if self.e.device.type == "cuda" else "peak RSS"
-        log.info(f"[finetune] step {self.step}/{self.job.optim.total_steps} | loss {m['loss']:.4f} | "
+        log.info(f"step {self.step}/{self.job.optim.total_steps} | loss {m['loss']:.4f} | "
                  f"lr {m['lr']:.2e} | {m['images_per_s']:.1f} img/s | {mem} {m['peak_mem_gib']:.2f} GiB")
         if self.tracked is not None:
             self.tracked.log_metrics(m, self.step)
 
     def _log_start(self, fresh: bool) -> None:
         counts = self.result.report.get("counts") or {}
-        log.info(f"[finetune] {self.job.method.name}: {counts.get('trainable', 0):,} trainable of "
+        log.info(f"{self.job.method.name}: {counts.get('trainable', 0):,} trainable of "
                  f"{counts.get('total', 0):,} parameters; {self.e.world_size} worker(s) on {self.e.device.type}; "
                  f"{'starting' if fresh else f'resuming at step {self.step}'} to {self.job.optim.total_steps}")
         if not fresh:
@@ -399,7 +390,7 @@ class WorkerLoop:
             return
         storage.write_text_atomic(marker, f"rank {rank} pid {os.getpid()}\n")
         if kill:
-            log.info(f"[finetune] drill: killing rank {rank} (pid {os.getpid()}) after step {self.step}")
+            log.info(f"drill: killing rank {rank} (pid {os.getpid()}) after step {self.step}")
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"drill: stopping the run after step {self.step} (drill.stop_at_step); rerun with the "
                            f"same run.name to resume from the last checkpoint")

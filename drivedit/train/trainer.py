@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -23,11 +24,13 @@ from pathlib import Path
 from drivedit import storage, tracking
 from drivedit.config.base import ConfigError, field_help_lines, read_raw_config
 from drivedit.config.finetune import FinetuneJob
+from drivedit.logs import setup_logging
 from drivedit.raylocal import connect_ray
 from drivedit.train import preflight
 from drivedit.train import state as st
 
 RESULT_FILE = "result.json"
+log = logging.getLogger("drivedit.finetune")
 DATA_COLUMNS = ["scenario", "moments", "moments_flip", "object_mask"]
 
 
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="YAML job config (e.g. configs/demo/finetune.yaml)")
     args, overrides = ap.parse_known_args(argv)
     source = args.config or "(command line)"
+    setup_logging()
     try:
         plan = preflight.check(read_raw_config(args.config, overrides), source)
     except ConfigError as e:
@@ -75,8 +79,8 @@ def _warn_if_short(job: FinetuneJob) -> None:
     short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
     if short:
         what = ", ".join(f"{k} {want:g} (cluster has {got:g})" for k, (want, got) in short.items())
-        print(f"[finetune] warning: the workers need {what}; Ray Train waits until the cluster provides them "
-              f"(an autoscaler adds nodes; a fixed cluster never does: lower scaling.num_workers)", flush=True)
+        log.warning(f"the workers need {what}; Ray Train waits until the cluster provides them "
+                    f"(an autoscaler adds nodes; a fixed cluster never does: lower scaling.num_workers)")
 
 
 def _storage_args(storage_path: str) -> dict:
@@ -118,8 +122,7 @@ def _run(plan: preflight.Plan) -> dict:
     job = plan.job
     done = _completed(plan)
     if done is not None:
-        print(f"[finetune] run {job.run.name} already finished at step {done['step']}: {done['bundle_uri']}",
-              flush=True)
+        log.info(f"run {job.run.name} already finished at step {done['step']}: {done['bundle_uri']}")
         return done
     connect_ray(job.ray.address, job.ray.num_cpus)
     _warn_if_short(job)
@@ -192,6 +195,6 @@ def _finalize(plan: preflight.Plan, checkpoint: Path, tracked: tracking.TrackedR
         tracked.log_dict(summary, RESULT_FILE)
         tracked.end("FINISHED")
     storage.write_text_atomic(storage.join(plan.run_dir, RESULT_FILE), json.dumps(summary, indent=1))
-    print(f"[finetune] done: step {step}, bundle {bundle_uri}" + (f", registered as {summary['model_uri']}"
-                                                                 if summary["model_uri"] else ""), flush=True)
+    log.info(f"done: step {step}, bundle {bundle_uri}" + (f", registered as {summary['model_uri']}"
+                                                          if summary["model_uri"] else ""))
     return summary
