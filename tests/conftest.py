@@ -1,4 +1,11 @@
-"""Shared test fixtures.
+"""Shared test fixtures, and the test tiers.
+
+Tiers (markers, registered in pyproject.toml; every test gets exactly one, here):
+- `unit`: no Ray, no servers; `pytest -m unit` runs in about a minute and a half on 2 cores.
+- `integration`: uses the shared local Ray and/or the S3 server (any test that asks, directly or
+  through another fixture, for one of INTEGRATION_FIXTURES).
+- `e2e`: the jobs as users run them (a module or test marked `pytest.mark.e2e`).
+`make test` runs all three.
 
 - One local Ray per test session (`ray_session`), started lazily by the first test that needs it,
   with 4 logical CPUs as the machine notes ask; tests leave CPUs free for Ray Data.
@@ -12,11 +19,53 @@ import os
 import socket
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("TQDM_DISABLE", "0")
+
+
+INTEGRATION_FIXTURES = {"ray_session", "s3_server", "s3_bucket", "mlflow_server"}
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            continue
+        tier = "integration" if INTEGRATION_FIXTURES & set(item.fixturenames) else "unit"
+        item.add_marker(getattr(pytest.mark, tier))
+
+
+def random_tiny_dit(name: str = "DiT-N/2", std: float = 0.1, seed: int = 0):
+    """A tiny "pretrained" DiT (8 px, 10 classes): every weight but the fixed sin-cos pos_embed drawn
+    from N(0, std) after torch.manual_seed(seed), not the adaLN-zero init, so every path matters."""
+    from drivedit.models.dit import build_dit, dit_config
+
+    torch.manual_seed(seed)
+    model = build_dit(dit_config(name, input_size=8, num_classes=10))
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname != "pos_embed":
+                p.normal_(0, std)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def base():
+    """The tiny base model most model tests start from (random_tiny_dit's defaults); a module may override it."""
+    return random_tiny_dit()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the thread barriers cost seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _free_port() -> int:

@@ -9,24 +9,13 @@ from drivedit.config.method import MethodConfig
 from drivedit.models.adapter_spec import apply_spec
 from drivedit.models.bundle import BundleInfo, apply_bundle, load_bundle, merge, save_bundle
 from drivedit.models.checkpoint import export_safetensors
-from drivedit.storage import sha256_file
 from drivedit.models.dit import DiT, build_dit, dit_config
+from drivedit.storage import sha256_file
 from drivedit.train.method_adapters import apply_method
 from drivedit.train.schedule import ProgressiveSchedule
 
 METHODS = ["full", "bitfit", "difffit", "finediffusion", "lora", "driveditfit"]
 SCENARIOS = ["clear", "rainy", "night"]
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    model = build_dit(dit_config("DiT-N/2", input_size=8, num_classes=10))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0, 0.1)
-    return model.eval()
 
 
 def _trained(base, name):

@@ -13,18 +13,12 @@ from safetensors.torch import save_file
 import drivedit.models.checkpoint as ckpt
 from drivedit.models.checkpoint import (CheckpointMismatchError, export_diffusers, export_official,
                                         export_safetensors, load_dit, read_dit_config, resolve_model_source)
-from drivedit.storage import sha256_file
 from drivedit.models.diffusers_format import DiffusersFormatError, patch_for_parity
 from drivedit.models.dit import build_dit, dit_config
+from drivedit.storage import sha256_file
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the thread barriers cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_dit(name="DiT-N/2", seed=0, **kw):

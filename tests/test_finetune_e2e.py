@@ -87,6 +87,7 @@ def local_cluster(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_ray_job_submit_demo_config(local_cluster, tmp_path):
     url, env = local_cluster
     # the demo config as shipped (builtin:tiny-dit, 32 px pixel latents), on small demo-like shards

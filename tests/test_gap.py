@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import random_tiny_dit
 
 from drivedit.config.method import MethodConfig
 from drivedit.models.adapter_spec import linear_names, modulator_cost
-from drivedit.models.dit import build_dit, dit_config
 from drivedit.train.gap import ProbeData, module_gaps, select_by_gap, write_gap_report
 from drivedit.train.method_adapters import apply_method
 
@@ -16,13 +16,7 @@ PLANTED = "blocks.2.attn.proj"
 
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    model = build_dit(dit_config("DiT-T/2", input_size=8, num_classes=10))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0, 0.05)
-    return model.eval()
+    return random_tiny_dit("DiT-T/2", std=0.05)
 
 
 class _Planted:

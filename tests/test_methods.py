@@ -16,18 +16,6 @@ SCENARIOS = ["clear", "rainy", "night"]
 
 
 @pytest.fixture(scope="module")
-def base():
-    """A tiny "pretrained" DiT: every weight random (not the adaLN-zero init), so every path matters."""
-    torch.manual_seed(0)
-    model = build_dit(dit_config("DiT-N/2", input_size=8, num_classes=10))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.normal_(0, 0.1)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
 def probe():
     g = torch.Generator().manual_seed(1)
     return ProbeData(torch.randn(12, 4, 8, 8, generator=g), torch.arange(12) % 3)
