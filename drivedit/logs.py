@@ -23,6 +23,21 @@ RAY_NOISE = (
 )
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time of each record (a redirected or captured stdout too)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(rank: int | None = None, level: int = logging.INFO) -> logging.Logger:
     """Configure the `drivedit` logger of this process (idempotent); returns it.
 
@@ -30,7 +45,7 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> logging
     """
     logger = logging.getLogger("drivedit")
     if not any(getattr(h, _HANDLER_FLAG, False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter(FORMAT))
         setattr(handler, _HANDLER_FLAG, True)
         logger.addHandler(handler)
