@@ -8,12 +8,21 @@ Two label layouts are read, both a JSON list of frames:
 A Scalabel export (`{"frames": [...]}`) is accepted too. A frame without box labels keeps its
 attributes. A box that cannot be a box (missing or non-numeric corners, x2 <= x1, NaN) does not
 fail the file: it is kept in `Frame.broken_boxes` so the encode job can skip and list the frame.
+
+Semantic segmentation is BDD100K's `labels/sem_seg/masks/<image stem>.png`: one uint8 train id per
+pixel (the 19 classes of `SEGMENTATION_CLASSES`, 255 = ignore), the size of its image.
+`read_bdd100k(root)` is the one function that reads a BDD100K-format folder (labels, image URIs,
+masks where they exist): the encode job and the detection job both call it.
 """
 from __future__ import annotations
 
 import json
 import math
+import io
+import posixpath
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from drivedit import storage
 from drivedit.config.common import DEFAULT_SCENARIOS
@@ -24,6 +33,17 @@ TIMES_OF_DAY = ("daytime", "dawn/dusk", "night", "undefined")
 # every category BDD100K boxes use: det_20 names and the older image-label names
 BOX_CATEGORIES = ("car", "truck", "bus", "train", "pedestrian", "person", "rider", "bicycle", "bike",
                   "motorcycle", "motor", "traffic light", "traffic sign")
+# det_20's ten box classes: the default box category vocabulary of the shards
+DET20_CATEGORIES = ("pedestrian", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+                    "traffic light", "traffic sign")
+# the older image-label names of the same objects, mapped onto det_20's names
+CATEGORY_ALIASES = {"person": "pedestrian", "bike": "bicycle", "motor": "motorcycle"}
+# BDD100K's (and Cityscapes') 19 semantic segmentation classes; the train id is the position
+SEGMENTATION_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                        "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                        "motorcycle", "bicycle")
+SEGMENTATION_IGNORE = 255
+SEGMENTATION_DIR = "labels/sem_seg/masks"
 
 
 @dataclass
@@ -56,6 +76,7 @@ class Frame:
     scene: str = "undefined"
     boxes: list[Box] = field(default_factory=list)
     broken_boxes: list[str] = field(default_factory=list)  # why each unusable box was unusable
+    segmentation: str | None = None  # URI of its semantic segmentation mask, when the dataset has one
 
 
 class LabelFileError(ValueError):
@@ -148,6 +169,68 @@ def frame_to_json(frame: Frame) -> dict:
 def write_label_file(frames: list[Frame], uri: str) -> None:
     """Write frames as a BDD100K label JSON, atomically."""
     storage.write_text_atomic(uri, json.dumps([frame_to_json(f) for f in frames], indent=1))
+
+
+def segmentation_name(image_name: str) -> str:
+    """The mask file of an image: `a/b.jpg` -> `a/b.png` (BDD100K names masks by the image's stem)."""
+    return posixpath.splitext(image_name)[0] + ".png"
+
+
+def load_segmentation(uri: str) -> np.ndarray:
+    """A semantic segmentation mask -> (H, W) uint8 train ids. Raises ValueError naming the file when it is
+    not a single-channel image of train ids (0..18, 255 = ignore)."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(storage.read_bytes(uri)))
+        img.load()
+    except FileNotFoundError:
+        raise ValueError(f"segmentation mask not found: {uri}") from None
+    except Exception as e:  # PIL raises many types for broken files
+        raise ValueError(f"segmentation mask {uri} is not a readable image ({type(e).__name__}: {e})") from None
+    if img.mode not in ("L", "P"):
+        raise ValueError(f"segmentation mask {uri} has mode {img.mode}; BDD100K masks are single-channel uint8 "
+                         "train ids (mode L)")
+    ids = np.asarray(img, np.uint8)
+    bad = np.setdiff1d(np.unique(ids), np.r_[np.arange(len(SEGMENTATION_CLASSES)), SEGMENTATION_IGNORE])
+    if len(bad):
+        raise ValueError(f"segmentation mask {uri} holds values {bad[:8].tolist()} that are not train ids "
+                         f"0..{len(SEGMENTATION_CLASSES) - 1} or {SEGMENTATION_IGNORE} (ignore)")
+    return ids
+
+
+@dataclass
+class SourceFrames:
+    """What a dataset reader returns: frames whose `name` is relative to `images`, the segmentation classes
+    when the dataset has masks, and every reference that could not be resolved (each a dict with a
+    `reason`, and `frame_id` / `source_uri` where there is a frame)."""
+
+    frames: list[Frame]
+    images: str
+    segmentation_classes: list[str] = field(default_factory=list)
+    problems: list[dict] = field(default_factory=list)
+    source: str = ""  # what was read, for messages
+
+
+def read_bdd100k(root: str, labels: str | None = None, images: str | None = None,
+                 masks: str | None = None) -> SourceFrames:
+    """A BDD100K-format folder (local or s3://): `labels` (default <root>/labels.json), images under `images`
+    (default <root>/images), semantic segmentation masks under `masks` (default <root>/labels/sem_seg/masks)
+    attached to the frames that have one (`Frame.segmentation`). The masks folder is listed once, so a
+    frame without a mask costs nothing. Raises LabelFileError for an unreadable label file."""
+    labels = labels or storage.join(root, "labels.json")
+    images = images or storage.join(root, "images")
+    masks = masks or storage.join(root, SEGMENTATION_DIR)
+    frames = load_label_file(labels)
+    have = set()
+    if storage.exists(masks) and storage.is_dir(masks):
+        prefix = masks.rstrip("/") + "/"
+        have = {f[len(prefix):] for f in storage.list_files(masks, suffixes=[".png"]) if f.startswith(prefix)}
+    for f in frames:
+        name = segmentation_name(f.name)
+        if name in have:
+            f.segmentation = storage.join(masks, name)
+    return SourceFrames(frames, images, list(SEGMENTATION_CLASSES) if have else [], [], labels)
 
 
 class ScenarioVocabulary:
