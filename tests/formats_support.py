@@ -27,7 +27,8 @@ def write_ithaca365(root: Path) -> dict:
     scenes = [{"token": "sc-a", "name": "2021-11-22-snow", "weather_token": "w-snow", "log_token": "l0"},
               {"token": "sc-b", "name": "2021-12-02-night", "weather_token": "w-night", "log_token": "l1"},
               {"token": "sc-c", "name": "2021-06-15-sunny", "weather_token": "w-sunny", "log_token": "l2"},
-              {"token": "sc-d", "name": "2021-07-01-fog", "weather_token": "w-fog", "log_token": "l3"}]  # no such weather
+              {"token": "sc-d", "name": "2021-07-01-fog", "weather_token": "w-fog",  # not in weather.json
+               "log_token": "l3"}]
     samples, sample_data = [], []
 
     def frame(i: int, scene: str, key: str | None = None, image: bool = True) -> str:

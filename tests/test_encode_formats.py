@@ -53,7 +53,8 @@ def test_ithaca365_dataroot_to_shards(ray_session, tmp_path):
     assert {r["frame_id"]: r["reason"] for r in rejected}[want["missing"]] == "missing image"
     assert {r["frame_id"]: r["reason"] for r in rejected}[want["broken"]].startswith("broken box: car a5")
     meta = read_shard_metadata(str(tmp_path / "shards"))
-    assert meta.scenarios == ["snow", "rain", "night", "sunny", "cloud"] and meta.box_categories == ["bus", "car", "truck"]
+    assert meta.scenarios == ["snow", "rain", "night", "sunny", "cloud"]
+    assert meta.box_categories == ["bus", "car", "truck"]
     assert meta.segmentation_classes == [] and meta.latent_shape == (3, RES, RES)
     rows = _rows(tmp_path / "shards")
     assert sorted(rows) == sorted(n for n, (w, _) in want["frames"].items() if w in ("snow", "night"))

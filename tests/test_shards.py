@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from drivedit.data.shards import (METADATA_KEY, ShardMetadata, build_shard_table, inspect_main, load_latents_local,
+from drivedit.data.shards import (METADATA_KEY, ShardMetadata, build_shard_table, describe, inspect_main,
+                                  load_latents_local,
                                   read_file_metadata, read_shard_metadata, scenario_counts, shard_name, training_batch,
                                   write_shard)
 
@@ -166,7 +167,8 @@ def _labelled_rows(n: int) -> dict[str, np.ndarray]:
 
 
 def test_boxes_layout_and_segmentation_roundtrip_and_mirror_together(tmp_path):
-    write_shard(str(tmp_path / shard_name(0)), build_shard_table(_labelled_rows(32), META, box_counts={"boxes_clipped": 3}))
+    table = build_shard_table(_labelled_rows(32), META, box_counts={"boxes_clipped": 3})
+    write_shard(str(tmp_path / shard_name(0)), table)
     back = pq.read_table(str(tmp_path / shard_name(0)))
     assert back.column("box_category").to_pylist()[0] == [0, 1]
     np.testing.assert_allclose(back.column("boxes").to_pylist()[0], [[0, 0, 0.5, 1], [0.75, 0.25, 1, 0.75]])
@@ -185,7 +187,7 @@ def test_boxes_layout_and_segmentation_roundtrip_and_mirror_together(tmp_path):
         assert torch.equal(out["object_mask"][i, 0], layout[i].amax(0))
         expected = [[0, 0.5, 0, 1, 1], [1, 0, 0.25, 0.25, 0.75]] if f else [[0, 0, 0, 0.5, 1], [1, 0.75, 0.25, 1, 0.75]]
         torch.testing.assert_close(boxes[i], torch.tensor(expected))
-    info = json.loads(json.dumps(__import__("drivedit.data.shards", fromlist=["describe"]).describe(str(tmp_path))))
+    info = describe(str(tmp_path))
     assert info["boxes_per_category"] == {"car": 32, "pedestrian": 32} and info["box_counts"] == {"boxes_clipped": 3}
 
 
@@ -213,7 +215,8 @@ def _write_version1_shard(uri: str, n: int) -> None:
     table = pa.Table.from_arrays(
         [pa.array(list(rows["frame_id"])), pa.array(list(rows["source_uri"])), pa.array(rows["scenario"], pa.int16()),
          pa.array(list(rows["weather"])), pa.array(list(rows["timeofday"])),
-         fixed(rows["moments"].astype(np.float16), pa.float16()), fixed(rows["moments_flip"].astype(np.float16), pa.float16()),
+         fixed(rows["moments"].astype(np.float16), pa.float16()),
+         fixed(rows["moments_flip"].astype(np.float16), pa.float16()),
          fixed(rows["object_mask"].astype(np.uint8), pa.uint8()), pa.array(rows["num_objects"], pa.int16())],
         schema=schema.with_metadata({METADATA_KEY: json.dumps(info).encode()}))
     pq.write_table(table, uri)

@@ -78,9 +78,32 @@ class Frame:
     broken_boxes: list[str] = field(default_factory=list)  # why each unusable box was unusable
     segmentation: str | None = None  # URI of its semantic segmentation mask, when the dataset has one
 
+    def add_box(self, box: Box | None, problem: str | None) -> None:
+        """Keep what a reader parsed: a box, or why a label could not be one (None, None: not a box label)."""
+        if box is not None:
+            self.boxes.append(box)
+        elif problem is not None:
+            self.broken_boxes.append(problem)
+
 
 class LabelFileError(ValueError):
     """A label file that cannot be read as BDD100K frames; the message names the file and the frame."""
+
+
+def box_from_corners(category: str, corners, label: str, attributes: dict | None = None
+                     ) -> tuple[Box | None, str | None]:
+    """(Box, None) when `corners` (x1, y1, x2, y2) make a box; (None, why) when they cannot (not four numbers,
+    a non-finite corner, empty or inverted). `label` names the box in the reason. Every reader checks its
+    boxes here."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in corners)
+    except (TypeError, ValueError):
+        return None, f"{label}: needs four numeric corners x1, y1, x2, y2, got {corners!r}"
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        return None, f"{label}: a non-finite corner ({x1}, {y1}, {x2}, {y2})"
+    if x2 <= x1 or y2 <= y1:
+        return None, f"{label}: empty or inverted box ({x1:g}, {y1:g}, {x2:g}, {y2:g})"
+    return Box(category, x1, y1, x2, y2, dict(attributes or {})), None
 
 
 def _parse_box(label: dict) -> tuple[Box | None, str | None]:
@@ -89,18 +112,12 @@ def _parse_box(label: dict) -> tuple[Box | None, str | None]:
     category = str(label.get("category", ""))
     if b is None:
         return None, None
+    name = f"{category or 'label'} {label.get('id', '?')}"
     if not isinstance(b, dict):
-        return None, f"{category or 'label'} {label.get('id', '?')}: box2d is not an object"
-    try:
-        x1, y1, x2, y2 = (float(b[k]) for k in ("x1", "y1", "x2", "y2"))
-    except (KeyError, TypeError, ValueError):
-        return None, f"{category or 'label'} {label.get('id', '?')}: box2d needs numeric x1, y1, x2, y2"
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        return None, f"{category} {label.get('id', '?')}: box2d has a non-finite corner"
-    if x2 <= x1 or y2 <= y1:
-        return None, f"{category} {label.get('id', '?')}: empty or inverted box2d ({x1}, {y1}, {x2}, {y2})"
+        return None, f"{name}: box2d is not an object"
     attrs = label.get("attributes") or {}
-    return Box(category, x1, y1, x2, y2, dict(attrs) if isinstance(attrs, dict) else {}), None
+    return box_from_corners(category, [b.get(k) for k in ("x1", "y1", "x2", "y2")], f"{name} box2d",
+                            attrs if isinstance(attrs, dict) else {})
 
 
 def parse_frames(data, source: str = "(labels)") -> list[Frame]:
@@ -132,11 +149,7 @@ def parse_frames(data, source: str = "(labels)") -> list[Frame]:
             if not isinstance(label, dict):
                 frame.broken_boxes.append(f"label is {type(label).__name__}, not an object")
                 continue
-            box, problem = _parse_box(label)
-            if box is not None:
-                frame.boxes.append(box)
-            elif problem is not None:
-                frame.broken_boxes.append(problem)
+            frame.add_box(*_parse_box(label))
         frames.append(frame)
     return frames
 

@@ -15,10 +15,9 @@ frame is skipped and listed like a BDD100K frame with a broken box.
 from __future__ import annotations
 
 import json
-import math
 
 from drivedit import storage
-from drivedit.data.bdd100k import Box, Frame, LabelFileError, SourceFrames
+from drivedit.data.bdd100k import Box, Frame, LabelFileError, SourceFrames, box_from_corners
 
 
 def _load_json(uri: str, what: str):
@@ -45,12 +44,8 @@ def _box(ann: dict, categories: dict) -> tuple[Box | None, str | None]:
         x, y, w, h = (float(v) for v in bbox)
     except (TypeError, ValueError):
         return None, f"{name} {token}: bbox must be four numbers x, y, w, h, got {bbox!r}"
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        return None, f"{name} {token}: bbox has a non-finite value"
-    if w <= 0 or h <= 0:
-        return None, f"{name} {token}: empty bbox (w {w:g}, h {h:g})"
     attrs = {"iscrowd": int(ann["iscrowd"])} if ann.get("iscrowd") else {}
-    return Box(name, x, y, x + w, y + h, attrs), None
+    return box_from_corners(name, (x, y, x + w, y + h), f"{name} {token} bbox (x, y, w, h = {bbox})", attrs)
 
 
 def read_coco(annotations: str, images: str, scenario_attribute: str | None = None,
@@ -99,9 +94,5 @@ def read_coco(annotations: str, images: str, scenario_attribute: str | None = No
                 problems.append(_problem("", f"annotation {ann.get('id', '?')}: image_id {ann.get('image_id')!r} is "
                                          "not in images"))
             continue
-        box, why = _box(ann, categories)
-        if box is not None:
-            frame.boxes.append(box)
-        else:
-            frame.broken_boxes.append(why)
+        frame.add_box(*_box(ann, categories))
     return SourceFrames(list(frames.values()), images, [], problems, annotations)

@@ -17,10 +17,9 @@ the job goes on; a missing image is found, counted and listed when the encode jo
 from __future__ import annotations
 
 import json
-import math
 
 from drivedit import storage
-from drivedit.data.bdd100k import Box, Frame, LabelFileError, SourceFrames
+from drivedit.data.bdd100k import Box, Frame, LabelFileError, SourceFrames, box_from_corners
 
 TABLES = ("scene", "weather", "sample", "sample_data", "object_ann")
 IMAGE_SIZE = (1920, 1208)  # every Ithaca365 camera frame
@@ -67,16 +66,7 @@ def _box(ann: dict, categories: dict[str, dict]) -> tuple[Box | None, str | None
     token = ann.get("token", "?")
     if not isinstance(name, str) or not name:
         return None, f"object_ann {token}: no class (and no category_token in category.json)"
-    bbox = ann.get("bbox")
-    try:
-        x1, y1, x2, y2 = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        return None, f"{name} {token}: bbox must be four numbers x1, y1, x2, y2, got {bbox!r}"
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        return None, f"{name} {token}: bbox has a non-finite corner"
-    if x2 <= x1 or y2 <= y1:
-        return None, f"{name} {token}: empty or inverted bbox ({x1:g}, {y1:g}, {x2:g}, {y2:g})"
-    return Box(name, x1, y1, x2, y2, {"token": token}), None
+    return box_from_corners(name, ann.get("bbox") or (), f"{name} {token} bbox", {"token": token})
 
 
 def read_ithaca365(tables: str, images: str) -> SourceFrames:
@@ -122,9 +112,5 @@ def read_ithaca365(tables: str, images: str) -> SourceFrames:
                 problems.append(_problem(f"object_ann {ann.get('token', '?')}",
                                          f"sample_data_token {sd_token!r} is not in sample_data.json"))
             continue  # a box on a frame that is not a sample's key camera frame (or was reported above)
-        box, why = _box(ann, categories)
-        if box is not None:
-            frame.boxes.append(box)
-        else:
-            frame.broken_boxes.append(why)
+        frame.add_box(*_box(ann, categories))
     return SourceFrames(list(frames.values()), images, [], problems, tables)
