@@ -259,16 +259,31 @@ def test_read_latent_dataset_with_ray(local_run):
     root, *_ = local_run
     meta = read_shard_metadata(str(root / "shards"))
     seen = []
-    cols = ["frame_id", "scenario", "moments", "moments_flip", "object_mask"]
+    cols = ["frame_id", "scenario", "moments", "moments_flip", "object_mask", "layout", "segmentation",
+            "box_category", "boxes"]
+    rows = read_rows(str(root / "shards"))
+    k = len(meta.box_categories)
     for batch in read_latent_dataset(str(root / "shards"), columns=cols).iter_batches(batch_size=5,
                                                                                        batch_format="numpy"):
         assert sorted(batch) == sorted(cols)
         out = training_batch(batch, meta, torch.Generator().manual_seed(0))
         n = len(batch["frame_id"])
         assert out["latents"].shape == (n, 3, RES, RES) and out["object_mask"].shape == (n, 1, RES, RES)
+        assert out["layout"].shape == (n, k, RES, RES) and out["segmentation"].shape == (n, RES, RES)
         assert out["latents"].abs().max() <= 1.01
+        for i, name in enumerate(batch["frame_id"]):  # Ray's batches give the boxes the file holds
+            stored = torch.tensor([[c, *xy] for c, xy in zip(rows[name]["box_category"], rows[name]["boxes"])])
+            # mirrored or not: the sampled latent sits next to the stored mean or next to its mirror
+            mean = torch.tensor(np.array(rows[name]["moments"], np.float32)).view(6, RES, RES)[:3]
+            flipped = (out["latents"][i] - mean.flip(-1)).abs().mean() < (out["latents"][i] - mean).abs().mean()
+            layout = torch.tensor(np.array(rows[name]["layout"], np.float32)).view(k, RES, RES)
+            torch.testing.assert_close(out["layout"][i], layout.flip(-1) if flipped else layout, msg=name)
+            want = stored.view(-1, 5).clone()
+            if flipped:
+                want[:, 1], want[:, 3] = 1 - stored.view(-1, 5)[:, 3], 1 - stored.view(-1, 5)[:, 1]
+            torch.testing.assert_close(out["boxes"][i], want.float(), msg=name)
         seen += list(batch["frame_id"])
-    assert sorted(seen) == sorted(read_rows(str(root / "shards")))
+    assert sorted(seen) == sorted(rows)
 
 
 def test_rerun_skips_complete_shards_and_adds_no_duplicates(local_run, tmp_path):
