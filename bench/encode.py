@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from drivedit import storage  # noqa: E402
 from drivedit.config.encode import EncodeJob  # noqa: E402
 from drivedit.data import encode as encode_mod  # noqa: E402
-from drivedit.data.encode import plan_frames, preflight, run_encode  # noqa: E402
+from drivedit.data.encode import ROW_COLUMNS, plan_frames, preflight, run_encode, stage_config  # noqa: E402
 from drivedit.data.bdd100k import load_label_file, write_label_file  # noqa: E402
 from drivedit.data.encode_stages import CodecEncoder, load_images  # noqa: E402
 from drivedit.data.scenes import write_scenes_dataset  # noqa: E402
@@ -109,8 +109,7 @@ def plain_loop(job: EncodeJob) -> int:
     """The baseline: the same stages, one after another, in this process. Returns rows written."""
     codec = preflight(job)
     plan = plan_frames(job, codec)
-    cfg = {"resolution": job.data.resolution, "factor": codec.factor, "min_box_cells": job.data.min_box_cells,
-           "retries": job.pipeline.read_retries, "io_threads": 1}  # plain: one file after another
+    cfg = {**stage_config(job, codec), "io_threads": 1}  # plain: one file after another
     encoder = CodecEncoder(job.codec.model_dump(mode="json"), list(plan.meta.latent_shape),
                            threads=torch.get_num_threads())
     storage.makedirs(job.data.output)
@@ -127,9 +126,7 @@ def plain_loop(job: EncodeJob) -> int:
             parts.append(encoder(batch))
         rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         ok = np.array([e == "" for e in rows["error"]])
-        table = build_shard_table({k: rows[k][ok] for k in ("frame_id", "source_uri", "scenario", "weather",
-                                                           "timeofday", "moments", "moments_flip", "object_mask",
-                                                           "num_objects")}, plan.meta)
+        table = build_shard_table({k: rows[k][ok] for k in ROW_COLUMNS}, plan.meta)
         write_shard(storage.join(job.data.output, shard_name(s // rps)), table)
         rows_written += int(ok.sum())
     return rows_written

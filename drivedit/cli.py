@@ -12,7 +12,7 @@ import sys
 # name -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "scenes": ("drivedit.data.scenes", "main", "write a procedural driving dataset in the BDD100K format"),
-    "encode": ("drivedit.data.encode", "main", "encode a BDD100K-layout dataset into latent shards (Ray Data)"),
+    "encode": ("drivedit.data.encode", "main", "encode a BDD100K, Ithaca365 or COCO dataset into latent shards"),
     "finetune": ("drivedit.train.trainer", "main", "fine-tune a DiT on latent shards (Ray Train), register the bundle"),
     "generate": ("drivedit.generate.job", "main", "generate a labelled synthetic dataset (Ray Data)"),
     "serve": ("drivedit.serve.app", "main", "start the sampling endpoint (Ray Serve)"),

@@ -1,12 +1,15 @@
-"""BDD100K label parsing (both layouts, edge cases, malformed files) and the scenario vocabulary."""
+"""BDD100K label parsing (both layouts, edge cases, malformed files), segmentation masks, and the scenario
+vocabulary."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from drivedit.data.bdd100k import (DEFAULT_SCENARIOS, Box, Frame, LabelFileError, ScenarioVocabulary,
-                                   load_label_file, write_label_file)
+                                   load_label_file, load_segmentation, read_bdd100k, write_label_file)
 from drivedit.data.scenes import write_scenes_dataset
 
 # the image-label layout: box2d objects mixed with poly2d lanes / drivable areas
@@ -154,3 +157,32 @@ def test_generated_dataset_parses(tmp_path):
     # 7 scenario slots (6 weathers + night) take turns: 14 frames = 2 rounds, 2 foggy days dropped
     assert dropped == {"weather foggy": 2} and len(kept) == 12
     assert sorted(s for _, s in kept) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+
+
+def test_reader_attaches_segmentation_masks_where_they_exist(tmp_path):
+    root = tmp_path / "bdd"
+    frames = [Frame("a.jpg", "clear", "daytime"), Frame("sub/b.jpg", "rainy", "night"), Frame("c.jpg", "snowy")]
+    write_label_file(frames, str(root / "labels.json"))
+    masks = root / "labels" / "sem_seg" / "masks"
+    (masks / "sub").mkdir(parents=True)
+    ids = np.array([[0, 13], [255, 10]], np.uint8)
+    Image.fromarray(ids).save(masks / "a.png")
+    Image.fromarray(ids[::-1]).save(masks / "sub" / "b.png")
+    src = read_bdd100k(str(root))
+    assert [f.segmentation for f in src.frames] == [str(masks / "a.png"), str(masks / "sub" / "b.png"), None]
+    assert src.images == str(root / "images") and src.segmentation_classes[13] == "car" and src.problems == []
+    np.testing.assert_array_equal(load_segmentation(src.frames[0].segmentation), ids)
+    # no mask folder at all: no segmentation classes, no masks
+    plain = read_bdd100k(str(root), masks=str(tmp_path / "none"))
+    assert plain.segmentation_classes == [] and all(f.segmentation is None for f in plain.frames)
+
+
+def test_load_segmentation_refuses_what_is_not_train_ids(tmp_path):
+    Image.fromarray(np.array([[0, 19]], np.uint8)).save(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"values \[19\] that are not train ids 0..18 or 255"):
+        load_segmentation(str(tmp_path / "bad.png"))
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match="mode RGB"):
+        load_segmentation(str(tmp_path / "rgb.png"))
+    with pytest.raises(ValueError, match="not found"):
+        load_segmentation(str(tmp_path / "none.png"))

@@ -20,7 +20,7 @@ from drivedit import storage
 from drivedit.config.base import ConfigError, load_config
 from drivedit.config.encode import DEFAULT_CATEGORIES, EncodeJob
 from drivedit.data import encode as encode_mod
-from drivedit.data.bdd100k import Box, Frame, frame_to_json, load_label_file
+from drivedit.data.bdd100k import SEGMENTATION_CLASSES, Box, Frame, frame_to_json, load_label_file
 from drivedit.data.encode import run_encode
 from drivedit.data.scenes import write_scenes_dataset
 from drivedit.data.shards import (METADATA_KEY, load_latents_local, read_latent_dataset, read_shard_metadata,
@@ -30,6 +30,7 @@ from drivedit.models.codec import PixelCodec, sample_latents
 RES = 32
 BAD = {"truncated.jpg": "undecodable image", "text.jpg": "undecodable image", "missing.jpg": "missing image",
        "small.png": "too small: 16x16 < 32"}
+SKIPPED = ("brokenbox.png", "outside.png")  # frames with broken boxes
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -39,7 +40,8 @@ def _png(arr: np.ndarray) -> bytes:
 
 
 def make_dataset(root: str, num: int = 18) -> list[Frame]:
-    """Procedural 72x48 scenes plus hand-made frames: a known box, the four bad images of BAD, a broken box.
+    """Procedural 72x48 scenes plus hand-made frames: a known box, the four bad images of BAD, a box outside its
+    image, a broken box.
     `root` may be a local path or s3://."""
     write_scenes_dataset(root, num=num, size=48, seed=1, aspect=1.5)
     frames = load_label_file(storage.join(root, "labels.json"))
@@ -52,11 +54,14 @@ def make_dataset(root: str, num: int = 18) -> list[Frame]:
     storage.write_bytes_atomic(storage.join(images, "text.jpg"), b"this is not an image")
     storage.write_bytes_atomic(storage.join(images, "small.png"), _png(np.zeros((16, 16, 3), np.uint8)))
     storage.write_bytes_atomic(storage.join(images, "brokenbox.png"), _png(box_img))
+    storage.write_bytes_atomic(storage.join(images, "outside.png"), _png(box_img))
     frames.append(Frame("box.png", "rainy", "daytime", "highway",
                         [Box("car", 0, 0, 32, 32), Box("pedestrian", 60, 60, 62, 62),  # 1 cell: skipped
                          Box("drivable area", 0, 40, 64, 64)]))                          # not an object category
     for name in BAD:
         frames.append(Frame(name, "clear", "daytime"))
+    frames.append(Frame("outside.png", "clear", "daytime", "highway",
+                        [Box("car", 0, 0, 32, 32), Box("truck", 70, 10, 90, 30)]))  # the truck: right of the 64 px
     frames.append(Frame("brokenbox.png", "clear", "daytime"))
     labels = [frame_to_json(f) for f in frames]
     labels[-1]["labels"] = [{"id": "1", "category": "car", "box2d": {"x1": 9, "y1": 5, "x2": 3, "y2": 8}}]
@@ -103,6 +108,40 @@ def reference_mask(frame: Frame, src_w: int, src_h: int, factor: int = 1) -> np.
     return mask
 
 
+def reference_boxes(frame: Frame, src_w: int, src_h: int) -> tuple[list[list[float]], int, int]:
+    """The frame's vocabulary boxes through the resize + center crop, clipped and normalised to [0, 1]:
+    (boxes as [category id, x1, y1, x2, y2], clipped, dropped by the crop)."""
+    s = RES / min(src_w, src_h)
+    left, top = (round(src_w * s) - RES) // 2, (round(src_h * s) - RES) // 2
+    out, clipped, dropped = [], 0, 0
+    for b in frame.boxes:
+        if b.category not in DEFAULT_CATEGORIES:
+            continue
+        raw = [b.x1 * s - left, b.y1 * s - top, b.x2 * s - left, b.y2 * s - top]
+        x1, y1, x2, y2 = np.clip(raw, 0, RES)
+        if x2 <= x1 or y2 <= y1:
+            dropped += 1
+            continue
+        clipped += [x1, y1, x2, y2] != raw
+        out.append([DEFAULT_CATEGORIES.index(b.category), x1 / RES, y1 / RES, x2 / RES, y2 / RES])
+    return out, clipped, dropped
+
+
+def reference_segmentation(mask_uri: str, factor: int) -> np.ndarray:
+    """The mask resized (nearest) and center-cropped with torchvision, then each factor x factor cell's most
+    frequent id (ties to the smaller), by a plain loop."""
+    mask = Image.open(io.BytesIO(storage.read_bytes(mask_uri)))
+    crop = np.asarray(TF.center_crop(TF.resize(mask, RES, interpolation=TF.InterpolationMode.NEAREST), RES))
+    g = RES // factor
+    out = np.zeros((g, g), np.uint8)
+    for i in range(g):
+        for j in range(g):
+            values, counts = np.unique(crop[i * factor:(i + 1) * factor, j * factor:(j + 1) * factor],
+                                       return_counts=True)
+            out[i, j] = values[np.argmax(counts)]
+    return out
+
+
 def read_rows(out: str) -> dict[str, dict]:
     rows = {}
     for f in storage.list_files(out, suffixes=[".parquet"]):
@@ -127,25 +166,28 @@ def test_local_summary_schema_and_rejects(local_run):
     foggy = sum(f.weather == "foggy" and f.timeofday != "night" for f in frames)
     kept = len(frames) - foggy - 2  # minus the broken-box frame and the duplicate
     assert summary["frames_listed"] == len(frames) and summary["dropped_by_scenario"] == foggy > 0
-    assert summary["broken_boxes"] == 1 and summary["duplicates"] == 1 and summary["frames_read"] == kept
-    assert summary["corrupt"] == 4 and summary["encoded"] == kept - 4 == summary["rows_total"]
-    assert summary["corrupt_reasons"] == {"undecodable image": 2, "missing image": 1, "too small": 1}
+    # two broken boxes: one found in the labels (not read), one outside its image (found once it was read)
+    assert summary["broken_boxes"] == 2 and summary["duplicates"] == 1 and summary["frames_read"] == kept
+    assert summary["corrupt"] == 5 and summary["encoded"] == kept - 5 == summary["rows_total"]
+    assert summary["corrupt_reasons"] == {"undecodable image": 2, "missing image": 1, "too small": 1, "broken box": 1}
     assert summary["shards_written"] == -(-kept // 6) and summary["images_per_s"] > 0
     out = root / "shards"
     names = sorted(os.listdir(out))
     assert names == ["encode.json", "rejected.json"] + [f"shard-{i:05d}.parquet" for i in range(-(-kept // 6))]
     meta = read_shard_metadata(str(out))
     assert (meta.codec_id, meta.scale_factor, meta.resolution, meta.latent_shape, meta.num_rows) == \
-        ("pixel", 1.0, RES, (3, RES, RES), kept - 4)
+        ("pixel", 1.0, RES, (3, RES, RES), kept - 5)
     assert meta.scenarios == ["clear", "overcast", "partly cloudy", "rainy", "snowy", "night"]
+    assert meta.box_categories == DEFAULT_CATEGORIES and meta.segmentation_classes == list(SEGMENTATION_CLASSES)
     rejected = json.loads((out / "rejected.json").read_text())
     by_name = {r["frame_id"]: r["reason"] for r in rejected}
-    assert len(rejected) == 6 and set(by_name) == set(BAD) | {"brokenbox.png", "box.png"}
+    assert len(rejected) == 7 and set(by_name) == set(BAD) | {"brokenbox.png", "box.png", "outside.png"}
+    assert by_name["outside.png"] == "broken box: truck (70, 10, 90, 30) lies entirely outside the 64x64 image"
     assert by_name["box.png"] == "duplicate frame in the labels"
     for name, reason in BAD.items():
         assert by_name[name].startswith(reason)
     assert by_name["brokenbox.png"].startswith("broken box")
-    assert json.loads((out / "encode.json").read_text())["summary"]["encoded"] == kept - 4
+    assert json.loads((out / "encode.json").read_text())["summary"]["encoded"] == kept - 5
 
 
 def test_pixel_moments_decode_to_the_images_and_masks_follow_boxes(local_run):
@@ -154,7 +196,7 @@ def test_pixel_moments_decode_to_the_images_and_masks_follow_boxes(local_run):
     by_name = {f.name: f for f in frames}
     codec = PixelCodec()
     vocab = job.data.scenarios
-    assert len(rows) == len({f.name for f in frames if f.name not in BAD and f.name != "brokenbox.png"
+    assert len(rows) == len({f.name for f in frames if f.name not in BAD and f.name not in SKIPPED
                              and not (f.weather == "foggy" and f.timeofday != "night")})
     for name, r in rows.items():
         f = by_name[name]
@@ -178,20 +220,70 @@ def test_pixel_moments_decode_to_the_images_and_masks_follow_boxes(local_run):
     assert sum(r["num_objects"] for r in rows.values()) > len(rows)
 
 
+def test_shards_carry_boxes_layout_and_segmentation(local_run):
+    root, frames, job, summary = local_run
+    rows = read_rows(str(root / "shards"))
+    by_name = {f.name: f for f in frames}
+    k = len(DEFAULT_CATEGORIES)
+    clipped = dropped = with_seg = 0
+    for name, r in rows.items():
+        data = (root / "ds" / "images" / name).read_bytes()
+        w, h = Image.open(io.BytesIO(data)).size
+        want, c, d = reference_boxes(by_name[name], w, h)
+        clipped, dropped = clipped + c, dropped + d
+        got = [[cat, *xy] for cat, xy in zip(r["box_category"], r["boxes"])]
+        assert len(got) == len(want), name
+        np.testing.assert_allclose(got, np.array(want).reshape(-1, 5), atol=1e-5, err_msg=name)
+        # the layout: one channel per category, each the mask of that category's boxes; their union is the mask
+        layout = np.array(r["layout"], np.uint8).reshape(k, RES, RES)
+        for ci, cat in enumerate(DEFAULT_CATEGORIES):
+            only = Frame(name, boxes=[b for b in by_name[name].boxes if b.category == cat])
+            np.testing.assert_array_equal(layout[ci], reference_mask(only, w, h), err_msg=f"{name} {cat}")
+        np.testing.assert_array_equal(layout.max(0), np.array(r["object_mask"]).reshape(RES, RES))
+        seg = np.array(r["segmentation"], np.uint8).reshape(RES, RES)
+        if name.startswith("scene-"):
+            want_seg = reference_segmentation(str(root / "ds" / "labels" / "sem_seg" / "masks" /
+                                                  name.replace(".jpg", ".png")), 1)
+            np.testing.assert_array_equal(seg, want_seg, err_msg=name)
+            with_seg += 1
+        else:
+            assert (seg == 255).all(), name  # no mask: ignore everywhere
+    # 72x48 frames lose 12 px on each side to the crop: some boxes are cut, some fall out, all counted
+    assert clipped > 0 and dropped > 0 and with_seg > 5
+    assert (summary["boxes_clipped"], summary["boxes_cropped_out"]) == (clipped, dropped)
+    layout_box = np.array(rows["box.png"]["layout"]).reshape(k, RES, RES)
+    assert layout_box[DEFAULT_CATEGORIES.index("car"), :16, :16].all() and layout_box.sum() == 256
+
+
 def test_read_latent_dataset_with_ray(local_run):
     root, *_ = local_run
     meta = read_shard_metadata(str(root / "shards"))
     seen = []
-    cols = ["frame_id", "scenario", "moments", "moments_flip", "object_mask"]
+    cols = ["frame_id", "scenario", "moments", "moments_flip", "object_mask", "layout", "segmentation",
+            "box_category", "boxes"]
+    rows = read_rows(str(root / "shards"))
+    k = len(meta.box_categories)
     for batch in read_latent_dataset(str(root / "shards"), columns=cols).iter_batches(batch_size=5,
                                                                                        batch_format="numpy"):
         assert sorted(batch) == sorted(cols)
         out = training_batch(batch, meta, torch.Generator().manual_seed(0))
         n = len(batch["frame_id"])
         assert out["latents"].shape == (n, 3, RES, RES) and out["object_mask"].shape == (n, 1, RES, RES)
+        assert out["layout"].shape == (n, k, RES, RES) and out["segmentation"].shape == (n, RES, RES)
         assert out["latents"].abs().max() <= 1.01
+        for i, name in enumerate(batch["frame_id"]):  # Ray's batches give the boxes the file holds
+            stored = torch.tensor([[c, *xy] for c, xy in zip(rows[name]["box_category"], rows[name]["boxes"])])
+            # mirrored or not: the sampled latent sits next to the stored mean or next to its mirror
+            mean = torch.tensor(np.array(rows[name]["moments"], np.float32)).view(6, RES, RES)[:3]
+            flipped = (out["latents"][i] - mean.flip(-1)).abs().mean() < (out["latents"][i] - mean).abs().mean()
+            layout = torch.tensor(np.array(rows[name]["layout"], np.float32)).view(k, RES, RES)
+            torch.testing.assert_close(out["layout"][i], layout.flip(-1) if flipped else layout, msg=name)
+            want = stored.view(-1, 5).clone()
+            if flipped:
+                want[:, 1], want[:, 3] = 1 - stored.view(-1, 5)[:, 3], 1 - stored.view(-1, 5)[:, 1]
+            torch.testing.assert_close(out["boxes"][i], want.float(), msg=name)
         seen += list(batch["frame_id"])
-    assert sorted(seen) == sorted(read_rows(str(root / "shards")))
+    assert sorted(seen) == sorted(rows)
 
 
 def test_rerun_skips_complete_shards_and_adds_no_duplicates(local_run, tmp_path):
@@ -218,7 +310,7 @@ def test_rerun_skips_complete_shards_and_adds_no_duplicates(local_run, tmp_path)
     assert not any(".tmp-" in n for n in os.listdir(out))
     # the skipped-frame list still covers every shard
     assert {r["frame_id"] for r in json.loads((out / "rejected.json").read_text())} == \
-        set(BAD) | {"brokenbox.png", "box.png"}
+        set(BAD) | {"brokenbox.png", "box.png", "outside.png"}
     third = run_encode(job)  # nothing left to do: no Ray work at all
     assert third["frames_read"] == 0 and third["shards_written"] == 0 and third["rows_total"] == first["rows_total"]
     changed = make_job(job.data.input, job.data.output, data__resolution=16)
@@ -244,9 +336,9 @@ def test_s3_to_s3_with_autoencoder_kl_from_the_bucket(ray_session, s3_bucket, tm
     storage.upload_dir(str(tmp_path / "vae"), f"{base}/models/vae")
     job = make_job(f"{base}/ds", f"{base}/shards", codec__kind="autoencoder_kl", codec__source=f"{base}/models/vae")
     summary = run_encode(job)
-    good = {f.name for f in frames if f.name not in BAD and f.name != "brokenbox.png"
+    good = {f.name for f in frames if f.name not in BAD and f.name not in SKIPPED
             and not (f.weather == "foggy" and f.timeofday != "night")}
-    assert summary["encoded"] == len(good) and summary["corrupt"] == 4
+    assert summary["encoded"] == len(good) and summary["corrupt"] == 5
     assert storage.exists(f"{base}/shards/rejected.json") and storage.exists(f"{base}/shards/encode.json")
     meta = read_shard_metadata(f"{base}/shards")
     assert meta.codec_id == f"autoencoder_kl:{base}/models/vae" and meta.scale_factor == pytest.approx(0.18215)
@@ -266,6 +358,11 @@ def test_s3_to_s3_with_autoencoder_kl_from_the_bucket(ray_session, s3_bucket, tm
         w, h = Image.open(io.BytesIO(data)).size
         np.testing.assert_array_equal(np.array(r["object_mask"]).reshape(RES // 2, RES // 2),
                                       reference_mask(by_name[name], w, h, factor=2), err_msg=name)
+        if name.startswith("scene-"):  # the segmentation downsampled to the 16x16 latent grid, read from S3
+            np.testing.assert_array_equal(
+                np.array(r["segmentation"], np.uint8).reshape(RES // 2, RES // 2),
+                reference_segmentation(f"{base}/ds/labels/sem_seg/masks/{name.replace('.jpg', '.png')}", 2),
+                err_msg=name)
     local = load_latents_local(f"{base}/shards", limit=3)
     assert local["latents"].shape == (3, 4, RES // 2, RES // 2)
 

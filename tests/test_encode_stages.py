@@ -1,5 +1,6 @@
-"""The encode job's per-batch stages without Ray: decode/resize/crop, box rasterisation, and the codec actor
-class with a tiny random AutoencoderKL saved to a directory (and with the pixel codec)."""
+"""The encode job's per-batch stages without Ray: decode/resize/crop, the read stage's rows, and the codec
+actor class with a tiny random AutoencoderKL saved to a directory (and with the pixel codec). The labels on
+the latent grid (boxes, layout, segmentation) are tested in test_layout.py."""
 from __future__ import annotations
 
 import io
@@ -10,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from drivedit.data.encode_stages import (BadImage, CodecEncoder, decode_and_crop, describe_codec, load_images,
-                                         rasterise_boxes)
+from drivedit.data.encode_stages import BadImage, CodecEncoder, decode_and_crop, describe_codec, load_images
 
 
 def _jpeg(w: int, h: int) -> bytes:
@@ -23,7 +23,8 @@ def _jpeg(w: int, h: int) -> bytes:
 
 
 def test_decode_resize_center_crop_geometry():
-    img, (sx, sy, left, top) = decode_and_crop(_jpeg(1280, 720), 64)
+    img, (sx, sy, left, top), size = decode_and_crop(_jpeg(1280, 720), 64)
+    assert size == (1280, 720)
     assert img.shape == (64, 64, 3) and img.dtype == np.uint8
     # 720 -> 64: the width becomes round(1280 * 64 / 720) = 114, cropped by 25 on the left
     assert (left, top) == (25.0, 0.0) and abs(sx - 114 / 1280) < 1e-9 and abs(sy - 64 / 720) < 1e-9
@@ -31,8 +32,16 @@ def test_decode_resize_center_crop_geometry():
     expected_first = (left + 0.5) / sx * 255 / 1279
     assert abs(float(img[:, 0].mean()) - expected_first) < 4
     assert abs(float(img[:, -1].mean()) - (left + 63.5) / sx * 255 / 1279) < 4
-    portrait, t = decode_and_crop(_jpeg(40, 90), 40)  # the short side is already the target
+    portrait, t, _ = decode_and_crop(_jpeg(40, 90), 40)  # the short side is already the target
     assert portrait.shape == (40, 40, 3) and t[2:] == (0.0, 25.0)
+
+
+def test_decode_stretch_keeps_the_whole_frame():
+    img, (sx, sy, left, top), size = decode_and_crop(_jpeg(1920, 1208), 64, "stretch")
+    assert img.shape == (64, 64, 3) and size == (1920, 1208) and (left, top) == (0.0, 0.0)
+    assert (sx, sy) == (64 / 1920, 64 / 1208)
+    # nothing is cropped away: the ramp runs from ~0 to ~255 across the result
+    assert float(img[:, 0].mean()) < 6 and float(img[:, -1].mean()) > 249
 
 
 @pytest.mark.parametrize("data, reason", [
@@ -45,34 +54,23 @@ def test_bad_images(data, reason):
         decode_and_crop(data, 32)
 
 
-def test_rasterise_boxes():
-    ident = (1.0, 1.0, 0.0, 0.0)
-    mask, n = rasterise_boxes([[0, 0, 16, 8]], ident, 32, 8, 2.0)  # 2x1 cells: kept
-    assert n == 1 and mask.shape == (4, 4) and mask.sum() == 2 and mask[0, :2].all()
-    mask, n = rasterise_boxes([[0, 0, 8, 8]], ident, 32, 8, 2.0)   # 1 cell: under min_box_cells
-    assert n == 0 and mask.sum() == 0
-    mask, n = rasterise_boxes([[17, 1, 19, 31]], ident, 32, 8, 0.5)  # thinner than a cell: its middle column
-    assert n == 1 and mask[:, 2].tolist() == [1, 1, 1, 1] and mask.sum() == 4
-    mask, n = rasterise_boxes([[-40, -40, 100, 100]], ident, 32, 8, 2.0)  # clipped to the grid
-    assert n == 1 and mask.all()
-    mask, n = rasterise_boxes([[40, 0, 60, 10]], ident, 32, 8, 0.0)  # entirely outside the crop
-    assert n == 0 and mask.sum() == 0
-    # crop transform: scale 0.5 then 8 px off the left edge
-    mask, n = rasterise_boxes([[16, 0, 48, 32]], (0.5, 0.5, 8.0, 0.0), 32, 8, 1.0)
-    assert n == 1 and mask[:2, :2].all() and mask.sum() == 4
-
-
 @pytest.mark.parametrize("io_threads", [1, 8])
 def test_load_images_keeps_every_row(tmp_path, io_threads):
     (tmp_path / "a.jpg").write_bytes(_jpeg(64, 48))
     batch = {"source_uri": np.array([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")], dtype=object),
-             "boxes": np.array([json.dumps([[0, 0, 64, 24]]), "[]"], dtype=object),
+             "boxes": np.array([json.dumps([[1, 0, 0, 64, 24, "car"]]), "[]"], dtype=object),
+             "segmentation": np.array(["", ""], dtype=object),
              "shard": np.array([0, 0]), "frame_id": np.array(["a.jpg", "b.jpg"], dtype=object)}
-    out = load_images(batch, {"resolution": 32, "factor": 4, "min_box_cells": 2.0, "retries": 0,
-                              "io_threads": io_threads})
-    assert out["image"].shape == (2, 32, 32, 3) and "boxes" not in out
+    out = load_images(batch, {"resolution": 32, "factor": 4, "num_categories": 2, "min_box_cells": 2.0,
+                              "retries": 0, "io_threads": io_threads})
+    assert out["image"].shape == (2, 32, 32, 3) and "segmentation" in out
     assert list(out["error"]) == ["", "missing image"] and out["num_objects"].tolist() == [1, 0]
     assert out["object_mask"].reshape(2, 8, 8)[0, :4].all() and out["object_mask"][1].sum() == 0
+    # the car (id 1) fills the top half of the 64x48 image: crop x 8..56 of 64 -> x 0..1, y 0..0.5
+    assert json.loads(out["boxes"][0]) == [[1, 0.0, 0.0, 1.0, 0.5]] and out["boxes_clipped"].tolist() == [1, 0]
+    layout = out["layout"].reshape(2, 2, 8, 8)
+    assert layout[0, 0].sum() == 0 and (layout[0, 1] == out["object_mask"].reshape(2, 8, 8)[0]).all()
+    assert (out["segmentation"] == 255).all()  # no masks: ignore everywhere
 
 
 def _tiny_vae(path):

@@ -1,4 +1,5 @@
-"""The procedural scene generator: scenario statistics, determinism, small objects, speed, CLI."""
+"""The procedural scene generator: scenario statistics, determinism, small objects, segmentation masks that
+agree with the boxes, speed, CLI."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from drivedit.data.scenes import main, render_scene, scenario_plan, write_scenes_dataset
+from drivedit.data.bdd100k import SEGMENTATION_CLASSES, read_bdd100k
+from drivedit.data.scene_objects import BOX_CLASS
+from drivedit.data.scenes import (main, render_scene, render_scene_with_segmentation, scenario_plan,
+                                  write_scenes_dataset)
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
@@ -107,6 +111,55 @@ def test_many_objects_are_small_and_boxes_lie_in_the_image():
     assert (heights < 0.06 * 128).mean() > 0.3 and heights.max() > 0.2 * 128  # small ones and near ones
 
 
+def _box_region(b, shape) -> tuple[slice, slice]:
+    return (slice(int(np.floor(b.y1)), min(int(np.ceil(b.y2)), shape[0])),
+            slice(int(np.floor(b.x1)), min(int(np.ceil(b.x2)), shape[1])))
+
+
+@pytest.mark.parametrize("weather, timeofday", [("clear", "daytime"), ("rainy", "night"), ("snowy", "dawn/dusk")])
+def test_segmentation_agrees_with_the_boxes(weather, timeofday):
+    train_id = {name: i for i, name in enumerate(SEGMENTATION_CLASSES)}
+    # the box categories drawn here and BDD100K's names for their segmentation classes
+    assert BOX_CLASS == {"car": train_id["car"], "truck": train_id["truck"], "bus": train_id["bus"],
+                         "pedestrian": train_id["person"], "traffic light": train_id["traffic light"],
+                         "traffic sign": train_id["traffic sign"]}
+    seen, vehicle_share = set(), []
+    for i in range(10):
+        img, boxes, seg = render_scene_with_segmentation(np.random.default_rng([7, i]), weather, timeofday, 192, 128)
+        assert seg.shape == (128, 192) and seg.dtype == np.uint8
+        assert set(np.unique(seg)) <= set(range(19)) | {255}
+        for b in boxes:  # each box's object is in the mask, under its class, inside the box
+            region = seg[_box_region(b, seg.shape)]
+            share = (region == BOX_CLASS[b.category]).mean()
+            assert share > 0, (i, b)
+            if b.category in ("car", "truck", "bus") and b.x2 - b.x1 >= 6:
+                vehicle_share.append(share)
+        for cat, cid in BOX_CLASS.items():  # and every pixel of a box class lies in a box of that class
+            covered = np.zeros(seg.shape, bool)
+            for b in boxes:
+                if b.category == cat:
+                    covered[_box_region(b, seg.shape)] = True
+            assert not ((seg == cid) & ~covered).any(), (i, cat)
+        seen |= set(np.unique(seg).tolist())
+        # the background: sky only above the horizon (at most 0.47 of the height), road only below it
+        rows = np.arange(128)[:, None].repeat(192, 1)
+        assert rows[seg == train_id["sky"]].max() < 0.47 * 128 and rows[seg == train_id["road"]].min() >= 0.40 * 128
+    assert {train_id[c] for c in ("road", "sidewalk", "building", "sky", "pole", "car")} <= seen
+    assert len(vehicle_share) > 10 and np.median(vehicle_share) > 0.6  # a vehicle fills most of its box
+
+
+def test_dataset_writes_masks_the_reader_returns(tmp_path):
+    write_scenes_dataset(str(tmp_path / "ds"), num=4, size=40, seed=2, aspect=1.5)
+    src = read_bdd100k(str(tmp_path / "ds"))
+    assert len(src.frames) == 4 and src.segmentation_classes == list(SEGMENTATION_CLASSES)
+    for f in src.frames:
+        assert f.segmentation == str(tmp_path / "ds" / "labels" / "sem_seg" / "masks" / f.name.replace(".jpg", ".png"))
+        mask = np.asarray(Image.open(f.segmentation))
+        _, boxes, seg = render_scene_with_segmentation(np.random.default_rng([2, int(f.name[-10:-4])]), f.weather,
+                                                       f.timeofday, 60, 40)
+        np.testing.assert_array_equal(mask, seg)  # PNG: the exact ids
+
+
 def test_scenario_plan_takes_turns():
     plan = scenario_plan(70, 0, ["clear", "rainy", "foggy"], ["daytime", "dawn/dusk", "night"])
     assert len(plan) == 70
@@ -140,6 +193,7 @@ def test_cli(tmp_path, capsys):
     assert [f["name"] for f in labels] == [f"scene-2-{i:06d}.png" for i in range(3)]
     assert all(f["attributes"] == {"weather": "snowy", "timeofday": "night", "scene": "city street"} for f in labels)
     assert Image.open(out / "images" / "scene-2-000000.png").size == (48, 32)
+    assert Image.open(out / "labels" / "sem_seg" / "masks" / "scene-2-000000.png").size == (48, 32)
     assert main(["--out", str(tmp_path / "x"), "--num", "2", "--weathers", "hail"]) == 2
     assert "unknown weather 'hail'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -8,17 +8,34 @@ Two label layouts are read, both a JSON list of frames:
 A Scalabel export (`{"frames": [...]}`) is accepted too. A frame without box labels keeps its
 attributes. A box that cannot be a box (missing or non-numeric corners, x2 <= x1, NaN) does not
 fail the file: it is kept in `Frame.broken_boxes` so the encode job can skip and list the frame.
+
+Semantic segmentation is BDD100K's `labels/sem_seg/masks/<image stem>.png`: one uint8 train id per
+pixel (the 19 classes of `SEGMENTATION_CLASSES`, 255 = ignore), the size of its image.
+`read_bdd100k(root)` is the one function that reads a BDD100K-format folder (labels, image URIs,
+masks where they exist): the encode job and the detection job both call it.
 """
 from __future__ import annotations
 
 import json
 import math
+import io
+import posixpath
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from drivedit import storage
 from drivedit.config.common import DEFAULT_SCENARIOS
 
 DROPPED_WEATHERS = ("undefined", "foggy")
+# the older image-label names of the same objects, mapped onto det_20's names
+CATEGORY_ALIASES = {"person": "pedestrian", "bike": "bicycle", "motor": "motorcycle"}
+# BDD100K's (and Cityscapes') 19 semantic segmentation classes; the train id is the position
+SEGMENTATION_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                        "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                        "motorcycle", "bicycle")
+SEGMENTATION_IGNORE = 255
+SEGMENTATION_DIR = "labels/sem_seg/masks"
 
 
 @dataclass
@@ -51,10 +68,34 @@ class Frame:
     scene: str = "undefined"
     boxes: list[Box] = field(default_factory=list)
     broken_boxes: list[str] = field(default_factory=list)  # why each unusable box was unusable
+    segmentation: str | None = None  # URI of its semantic segmentation mask, when the dataset has one
+
+    def add_box(self, box: Box | None, problem: str | None) -> None:
+        """Keep what a reader parsed: a box, or why a label could not be one (None, None: not a box label)."""
+        if box is not None:
+            self.boxes.append(box)
+        elif problem is not None:
+            self.broken_boxes.append(problem)
 
 
 class LabelFileError(ValueError):
     """A label file that cannot be read as BDD100K frames; the message names the file and the frame."""
+
+
+def box_from_corners(category: str, corners, label: str, attributes: dict | None = None
+                     ) -> tuple[Box | None, str | None]:
+    """(Box, None) when `corners` (x1, y1, x2, y2) make a box; (None, why) when they cannot (not four numbers,
+    a non-finite corner, empty or inverted). `label` names the box in the reason. Every reader checks its
+    boxes here."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in corners)
+    except (TypeError, ValueError):
+        return None, f"{label}: needs four numeric corners x1, y1, x2, y2, got {corners!r}"
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        return None, f"{label}: a non-finite corner ({x1}, {y1}, {x2}, {y2})"
+    if x2 <= x1 or y2 <= y1:
+        return None, f"{label}: empty or inverted box ({x1:g}, {y1:g}, {x2:g}, {y2:g})"
+    return Box(category, x1, y1, x2, y2, dict(attributes or {})), None
 
 
 def _parse_box(label: dict) -> tuple[Box | None, str | None]:
@@ -63,18 +104,12 @@ def _parse_box(label: dict) -> tuple[Box | None, str | None]:
     category = str(label.get("category", ""))
     if b is None:
         return None, None
+    name = f"{category or 'label'} {label.get('id', '?')}"
     if not isinstance(b, dict):
-        return None, f"{category or 'label'} {label.get('id', '?')}: box2d is not an object"
-    try:
-        x1, y1, x2, y2 = (float(b[k]) for k in ("x1", "y1", "x2", "y2"))
-    except (KeyError, TypeError, ValueError):
-        return None, f"{category or 'label'} {label.get('id', '?')}: box2d needs numeric x1, y1, x2, y2"
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        return None, f"{category} {label.get('id', '?')}: box2d has a non-finite corner"
-    if x2 <= x1 or y2 <= y1:
-        return None, f"{category} {label.get('id', '?')}: empty or inverted box2d ({x1}, {y1}, {x2}, {y2})"
+        return None, f"{name}: box2d is not an object"
     attrs = label.get("attributes") or {}
-    return Box(category, x1, y1, x2, y2, dict(attrs) if isinstance(attrs, dict) else {}), None
+    return box_from_corners(category, [b.get(k) for k in ("x1", "y1", "x2", "y2")], f"{name} box2d",
+                            attrs if isinstance(attrs, dict) else {})
 
 
 def parse_frames(data, source: str = "(labels)") -> list[Frame]:
@@ -106,11 +141,7 @@ def parse_frames(data, source: str = "(labels)") -> list[Frame]:
             if not isinstance(label, dict):
                 frame.broken_boxes.append(f"label is {type(label).__name__}, not an object")
                 continue
-            box, problem = _parse_box(label)
-            if box is not None:
-                frame.boxes.append(box)
-            elif problem is not None:
-                frame.broken_boxes.append(problem)
+            frame.add_box(*_parse_box(label))
         frames.append(frame)
     return frames
 
@@ -143,6 +174,68 @@ def frame_to_json(frame: Frame) -> dict:
 def write_label_file(frames: list[Frame], uri: str) -> None:
     """Write frames as a BDD100K label JSON, atomically."""
     storage.write_text_atomic(uri, json.dumps([frame_to_json(f) for f in frames], indent=1))
+
+
+def segmentation_name(image_name: str) -> str:
+    """The mask file of an image: `a/b.jpg` -> `a/b.png` (BDD100K names masks by the image's stem)."""
+    return posixpath.splitext(image_name)[0] + ".png"
+
+
+def load_segmentation(uri: str) -> np.ndarray:
+    """A semantic segmentation mask -> (H, W) uint8 train ids. Raises ValueError naming the file when it is
+    not a single-channel image of train ids (0..18, 255 = ignore)."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(storage.read_bytes(uri)))
+        img.load()
+    except FileNotFoundError:
+        raise ValueError(f"segmentation mask not found: {uri}") from None
+    except Exception as e:  # PIL raises many types for broken files
+        raise ValueError(f"segmentation mask {uri} is not a readable image ({type(e).__name__}: {e})") from None
+    if img.mode not in ("L", "P"):
+        raise ValueError(f"segmentation mask {uri} has mode {img.mode}; BDD100K masks are single-channel uint8 "
+                         "train ids (mode L)")
+    ids = np.asarray(img, np.uint8)
+    bad = np.setdiff1d(np.unique(ids), np.r_[np.arange(len(SEGMENTATION_CLASSES)), SEGMENTATION_IGNORE])
+    if len(bad):
+        raise ValueError(f"segmentation mask {uri} holds values {bad[:8].tolist()} that are not train ids "
+                         f"0..{len(SEGMENTATION_CLASSES) - 1} or {SEGMENTATION_IGNORE} (ignore)")
+    return ids
+
+
+@dataclass
+class SourceFrames:
+    """What a dataset reader returns: frames whose `name` is relative to `images`, the segmentation classes
+    when the dataset has masks, and every reference that could not be resolved (each a dict with a
+    `reason`, and `frame_id` / `source_uri` where there is a frame)."""
+
+    frames: list[Frame]
+    images: str
+    segmentation_classes: list[str] = field(default_factory=list)
+    problems: list[dict] = field(default_factory=list)
+    source: str = ""  # what was read, for messages
+
+
+def read_bdd100k(root: str, labels: str | None = None, images: str | None = None,
+                 masks: str | None = None) -> SourceFrames:
+    """A BDD100K-format folder (local or s3://): `labels` (default <root>/labels.json), images under `images`
+    (default <root>/images), semantic segmentation masks under `masks` (default <root>/labels/sem_seg/masks)
+    attached to the frames that have one (`Frame.segmentation`). The masks folder is listed once, so a
+    frame without a mask costs nothing. Raises LabelFileError for an unreadable label file."""
+    labels = labels or storage.join(root, "labels.json")
+    images = images or storage.join(root, "images")
+    masks = masks or storage.join(root, SEGMENTATION_DIR)
+    frames = load_label_file(labels)
+    have = set()
+    if storage.exists(masks) and storage.is_dir(masks):
+        prefix = masks.rstrip("/") + "/"
+        have = {f[len(prefix):] for f in storage.list_files(masks, suffixes=[".png"]) if f.startswith(prefix)}
+    for f in frames:
+        name = segmentation_name(f.name)
+        if name in have:
+            f.segmentation = storage.join(masks, name)
+    return SourceFrames(frames, images, list(SEGMENTATION_CLASSES) if have else [], [], labels)
 
 
 class ScenarioVocabulary:

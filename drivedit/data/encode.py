@@ -1,16 +1,17 @@
-"""`drivedit encode`: a BDD100K-layout dataset -> latent shards, as a streaming Ray Data pipeline.
+"""`drivedit encode`: a BDD100K, Ithaca365 or COCO dataset -> latent shards, as a streaming Ray Data pipeline.
 
-    frames (labels, scenario rules, shard assignment; on the driver, no Ray)
-      -> read bytes through the storage layer + decode + resize + center-crop + rasterise boxes
-         (CPU tasks)
+    frames (the format's reader, scenario rules, shard assignment; on the driver, no Ray)
+      -> read bytes through the storage layer + decode + resize + crop; boxes, layout map and
+         segmentation on the latent grid (CPU tasks)
       -> codec on the image and its mirror (actor pool; one GPU per actor when use_gpu)
       -> the driver gathers rows per shard and writes each shard atomically once it is complete
 
 Frame k of the kept list always belongs to shard k // rows_per_shard, so a rerun over the same
 output skips the shards that exist and never writes a row twice; `encode.json` beside the shards
 records the settings and frame list, and a rerun with different ones stops instead of mixing them.
-Frames that cannot be used (missing, unreadable, undecodable or too-small images, broken boxes) are
-skipped, counted, and listed in `rejected.json` beside the shards.
+Frames that cannot be used (missing, unreadable, undecodable or too-small images, broken boxes or
+boxes outside their image, bad segmentation masks, table rows that reference what does not exist)
+are skipped, counted, and listed in `rejected.json` beside the shards.
 """
 from __future__ import annotations
 
@@ -31,16 +32,17 @@ import numpy as np
 from drivedit import storage
 from drivedit.config.base import ConfigError, load_config
 from drivedit.config.encode import EncodeJob
-from drivedit.data.bdd100k import LabelFileError, ScenarioVocabulary, load_label_file
-from drivedit.data.encode_stages import CodecEncoder, CodecInfo, describe_codec, load_images
+from drivedit.data.bdd100k import CATEGORY_ALIASES, LabelFileError, ScenarioVocabulary
+from drivedit.data.encode_stages import LABEL_COUNTS, CodecEncoder, CodecInfo, describe_codec, load_images
 from drivedit.data.shards import (SHARD_RE, ShardMetadata, build_shard_table, read_file_metadata, shard_name,
                                   write_shard)
 from drivedit.logs import setup_logging
 from drivedit.raylocal import connect_ray
+from drivedit.data.sources import default_images, default_labels, read_source
 
 log = logging.getLogger("drivedit.encode")
 ROW_COLUMNS = ("frame_id", "source_uri", "scenario", "weather", "timeofday", "moments", "moments_flip",
-               "object_mask", "num_objects")
+               "object_mask", "num_objects", "boxes", "layout", "segmentation")
 
 
 @dataclass
@@ -52,7 +54,7 @@ class EncodePlan:
     records: list[dict]                   # kept frames, in shard order
     frames_listed: int
     dropped: dict[str, int]               # scenario rules: reason -> count
-    broken: list[dict]                    # frames skipped on the driver: broken boxes, duplicates
+    broken: list[dict]                    # skipped on the driver: broken boxes, duplicates, bad references
     settings: dict                        # what a rerun must match
     existing: set[int] = field(default_factory=set)  # complete shards already in the output
 
@@ -62,11 +64,21 @@ class EncodePlan:
 
 
 def _labels_uri(job: EncodeJob) -> str:
-    return job.data.labels or storage.join(job.data.input, "labels.json")
+    return job.data.labels or default_labels(job.data.format, job.data.input)
 
 
 def _images_uri(job: EncodeJob) -> str:
-    return job.data.images or storage.join(job.data.input, "images")
+    return job.data.images or default_images(job.data.format, job.data.input)
+
+
+def category_ids(vocabulary: list[str]) -> dict[str, int]:
+    """Box category name -> id (position in the vocabulary); BDD100K's older names count as their det_20
+    name when only that is in the vocabulary."""
+    ids = {name: i for i, name in enumerate(vocabulary)}
+    for old, new in CATEGORY_ALIASES.items():
+        if old not in ids and new in ids:
+            ids[old] = ids[new]
+    return ids
 
 
 def preflight(job: EncodeJob) -> CodecInfo:
@@ -77,8 +89,10 @@ def preflight(job: EncodeJob) -> CodecInfo:
             problems.append(f"data.input: {job.data.input} does not exist; point it at a dataset root with "
                             "images/ and labels.json (`drivedit scenes --out DIR` makes one)")
         elif not storage.exists(_labels_uri(job)):
-            problems.append(f"data.labels: no label file at {_labels_uri(job)}; set data.labels to the BDD100K "
-                            "label JSON")
+            what = {"bdd100k": "the BDD100K label JSON", "ithaca365": "the folder of Ithaca365's v2.2 tables "
+                    "(scene.json, weather.json, sample.json, sample_data.json, object_ann.json)",
+                    "coco": "the COCO detection JSON"}[job.data.format]
+            problems.append(f"data.labels: nothing at {_labels_uri(job)}; set data.labels to {what}")
         if not storage.is_remote(_images_uri(job)) and storage.exists(job.data.input) \
                 and not storage.is_dir(_images_uri(job)):
             problems.append(f"data.images: {_images_uri(job)} is not a directory; set data.images to the folder "
@@ -102,16 +116,18 @@ def preflight(job: EncodeJob) -> CodecInfo:
 
 
 def plan_frames(job: EncodeJob, codec: CodecInfo) -> EncodePlan:
+    d = job.data
     try:
-        frames = load_label_file(_labels_uri(job))
+        src = read_source(d.format, d.input, _labels_uri(job), _images_uri(job), d.segmentation,
+                          d.scenario_attribute, d.scenario_map)
     except LabelFileError as e:
         raise ConfigError("encode", [f"data.labels: {e}"]) from None
-    vocab = ScenarioVocabulary(job.data.scenarios, job.data.night_scenario, tuple(job.data.drop_weathers))
-    kept, dropped = vocab.split(frames)
-    images, wanted = _images_uri(job), set(job.data.object_categories)
-    records, broken, seen = [], [], set()
+    vocab = ScenarioVocabulary(d.scenarios, d.night_scenario, tuple(d.drop_weathers))
+    kept, dropped = vocab.split(src.frames)
+    ids = category_ids(d.object_categories)
+    records, broken, seen = [], list(src.problems), set()
     for frame, sid in kept:
-        uri = storage.join(images, frame.name)
+        uri = storage.join(src.images, frame.name)
         if frame.name in seen:  # each frame is encoded once, whatever the label file says
             broken.append({"frame_id": frame.name, "source_uri": uri, "reason": "duplicate frame in the labels"})
             continue
@@ -120,22 +136,27 @@ def plan_frames(job: EncodeJob, codec: CodecInfo) -> EncodePlan:
             broken.append({"frame_id": frame.name, "source_uri": uri,
                            "reason": "broken box: " + "; ".join(frame.broken_boxes)})
             continue
-        if job.data.limit is not None and len(records) >= job.data.limit:
+        if d.limit is not None and len(records) >= d.limit:
             break
-        boxes = [[b.x1, b.y1, b.x2, b.y2] for b in frame.boxes if b.category in wanted]
+        # every box travels (id -1: a category outside the vocabulary) so one outside its image is caught
+        boxes = [[ids.get(b.category, -1), b.x1, b.y1, b.x2, b.y2, b.category] for b in frame.boxes]
         records.append({"index": len(records), "shard": len(records) // job.shards.rows_per_shard,
                         "frame_id": frame.name, "source_uri": uri, "scenario": sid, "weather": frame.weather,
-                        "timeofday": frame.timeofday, "boxes": json.dumps(boxes)})
-    g = job.data.resolution // codec.factor
-    meta = ShardMetadata(codec.codec_id, codec.scale_factor, job.data.resolution, (codec.latent_channels, g, g),
-                         list(job.data.scenarios))
-    frame_hash = hashlib.sha256("\n".join(r["frame_id"] + "|" + r["boxes"] for r in records).encode()).hexdigest()
-    settings = {"codec_id": codec.codec_id, "scale_factor": codec.scale_factor, "resolution": job.data.resolution,
-                "scenarios": list(job.data.scenarios), "night_scenario": job.data.night_scenario,
-                "drop_weathers": list(job.data.drop_weathers), "object_categories": sorted(wanted),
-                "min_box_cells": job.data.min_box_cells, "rows_per_shard": job.shards.rows_per_shard,
-                "frames": len(records), "frames_sha256": frame_hash}
-    return EncodePlan(codec, meta, records, len(frames), dropped, broken, settings)
+                        "timeofday": frame.timeofday, "boxes": json.dumps(boxes),
+                        "segmentation": frame.segmentation or ""})
+    g = d.resolution // codec.factor
+    meta = ShardMetadata(codec.codec_id, codec.scale_factor, d.resolution, (codec.latent_channels, g, g),
+                         list(d.scenarios), box_categories=list(d.object_categories),
+                         segmentation_classes=list(src.segmentation_classes))
+    frame_hash = hashlib.sha256("\n".join(r["frame_id"] + "|" + r["boxes"] + "|" + r["segmentation"]
+                                          for r in records).encode()).hexdigest()
+    settings = {"format": d.format, "codec_id": codec.codec_id, "scale_factor": codec.scale_factor,
+                "resolution": d.resolution, "resize": d.resize, "scenarios": list(d.scenarios),
+                "night_scenario": d.night_scenario, "drop_weathers": list(d.drop_weathers),
+                "object_categories": list(d.object_categories), "min_box_cells": d.min_box_cells,
+                "min_box_side_cells": d.min_box_side_cells, "rows_per_shard": job.shards.rows_per_shard,
+                "frames": len(records), "frames_sha256": frame_hash, "shard_version": meta.version}
+    return EncodePlan(codec, meta, records, len(src.frames), dropped, broken, settings)
 
 
 def _check_output(job: EncodeJob, plan: EncodePlan) -> None:
@@ -170,12 +191,20 @@ def _start_ray(job: EncodeJob):
     return ray
 
 
+def stage_config(job: EncodeJob, codec: CodecInfo) -> dict:
+    """The plain-data settings of the read/decode stage (encode_stages.load_images)."""
+    d = job.data
+    return {"resolution": d.resolution, "factor": codec.factor, "resize": d.resize,
+            "num_categories": len(d.object_categories), "min_box_cells": d.min_box_cells,
+            "min_box_side_cells": d.min_box_side_cells, "retries": job.pipeline.read_retries,
+            "io_threads": job.pipeline.io_threads}
+
+
 def build_dataset(job: EncodeJob, plan: EncodePlan, records: list[dict]):
     """The lazy Ray Dataset: records -> read/decode tasks -> codec actors."""
     import ray.data
 
-    cfg = {"resolution": job.data.resolution, "factor": plan.codec.factor, "min_box_cells": job.data.min_box_cells,
-           "retries": job.pipeline.read_retries, "io_threads": job.pipeline.io_threads}
+    cfg = stage_config(job, plan.codec)
     rb = job.pipeline.read_batch_size
     ds = ray.data.from_items(records, override_num_blocks=max(1, math.ceil(len(records) / rb)))
     read_compute = ray.data.TaskPoolStrategy(size=job.pipeline.max_read_tasks) if job.pipeline.max_read_tasks else None
@@ -205,6 +234,7 @@ class ShardCollector:
         self.parts: dict[int, list[dict]] = {s: [] for s in expected}
         self.counts = {s: 0 for s in expected}
         self.futures, self.rejected, self.encoded = [], [], 0
+        self.box_counts = {c: 0 for c in LABEL_COUNTS}
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         shards = np.asarray(batch["shard"])
@@ -223,7 +253,10 @@ class ShardCollector:
         ok = np.array([e == "" for e in rows["error"]], dtype=bool)
         rejected = [{"frame_id": str(f), "source_uri": str(u), "shard": s, "reason": str(e)}
                     for f, u, e, good in zip(rows["frame_id"], rows["source_uri"], rows["error"], ok) if not good]
-        table = build_shard_table({k: rows[k][ok] for k in ROW_COLUMNS}, self.plan.meta, rejected)
+        counts = {c: int(rows[c][ok].sum()) for c in LABEL_COUNTS}
+        table = build_shard_table({k: rows[k][ok] for k in ROW_COLUMNS}, self.plan.meta, rejected, counts)
+        for c in LABEL_COUNTS:
+            self.box_counts[c] += counts[c]
         uri = storage.join(self.job.data.output, shard_name(s))
         self.futures.append(self.writer.submit(write_shard, uri, table, self.job.shards.compression))
         self.rejected += rejected
@@ -245,7 +278,8 @@ def run_encode(job: EncodeJob) -> dict:
     plan = plan_frames(job, codec)
     if not plan.records:
         raise ConfigError("encode", [f"data.input: no frame of {_labels_uri(job)} is left after the scenario rules "
-                                     f"(dropped: {plan.dropped or 'none'}; skipped: {len(plan.broken)})"])
+                                     f"(dropped: {plan.dropped or 'none'}; skipped: {len(plan.broken)}"
+                                     + (f", e.g. {plan.broken[0]['reason']}" if plan.broken else "") + ")"])
     _check_output(job, plan)
     todo = [r for r in plan.records if r["shard"] not in plan.existing]
     expected: dict[int, int] = {}
@@ -277,13 +311,16 @@ def run_encode(job: EncodeJob) -> dict:
     for r in collector.rejected:
         key = r["reason"].split(":")[0]
         reasons[key] = reasons.get(key, 0) + 1
+    bad_refs = [r for r in plan.broken if r["reason"].startswith("bad reference")]
     summary = {
-        "output": out, "frames_listed": plan.frames_listed,
+        "output": out, "format": job.data.format, "frames_listed": plan.frames_listed,
         "dropped_by_scenario": sum(plan.dropped.values()), "dropped_reasons": plan.dropped,
-        "broken_boxes": sum(r["reason"].startswith("broken box") for r in plan.broken),
+        # broken boxes found in the labels, and boxes found outside their image once it was read
+        "broken_boxes": sum(r["reason"].startswith("broken box") for r in plan.broken) + reasons.get("broken box", 0),
         "duplicates": sum(r["reason"].startswith("duplicate") for r in plan.broken),
+        "bad_references": len(bad_refs),
         "frames_read": len(todo), "encoded": collector.encoded,
-        "corrupt": len(collector.rejected), "corrupt_reasons": reasons,
+        "corrupt": len(collector.rejected), "corrupt_reasons": reasons, **collector.box_counts,
         "already_encoded_shards": len(plan.existing), "shards_written": len(expected),
         "rows_total": len(plan.records) - sum(1 for r in rejected if "shard" in r),
         "rejected_list": storage.join(out, "rejected.json"), "seconds": round(seconds, 3),
@@ -296,7 +333,8 @@ def run_encode(job: EncodeJob) -> dict:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
-        prog="drivedit encode", description="Encode a BDD100K-layout dataset into latent shards (Ray Data).",
+        prog="drivedit encode", description="Encode a BDD100K, Ithaca365 or COCO dataset into latent shards "
+                                            "(Ray Data).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config fields (set in the YAML or override as --section.field VALUE):\n"
                + "\n".join(field_help_lines(EncodeJob)))

@@ -1,5 +1,6 @@
 """The per-batch work of the encode job, run inside Ray tasks and actors (and by the plain-loop baseline
-of bench/encode.py): read + decode + resize + center-crop + rasterise boxes, and the codec actor.
+of bench/encode.py): read + decode + resize + crop, the frame's labels on the latent grid (boxes,
+layout map, segmentation; drivedit/data/layout.py), and the codec actor.
 
 Every function here takes plain data (dicts of numpy arrays, JSON-able config dicts), so workers
 never depend on driver state. A frame that cannot be used keeps its row with an `error` string:
@@ -20,6 +21,9 @@ import numpy as np
 from PIL import Image
 
 from drivedit import storage
+from drivedit.data.bdd100k import SEGMENTATION_IGNORE
+from drivedit.data.layout import (crop_segmentation, empty_segmentation, place_boxes, rasterise_layout,
+                                  segmentation_to_grid)
 from drivedit.models.pixel import pixel_moments
 
 
@@ -94,16 +98,22 @@ def read_image_bytes(uri: str, retries: int = 3) -> bytes:
     raise AssertionError("unreachable")
 
 
-def decode_and_crop(data: bytes, resolution: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """Decode, resize the short side to `resolution` and center-crop -> ((res, res, 3) uint8,
-    (sx, sy, left, top)) where a source pixel x maps to x * sx - left in the crop."""
+def decode_and_crop(data: bytes, resolution: int, resize: str = "crop"
+                    ) -> tuple[np.ndarray, tuple[float, float, float, float], tuple[int, int]]:
+    """Decode and bring to (res, res): `crop` resizes the short side to `resolution` and center-crops,
+    `stretch` resizes both sides to it without keeping the aspect (as DriveDiTFit does with Ithaca365).
+    -> ((res, res, 3) uint8, (sx, sy, left, top), (source width, source height)) where a source pixel x
+    maps to x * sx - left in the result."""
     try:
         img = Image.open(io.BytesIO(data))
         ow, oh = img.size
         if min(ow, oh) < resolution:
             raise BadImage(f"too small: {ow}x{oh} < {resolution}")
-        # JPEG: let the decoder downscale by 1/2, 1/4, 1/8 while the short side stays >= resolution
-        img.draft("RGB", (math.ceil(ow * resolution / min(ow, oh)), math.ceil(oh * resolution / min(ow, oh))))
+        # JPEG: let the decoder downscale by 1/2, 1/4, 1/8 while each side stays >= its target
+        if resize == "stretch":
+            img.draft("RGB", (resolution, resolution))
+        else:
+            img.draft("RGB", (math.ceil(ow * resolution / min(ow, oh)), math.ceil(oh * resolution / min(ow, oh))))
         img = img.convert("RGB")
         img.load()
     except BadImage:
@@ -113,58 +123,70 @@ def decode_and_crop(data: bytes, resolution: int) -> tuple[np.ndarray, tuple[flo
     # As ADM / DiT: halve with a box filter while possible, then bicubic to the exact size (less aliasing).
     while min(img.size) >= 2 * resolution:
         img = img.resize((img.width // 2, img.height // 2), Image.BOX)
+    if resize == "stretch":
+        img = img.resize((resolution, resolution), Image.BICUBIC)
+        return np.asarray(img, dtype=np.uint8), (resolution / ow, resolution / oh, 0.0, 0.0), (ow, oh)
     scale = resolution / min(img.size)
     img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
                      Image.BICUBIC)
     left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
     crop = np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
-    return crop, (img.width / ow, img.height / oh, float(left), float(top))
+    return crop, (img.width / ow, img.height / oh, float(left), float(top)), (ow, oh)
 
 
-def rasterise_boxes(boxes: list[list[float]], transform: tuple[float, float, float, float], resolution: int,
-                    factor: int, min_cells: float) -> tuple[np.ndarray, int]:
-    """Source-pixel boxes -> ((h, w) uint8 mask on the latent grid, number of boxes kept).
+def _outside(boxes: list[list], size: tuple[int, int]) -> list[str]:
+    """Why each box (any category) lies entirely outside the source image: such a box is broken labelling."""
+    w, h = size
+    return [f"{name} ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies entirely outside the {w}x{h} image"
+            for _, x1, y1, x2, y2, name in boxes if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h]
 
-    A cell is inside a box when its centre is; a box covering under `min_cells` cells of area (after
-    clipping to the crop) is skipped; a kept box always marks at least the cell under its centre."""
-    sx, sy, left, top = transform
-    g = resolution // factor
-    mask = np.zeros((g, g), np.uint8)
-    kept = 0
-    for x1, y1, x2, y2 in boxes:
-        # source pixels -> crop pixels -> latent cells, clipped to the grid
-        a1 = min(max((x1 * sx - left) / factor, 0.0), g)
-        a2 = min(max((x2 * sx - left) / factor, 0.0), g)
-        b1 = min(max((y1 * sy - top) / factor, 0.0), g)
-        b2 = min(max((y2 * sy - top) / factor, 0.0), g)
-        if (a2 - a1) * (b2 - b1) < max(min_cells, 1e-9):
-            continue
-        j0, j1 = math.ceil(a1 - 0.5), math.ceil(a2 - 0.5)
-        i0, i1 = math.ceil(b1 - 0.5), math.ceil(b2 - 0.5)
-        if j1 <= j0:
-            j0 = min(int((a1 + a2) / 2), g - 1)
-            j1 = j0 + 1
-        if i1 <= i0:
-            i0 = min(int((b1 + b2) / 2), g - 1)
-            i1 = i0 + 1
-        mask[i0:i1, j0:j1] = 1
-        kept += 1
-    return mask, kept
+
+def frame_labels(record_boxes: list[list], segmentation: bytes | None, transform, size: tuple[int, int],
+                 cfg: dict) -> dict:
+    """One frame's labels after its resize and crop: object_mask (h*w,), layout (K*h*w,), segmentation
+    (h*w,) uint8, num_objects, boxes (JSON of [[category id, x1, y1, x2, y2]] in [0, 1]), box counts.
+    Raises BadImage for a box outside the image or a mask that does not fit it (the frame is listed)."""
+    res, g, k = cfg["resolution"], cfg["resolution"] // cfg["factor"], cfg.get("num_categories", 0)
+    outside = _outside(record_boxes, size)
+    if outside:
+        raise BadImage("broken box: " + "; ".join(outside))
+    kept = [b[:5] for b in record_boxes if b[0] >= 0]
+    placed, clipped, cropped_out = place_boxes(kept, transform, res)
+    layout, drawn = rasterise_layout(placed, k, g, cfg.get("min_box_cells", 0.0), cfg.get("min_box_side_cells", 0.0))
+    seg = empty_segmentation(g)
+    if segmentation is not None:
+        try:
+            seg = segmentation_to_grid(crop_segmentation(segmentation, size, transform, res), g)
+        except ValueError as e:
+            raise BadImage(f"bad segmentation mask: {e}") from None
+    return {"object_mask": layout.max(0).reshape(-1) if k else np.zeros(g * g, np.uint8),
+            "layout": layout.reshape(-1), "segmentation": seg.reshape(-1), "num_objects": drawn,
+            "boxes": json.dumps([[c] + [round(v, 6) for v in xy] for c, *xy in placed]),
+            "boxes_clipped": clipped, "boxes_cropped_out": cropped_out, "boxes_too_small": len(placed) - drawn}
+
+
+LABEL_COUNTS = ("boxes_clipped", "boxes_cropped_out", "boxes_too_small")
 
 
 def load_images(batch: dict[str, np.ndarray], cfg: dict) -> dict[str, np.ndarray]:
-    """Ray Data stage: frame records -> + image (N, res, res, 3) uint8, object_mask (N, h*w) uint8,
-    num_objects (N,) int16, error (N,) str ("" when the frame is good)."""
+    """Ray Data stage: frame records (source_uri, boxes JSON of [[category id or -1, x1, y1, x2, y2, name]],
+    segmentation URI or "") -> + image (N, res, res, 3) uint8, object_mask (N, h*w), layout (N, K*h*w),
+    segmentation (N, h*w) uint8, num_objects (N,) int16, boxes (N,) JSON str, the box counts of
+    LABEL_COUNTS (N,) int16, error (N,) str ("" when the frame is good)."""
     res, factor = cfg["resolution"], cfg["factor"]
-    g = res // factor
+    g, k = res // factor, cfg.get("num_categories", 0)
     n = len(batch["source_uri"])
     images = np.zeros((n, res, res, 3), np.uint8)
-    masks = np.zeros((n, g * g), np.uint8)
-    num_objects = np.zeros(n, np.int16)
-    errors = []
+    out = {"object_mask": np.zeros((n, g * g), np.uint8), "layout": np.zeros((n, k * g * g), np.uint8),
+           "segmentation": np.full((n, g * g), SEGMENTATION_IGNORE, np.uint8), "num_objects": np.zeros(n, np.int16),
+           **{c: np.zeros(n, np.int16) for c in LABEL_COUNTS}}
+    placed_boxes, errors = [], []
     retries = cfg.get("retries", 3)
+    seg_uris = [str(u) for u in batch["segmentation"]] if "segmentation" in batch else [""] * n
 
     def fetch(uri: str) -> bytes | BadImage:
+        if not uri:
+            return None
         try:
             return read_image_bytes(uri, retries)
         except BadImage as e:
@@ -172,8 +194,8 @@ def load_images(batch: dict[str, np.ndarray], cfg: dict) -> dict[str, np.ndarray
 
     # Object-store reads are latency-bound: fetch the whole batch with threads (the GIL is released while
     # waiting), then decode one by one.
-    uris = [str(u) for u in batch["source_uri"]]
-    threads = min(int(cfg.get("io_threads", 8)), n)
+    uris = [str(u) for u in batch["source_uri"]] + seg_uris
+    threads = min(int(cfg.get("io_threads", 8)), len(uris))
     if threads > 1:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             blobs = list(pool.map(fetch, uris))
@@ -183,16 +205,22 @@ def load_images(batch: dict[str, np.ndarray], cfg: dict) -> dict[str, np.ndarray
         try:
             if isinstance(blobs[i], BadImage):
                 raise blobs[i]
-            images[i], transform = decode_and_crop(blobs[i], res)
-            mask, num_objects[i] = rasterise_boxes(json.loads(str(batch["boxes"][i])), transform, res, factor,
-                                                   cfg["min_box_cells"])
-            masks[i] = mask.reshape(-1)
+            seg = blobs[n + i]
+            if isinstance(seg, BadImage):
+                raise BadImage(f"bad segmentation mask: {seg}")
+            images[i], transform, size = decode_and_crop(blobs[i], res, cfg.get("resize", "crop"))
+            labels = frame_labels(json.loads(str(batch["boxes"][i])), seg, transform, size, cfg)
+            for key, col in out.items():
+                col[i] = labels[key]
+            placed_boxes.append(labels["boxes"])
             errors.append("")
         except BadImage as e:
+            placed_boxes.append("[]")
             errors.append(str(e))
-    out = {k: v for k, v in batch.items() if k != "boxes"}
-    out.update(image=images, object_mask=masks, num_objects=num_objects, error=np.array(errors, dtype=object))
-    return out
+    result = {key: v for key, v in batch.items() if key not in ("boxes", "segmentation")}
+    result.update(image=images, boxes=np.array(placed_boxes, dtype=object), error=np.array(errors, dtype=object),
+                  **out)
+    return result
 
 
 class CodecEncoder:

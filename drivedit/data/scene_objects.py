@@ -1,6 +1,10 @@
 """Scene elements of the procedural driving scenes: the camera, a painter that shades by depth and
 time of day, and the things on and beside the road. Labelled objects append their visible box.
 
+The painter also draws every shape into a semantic segmentation image (BDD100K train ids): an
+element sets `Painter.label` before drawing, so a pixel's label is the class of whatever was drawn
+there last, exactly as the colour image shows it.
+
 Units are metres in the road frame: x lateral (right positive), z forward from the camera, y up
 from the ground. Colours are given in daylight and shaded by `Painter` (time-of-day gain, fog).
 """
@@ -11,13 +15,18 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from drivedit.data.bdd100k import Box
+from drivedit.data.bdd100k import SEGMENTATION_CLASSES, Box
 from drivedit.data.scene_style import FOG_DISTANCE, TIME_GAIN, fog_color
 
 CAM_HEIGHT = 1.5      # metres
 ROAD_HALF = 5.3       # metres from the centre line to the road edge
 SIDEWALK_OUT = 8.5    # outer edge of the sidewalk
 LANES = (-3.5, 0.0, 3.5)  # lateral lane centres; the left lane is oncoming traffic
+TRAIN_ID = {name: i for i, name in enumerate(SEGMENTATION_CLASSES)}
+# the segmentation class of each labelled box category drawn here
+BOX_CLASS = {"car": TRAIN_ID["car"], "truck": TRAIN_ID["truck"], "bus": TRAIN_ID["bus"],
+             "pedestrian": TRAIN_ID["person"], "traffic light": TRAIN_ID["traffic light"],
+             "traffic sign": TRAIN_ID["traffic sign"]}
 
 
 class Camera:
@@ -43,8 +52,10 @@ class Camera:
 class Painter:
     """Draws shaded shapes: colours take the time-of-day gain and the fog of their depth."""
 
-    def __init__(self, img: Image.Image, weather: str, timeofday: str, scale: float):
+    def __init__(self, img: Image.Image, weather: str, timeofday: str, scale: float, seg: Image.Image):
         self.draw = ImageDraw.Draw(img)
+        self.seg_draw = ImageDraw.Draw(seg)  # mode L, train ids
+        self.label = TRAIN_ID["road"]        # the class the next shapes are drawn under
         self.glow = Image.new("RGB", img.size)
         self.glow_draw = ImageDraw.Draw(self.glow)
         self.gain = TIME_GAIN[timeofday]
@@ -65,16 +76,19 @@ class Painter:
         xy = [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
         self.draw.rectangle(xy, fill=self.shade(color, z))
         self.glow_draw.rectangle(xy, fill=0)
+        self.seg_draw.rectangle(xy, fill=self.label)
 
     def poly(self, pts, color, z):
         xy = [(float(a), float(b)) for a, b in pts]
         self.draw.polygon(xy, fill=self.shade(color, z))
         self.glow_draw.polygon(xy, fill=0)
+        self.seg_draw.polygon(xy, fill=self.label)
 
     def ellipse(self, cx, cy, rx, ry, color, z):
         xy = [cx - rx, cy - ry, cx + rx, cy + ry]
         self.draw.ellipse(xy, fill=self.shade(color, z))
         self.glow_draw.ellipse(xy, fill=0)
+        self.seg_draw.ellipse(xy, fill=self.label)
 
     def light(self, cx, cy, r, color, z, reflect_to: float | None = None):
         """An emissive light: not darkened by night, dimmed by fog, reflected by a wet road."""
@@ -102,6 +116,7 @@ def visible_box(cam: Camera, category: str, x0, y0, x1, y1, attributes: dict) ->
 def lane_marks(cam: Camera, p: Painter):
     """Solid edge lines, a double yellow centre line and dashed white lane lines, in perspective."""
     wid = 0.12
+    p.label = TRAIN_ID["road"]  # BDD100K labels lane markings as road
     for x, color, dashed in ((-ROAD_HALF, (225, 225, 225), False), (ROAD_HALF, (225, 225, 225), False),
                              (-1.75 - 0.12, (220, 180, 40), False), (-1.75 + 0.12, (220, 180, 40), False),
                              (1.75, (235, 235, 235), True)):
@@ -117,6 +132,7 @@ def lane_marks(cam: Camera, p: Painter):
 
 
 def building(cam: Camera, p: Painter, rng, side: int, z0: float, z1: float, snowy: bool):
+    p.label = TRAIN_ID["building"]
     x = side * rng.uniform(9.0, 12.0)
     height = rng.uniform(6.0, 24.0)
     base = np.array([(150, 80, 60), (190, 175, 150), (130, 130, 135), (170, 160, 150), (110, 100, 95),
@@ -150,6 +166,7 @@ def building(cam: Camera, p: Painter, rng, side: int, z0: float, z1: float, snow
 
 def tree(cam: Camera, p: Painter, x: float, z: float, rng, snowy: bool):
     trunk_h, r = rng.uniform(2.0, 3.0), rng.uniform(1.3, 2.0)
+    p.label = TRAIN_ID["vegetation"]
     p.rect(cam.u(x - 0.15, z), cam.v(z, trunk_h), cam.u(x + 0.15, z), cam.v(z), (90, 65, 40), z)
     green = np.array((50, 110, 45), np.float32) * rng.uniform(0.8, 1.2)
     p.ellipse(cam.u(x, z), cam.v(z, trunk_h + r), cam.px(r, z), cam.px(r * 1.1, z), green, z)
@@ -161,6 +178,7 @@ def tree(cam: Camera, p: Painter, x: float, z: float, rng, snowy: bool):
 def lamp(cam: Camera, p: Painter, side: int, z: float):
     x = side * 6.2
     top = 7.0
+    p.label = TRAIN_ID["pole"]
     p.rect(cam.u(x - 0.08, z), cam.v(z, top), cam.u(x + 0.08, z), cam.v(z), (70, 70, 75), z)
     hx = x - side * 1.5
     p.rect(cam.u(hx, z), cam.v(z, top), cam.u(x, z), cam.v(z, top - 0.15), (70, 70, 75), z)
@@ -182,8 +200,10 @@ def vehicle(cam: Camera, p: Painter, rng, lane: float, z: float, boxes: list, cl
     color = np.array(PALETTE[rng.integers(len(PALETTE))], np.float32)
     x0, x1 = cam.u(x - width / 2, z), cam.u(x + width / 2, z)
     yb, yt = cam.v(z), cam.v(z, height)
-    if clear_sun:  # a hard shadow under the car only in direct sun
+    if clear_sun:  # a hard shadow under the car only in direct sun (it lies on the road)
+        p.label = TRAIN_ID["road"]
         p.ellipse((x0 + x1) / 2, yb, (x1 - x0) * 0.6, max(1.0, cam.px(0.35, z)), (30, 30, 30), z)
+    p.label = BOX_CLASS[kind]
     body_top = cam.v(z, height * (0.55 if kind == "car" else 1.0))
     p.rect(x0, body_top, x1, yb - cam.px(0.25, z), color, z)
     if kind == "car":
@@ -218,6 +238,7 @@ def pedestrian(cam: Camera, p: Painter, rng, x: float, z: float, boxes: list):
     height = rng.uniform(1.6, 1.85)
     half = 0.25
     shirt = PALETTE[rng.integers(len(PALETTE))]
+    p.label = BOX_CLASS["pedestrian"]
     x0, x1 = cam.u(x - half, z), cam.u(x + half, z)
     yb, yt = cam.v(z), cam.v(z, height)
     p.rect(cam.u(x - 0.15, z), cam.v(z, 0.9), cam.u(x + 0.15, z), yb, (40, 40, 60), z)       # legs
@@ -233,6 +254,7 @@ def traffic_light(cam: Camera, p: Painter, rng, side: int, z: float, boxes: list
     pole_x = side * rng.uniform(5.6, 6.4)
     x = side * rng.uniform(1.0, 3.0) if overhead else pole_x
     y0 = 5.2 if overhead else 2.4
+    p.label = TRAIN_ID["pole"]
     p.rect(cam.u(pole_x - 0.08, z), cam.v(z, y0 + 1.0 if overhead else y0), cam.u(pole_x + 0.08, z), cam.v(z),
            (60, 60, 62), z)
     if overhead:
@@ -240,6 +262,7 @@ def traffic_light(cam: Camera, p: Painter, rng, side: int, z: float, boxes: list
                (60, 60, 62), z)
     x0, x1 = cam.u(x - 0.18, z), cam.u(x + 0.18, z)
     yt, yb = cam.v(z, y0 + 1.0), cam.v(z, y0)
+    p.label = BOX_CLASS["traffic light"]
     p.rect(x0, yt, x1, yb, (30, 30, 32), z)
     state = int(rng.integers(3))
     colors = [(255, 40, 30), (255, 190, 30), (40, 230, 90)]
@@ -254,10 +277,12 @@ def traffic_light(cam: Camera, p: Painter, rng, side: int, z: float, boxes: list
 
 def traffic_sign(cam: Camera, p: Painter, rng, side: int, z: float, boxes: list):
     x = side * rng.uniform(5.6, 6.6)
+    p.label = TRAIN_ID["pole"]
     p.rect(cam.u(x - 0.05, z), cam.v(z, 2.2), cam.u(x + 0.05, z), cam.v(z), (110, 110, 115), z)
     x0, x1 = cam.u(x - 0.38, z), cam.u(x + 0.38, z)
     yt, yb = cam.v(z, 2.95), cam.v(z, 2.2)
     kind = int(rng.integers(3))
+    p.label = BOX_CLASS["traffic sign"]
     if kind == 0:    # round prohibition sign
         p.ellipse((x0 + x1) / 2, (yt + yb) / 2, (x1 - x0) / 2, (yb - yt) / 2, (200, 20, 20), z)
         p.ellipse((x0 + x1) / 2, (yt + yb) / 2, (x1 - x0) * 0.35, (yb - yt) * 0.35, (240, 240, 240), z)

@@ -1,4 +1,5 @@
-"""Procedural driving scenes written as a BDD100K-format dataset (`images/<name>.jpg` + `labels.json`).
+"""Procedural driving scenes written as a BDD100K-format dataset (`images/<name>.jpg`, `labels.json` and
+the semantic segmentation `labels/sem_seg/masks/<name>.png`).
 
 For demos, tests and smoke runs on a new cluster when no real driving data is at hand. A pinhole
 camera 1.5 m above a straight road looks at lanes, sidewalks, buildings, trees, street lamps and
@@ -9,6 +10,11 @@ scenarios even at 32x32 (night dark; snowy bright, white ground, desaturated; ra
 contrast, streaks, wet road; foggy contrast falls off with depth; overcast grey and flat; clear
 saturated blue sky; partly cloudy clouds). Frame i is drawn from `default_rng([seed, i])`, so a
 dataset is a pure function of (num, size, seed, weathers, timesofday, aspect).
+
+The segmentation mask is drawn with the same shapes as the image (BDD100K train ids), so every box's
+object is in the mask under its class inside its box; an object hidden entirely behind nearer ones
+gets no box, as BDD100K labels only what shows, and the pixels of objects too small for a box are
+ignore (255), so every pixel of a box class lies inside a box of that class.
 """
 from __future__ import annotations
 
@@ -22,9 +28,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from drivedit import storage
-from drivedit.data.bdd100k import Box, Frame, write_label_file
-from drivedit.data.scene_objects import (CAM_HEIGHT, LANES, ROAD_HALF, SIDEWALK_OUT, Camera, Painter, building,
-                                         lamp, lane_marks, pedestrian, traffic_light, traffic_sign, tree, vehicle)
+from drivedit.data.bdd100k import (SEGMENTATION_DIR, SEGMENTATION_IGNORE, Box, Frame, segmentation_name,
+                                   write_label_file)
+from drivedit.data.scene_objects import (BOX_CLASS, CAM_HEIGHT, LANES, ROAD_HALF, SIDEWALK_OUT, TRAIN_ID, Camera,
+                                         Painter, building, lamp, lane_marks, pedestrian, traffic_light, traffic_sign,
+                                         tree, vehicle)
 from drivedit.data.scene_style import FOG_DISTANCE, GRADE, TIME_GAIN, fog_color, ground_palette, sky_colors
 
 SCENE_WEATHERS = ("clear", "overcast", "partly cloudy", "rainy", "snowy", "foggy")
@@ -66,6 +74,43 @@ def _background(cam: Camera, weather: str, timeofday: str, rng: np.random.Genera
     fog = (1.0 - np.exp(-z / FOG_DISTANCE[weather]))[..., None]         # (Hg, 1, 1)
     img[hz:] = ground * (1 - fog) + np.asarray(fog_color(weather, timeofday), np.float32) * fog
     return img
+
+
+def _background_labels(cam: Camera) -> np.ndarray:
+    """(H, W) uint8 train ids of the background: sky above the horizon, road / sidewalk / terrain below."""
+    h, w = cam.h, cam.w
+    labels = np.full((h, w), TRAIN_ID["sky"], np.uint8)
+    hz = int(np.ceil(cam.horizon))
+    if hz >= h:
+        return labels
+    # the same ground geometry as _background: lateral offset of the ground point each pixel sees
+    v = np.arange(hz, h, dtype=np.float32)[:, None] + 0.5
+    z = cam.f * CAM_HEIGHT / np.maximum(v - cam.horizon, 0.5)
+    ax = np.abs((np.arange(w, dtype=np.float32)[None, :] + 0.5 - cam.cx) * z / cam.f)
+    ground = np.full(ax.shape, TRAIN_ID["terrain"], np.uint8)
+    ground[ax < SIDEWALK_OUT] = TRAIN_ID["sidewalk"]
+    ground[ax < ROAD_HALF] = TRAIN_ID["road"]
+    labels[hz:] = ground
+    return labels
+
+
+def _reconcile(boxes: list[Box], seg: np.ndarray) -> list[Box]:
+    """Make boxes and segmentation agree: keep the boxes whose object shows (some pixel of its class
+    inside the box; the others are hidden behind nearer objects), and mark as ignore (255) the pixels of
+    a box class outside every kept box of that class (objects too small or too hidden to get a box).
+    `seg` is changed in place."""
+    kept = []
+    covered = {cid: np.zeros(seg.shape, bool) for cid in set(BOX_CLASS.values())}
+    for b in boxes:
+        cid = BOX_CLASS[b.category]
+        x0, y0 = int(np.floor(b.x1)), int(np.floor(b.y1))
+        x1, y1 = int(np.ceil(b.x2)), int(np.ceil(b.y2))
+        if (seg[y0:y1, x0:x1] == cid).any():
+            kept.append(b)
+            covered[cid][y0:y1, x0:x1] = True
+    for cid, cov in covered.items():
+        seg[(seg == cid) & ~cov] = SEGMENTATION_IGNORE
+    return kept
 
 
 # ---------------------------------------------------------------- weather overlays
@@ -120,6 +165,13 @@ def _clouds(d: ImageDraw.ImageDraw, cam: Camera, rng, color):
 def render_scene(rng: np.random.Generator, weather: str, timeofday: str, width: int, height: int
                  ) -> tuple[Image.Image, list[Box]]:
     """One RGB frame and its object boxes."""
+    img, boxes, _ = render_scene_with_segmentation(rng, weather, timeofday, width, height)
+    return img, boxes
+
+
+def render_scene_with_segmentation(rng: np.random.Generator, weather: str, timeofday: str, width: int,
+                                   height: int) -> tuple[Image.Image, list[Box], np.ndarray]:
+    """One RGB frame, its visible object boxes and its (H, W) uint8 segmentation (BDD100K train ids)."""
     if weather not in SCENE_WEATHERS:
         raise ValueError(f"the scene generator draws weathers {SCENE_WEATHERS}, not {weather!r}")
     if timeofday not in SCENE_TIMES:
@@ -127,11 +179,12 @@ def render_scene(rng: np.random.Generator, weather: str, timeofday: str, width: 
     cam = Camera(width, height, rng)
     scale = height / 256
     img = Image.fromarray(np.clip(_background(cam, weather, timeofday, rng), 0, 255).astype(np.uint8))
-    p = Painter(img, weather, timeofday, scale)
+    seg = Image.fromarray(_background_labels(cam))
+    p = Painter(img, weather, timeofday, scale, seg)
     if weather == "partly cloudy" and timeofday != "night":
         _clouds(p.draw, cam, rng, (245, 245, 248) if timeofday == "daytime" else (235, 170, 150))
     if timeofday == "night" and weather in ("clear", "partly cloudy"):
-        for _ in range(int(0.002 * width * height)):
+        for _ in range(int(0.002 * width * height)):  # stars: drawn on the image only, the sky stays sky
             sx, sy = rng.uniform(0, width), rng.uniform(0, cam.horizon * 0.8)
             p.draw.point((sx, sy), fill=(200, 200, 220))
     lane_marks(cam, p)
@@ -177,7 +230,9 @@ def render_scene(rng: np.random.Generator, weather: str, timeofday: str, width: 
     arr = arr + np.asarray(glow, np.float32) * 1.6 + np.asarray(p.glow, np.float32) * 0.6
     arr = _particles(arr, weather, timeofday, rng, scale)
     arr = arr + rng.normal(0, 2.0, size=(height, width, 1)).astype(np.float32)  # sensor noise
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), boxes
+    labels = np.array(seg, np.uint8)
+    boxes = _reconcile(boxes, labels)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), boxes, labels
 
 
 def scenario_plan(num: int, seed: int, weathers, timesofday) -> list[tuple[str, str]]:
@@ -212,8 +267,9 @@ def scenario_plan(num: int, seed: int, weathers, timesofday) -> list[tuple[str, 
 def write_scenes_dataset(out_dir: str, num: int, size: int = 256, seed: int = 0, weathers=SCENE_WEATHERS,
                          timesofday=SCENE_TIMES, aspect: float = 1.0, image_format: str = "jpg",
                          quality: int = 92) -> dict:
-    """Write `images/<name>.<jpg|png>` and `labels.json` (BDD100K format) under `out_dir` (a path or s3://).
-    Returns a summary: frames, objects, per-(weather, timeofday) counts, seconds."""
+    """Write `images/<name>.<jpg|png>`, `labels.json` and `labels/sem_seg/masks/<name>.png` (BDD100K format)
+    under `out_dir` (a path or s3://). Returns a summary: frames, objects, per-(weather, timeofday) counts,
+    seconds."""
     if num < 1:
         raise ValueError(f"num must be at least 1, got {num}")
     if size < 16:
@@ -226,7 +282,7 @@ def write_scenes_dataset(out_dir: str, num: int, size: int = 256, seed: int = 0,
     start = time.perf_counter()
     frames, counts, num_objects = [], {}, 0
     for i, (weather, tod) in enumerate(scenario_plan(num, seed, weathers, timesofday)):
-        img, boxes = render_scene(np.random.default_rng([seed, i]), weather, tod, width, size)
+        img, boxes, seg = render_scene_with_segmentation(np.random.default_rng([seed, i]), weather, tod, width, size)
         buf = io.BytesIO()
         if image_format == "jpg":
             img.save(buf, format="JPEG", quality=quality)
@@ -234,6 +290,9 @@ def write_scenes_dataset(out_dir: str, num: int, size: int = 256, seed: int = 0,
             img.save(buf, format="PNG", compress_level=1)
         name = f"scene-{seed}-{i:06d}.{image_format}"
         storage.write_bytes_atomic(storage.join(out_dir, "images", name), buf.getvalue())
+        buf = io.BytesIO()
+        Image.fromarray(seg).save(buf, format="PNG", compress_level=1)
+        storage.write_bytes_atomic(storage.join(out_dir, SEGMENTATION_DIR, segmentation_name(name)), buf.getvalue())
         frames.append(Frame(name=name, weather=weather, timeofday=tod, scene="city street", boxes=boxes))
         key = f"{weather} / {tod}"
         counts[key] = counts.get(key, 0) + 1
