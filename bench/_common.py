@@ -14,6 +14,20 @@ def apply_preset(args, presets: dict[str, dict]) -> dict:
     return preset
 
 
+# dense bf16 tensor-core peak, TFLOP/s, by the card's name (vendor data sheets; SXM unless named)
+BF16_PEAK_TFLOPS = {"H100 PCIE": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0}
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a card from its CUDA name ("NVIDIA H100 80GB HBM3" -> 989), None if unknown."""
+    name = device_name.upper()
+    for key in sorted(BF16_PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIE" before "H100"
+        if all(part in name for part in key.split()):
+            return BF16_PEAK_TFLOPS[key]
+    return None
+
+
 def random_vae(factor: int, full: bool):
     """A randomly initialised AutoencoderKL: 4 latent channels, the given downsampling factor; `full` is the
     sd-vae-ft-* width, otherwise a narrow one that a CPU runs in seconds."""

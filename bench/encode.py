@@ -132,12 +132,16 @@ def plain_loop(job: EncodeJob) -> int:
     return rows_written
 
 
-def codec_alone(job: EncodeJob, num: int) -> float:
-    """Images/s of the codec on preloaded uint8 crops (image + mirror per item): the pipeline's ceiling."""
+def codec_alone(job: EncodeJob, num: int, channels_last: bool | None = None) -> float:
+    """Images/s of the codec on preloaded uint8 crops (image + mirror per item): the pipeline's ceiling.
+    `channels_last` overrides the codec's memory layout (None: its default, NHWC on CUDA)."""
     codec = preflight(job)
     g = job.data.resolution // codec.factor
     encoder = CodecEncoder(job.codec.model_dump(mode="json"), [codec.latent_channels, g, g],
                            threads=torch.get_num_threads())
+    if channels_last is not None and encoder.codec is not None:
+        encoder.codec.channels_last = channels_last
+        encoder.codec.vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     images = np.random.default_rng(0).integers(0, 256, (job.pipeline.encode_batch_size, job.data.resolution,
                                                         job.data.resolution, 3), dtype=np.uint8)
     encoder.encode_images(images)  # warm-up (cuDNN autotune, allocations)
@@ -148,6 +152,37 @@ def codec_alone(job: EncodeJob, num: int) -> float:
     if encoder.device_type == "cuda":
         torch.cuda.synchronize()
     return done / (time.perf_counter() - start)
+
+
+def encode_job(args, data_root: str, out: str, source: str | None, limit: int | None = None) -> EncodeJob:
+    """The encode job both sides run, from this script's arguments."""
+    return EncodeJob.model_validate({
+        "data": {"input": data_root, "output": out, "resolution": args.resolution, "limit": limit},
+        "codec": {"kind": "pixel" if args.codec == "pixel" else "autoencoder_kl", "source": source},
+        "shards": {"rows_per_shard": 128},
+        "pipeline": {"read_batch_size": args.read_batch, "encode_batch_size": args.encode_batch,
+                     "read_cpus": args.read_cpus},
+        "scaling": {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "use_gpu": args.use_gpu}})
+
+
+def time_pipeline(job: EncodeJob) -> tuple[float, float, dict]:
+    """(seconds of the whole `run_encode`, seconds until the first encoded rows reached the driver: the
+    start-up of actors and codec, the job's summary)."""
+    first_rows: list[float] = []
+    add = encode_mod.ShardCollector.add
+
+    def timed_add(self, batch):
+        if not first_rows:
+            first_rows.append(time.perf_counter() - t0)
+        return add(self, batch)
+
+    encode_mod.ShardCollector.add = timed_add
+    try:
+        t0 = time.perf_counter()
+        summary = run_encode(job)
+        return time.perf_counter() - t0, first_rows[0] if first_rows else float("nan"), summary
+    finally:
+        encode_mod.ShardCollector.add = add
 
 
 def main(argv=None) -> int:
@@ -200,14 +235,7 @@ def main(argv=None) -> int:
         source = make_codec_dir(args.codec, tmp)
 
         def job(out: str, limit: int | None = None) -> EncodeJob:
-            return EncodeJob.model_validate({
-                "data": {"input": data_root, "output": out, "resolution": args.resolution, "limit": limit},
-                "codec": {"kind": "pixel" if args.codec == "pixel" else "autoencoder_kl", "source": source},
-                "shards": {"rows_per_shard": 128},
-                "pipeline": {"read_batch_size": args.read_batch, "encode_batch_size": args.encode_batch,
-                             "read_cpus": args.read_cpus},
-                "scaling": {"num_workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
-                            "use_gpu": args.use_gpu}})
+            return encode_job(args, data_root, out, source, limit)
 
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, runtime_env={"env_vars": {
             k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "HF_HUB_OFFLINE"}})
@@ -215,21 +243,11 @@ def main(argv=None) -> int:
         # warm-up on a few frames: starts Ray Data's own actors and the task workers once, for both sides
         run_encode(job(f"{out_root}/warm-pipe", limit=8))
         plain_loop(job(f"{out_root}/warm-loop", limit=8))
-        # when the first encoded rows reach the driver: the pipeline's start-up (actor spawn, codec load)
-        first_rows: list[float] = []
-        add = encode_mod.ShardCollector.add
-
-        def timed_add(self, batch):
-            if len(first_rows) == len(pipe_times):
-                first_rows.append(time.perf_counter() - t)
-            return add(self, batch)
-
-        encode_mod.ShardCollector.add = timed_add
-        pipe_times, loop_times = [], []
+        pipe_times, loop_times, first_rows = [], [], []
         for r in range(args.repeats):
-            t = time.perf_counter()
-            summary = run_encode(job(f"{out_root}/pipe{r}"))
-            pipe_times.append(time.perf_counter() - t)
+            seconds, first, summary = time_pipeline(job(f"{out_root}/pipe{r}"))
+            pipe_times.append(seconds)
+            first_rows.append(first)
             t = time.perf_counter()
             rows = plain_loop(job(f"{out_root}/loop{r}"))
             loop_times.append(time.perf_counter() - t)

@@ -1,4 +1,5 @@
-"""Fine-tuning step cost per method against `full`: forward + backward + AdamW step, same model and batch.
+"""Fine-tuning step cost per method against `full`: the job's step (forward + backward, gradient clipping, AdamW,
+EMA), same model and batch.
 
 Every method adapts a copy of the same randomly initialised DiT (no checkpoint download) and trains
 on the same latent batch with the DiT loss (eps MSE + VLB) at the same timesteps, one method after
@@ -15,6 +16,7 @@ other processes on a shared machine slows every method alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -82,10 +84,11 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 class Runner:
     """One method's adapted copy of the base, its optimizer and a `step()` on the shared batch."""
 
-    def __init__(self, name: str, base, args, batch: dict, device: torch.device):
+    def __init__(self, name: str, base, args, batch: dict, device: torch.device, compile: str | None = None):
         from drivedit.config.method import MethodConfig
         from drivedit.models.diffusion import GaussianDiffusion, linear_betas
         from drivedit.train.method_adapters import apply_method
+        from drivedit.train.state import EMA
 
         self.name, self.batch, self.device = name, batch, device
         model = copy.deepcopy(base)
@@ -93,18 +96,24 @@ class Runner:
         self.result = apply_method(model, MethodConfig(name=name, scenario_init="random", **kw),
                                    [f"s{i}" for i in range(args.scenarios)])
         self.model = model.to(device).train()
-        self.opt = torch.optim.AdamW(self.result.param_groups(1e-4, 0.0))
+        # as the fine-tuning job: fused AdamW on CUDA, torch.compile of the model when asked (a backend name)
+        self.forward = torch.compile(self.model, backend=compile) if compile else self.model
+        self.opt = torch.optim.AdamW(self.result.param_groups(1e-4, 0.0), fused=device.type == "cuda")
         self.diffusion = GaussianDiffusion(linear_betas())
+        self.ema = EMA(self.result.trainable, 0.9999)
         self.amp = args.dtype == "bfloat16"
         self.times: list[float] = []
 
     def step(self) -> None:
         b = self.batch
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = self.diffusion.training_losses(self.model, b["x"], b["t"], {"y": b["y"]}, b["noise"])["loss"]
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext():
+            loss = self.diffusion.training_losses(self.forward, b["x"], b["t"], {"y": b["y"]}, b["noise"])["loss"]
         loss.mean().backward()
+        # the rest of the job's step (drivedit/train/loop.py): clip (unbounded by default), AdamW, EMA
+        torch.nn.utils.clip_grad_norm_(list(self.result.trainable.values()), float("inf"))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.result.trainable)
 
     def timed_step(self) -> None:
         _sync(self.device)
@@ -114,12 +123,12 @@ class Runner:
         self.times.append(time.perf_counter() - t0)
 
     def summary(self) -> dict:
-        return {"method": self.name, "step_s": statistics.median(self.times),
+        return {"method": self.name, "step_s": statistics.median(self.times) if self.times else None,
                 "trainable": sum(p.numel() for p in self.result.trainable.values()),
                 "optimizer_state_bytes": _state_bytes(self.opt)}
 
     def free(self) -> None:
-        del self.model, self.opt, self.result
+        del self.model, self.forward, self.opt, self.result, self.ema
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -153,25 +162,60 @@ def timings(args, base, batch: dict, device: torch.device) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def base_and_batch(model: str, image_size: int, latent_factor: int, batch: int, scenarios: int,
+                   device: torch.device, **overrides) -> tuple:
+    """A random registry DiT (every weight non-zero; `overrides` change its config) and one latent batch on
+    `device`."""
     from drivedit.models.dit import build_dit, dit_config
 
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = dit_config(args.model, input_size=args.image_size // args.latent_factor)
+    cfg = dit_config(model, input_size=image_size // latent_factor, **overrides)
     base = build_dit(cfg)
     with torch.no_grad():  # non-zero everywhere, so no branch is skipped by adaLN-zero's zeros
         for n, p in base.named_parameters():
             if n != "pos_embed":
                 p.normal_(0, 0.02)
     g = torch.Generator().manual_seed(1)
-    shape = (args.batch, cfg.in_channels, cfg.input_size, cfg.input_size)
-    batch = {"x": torch.randn(shape, generator=g).to(device), "noise": torch.randn(shape, generator=g).to(device),
-             "t": torch.randint(0, 1000, (args.batch,), generator=g).to(device),
-             "y": torch.randint(0, args.scenarios, (args.batch,), generator=g).to(device)}
+    shape = (batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+    data = {"x": torch.randn(shape, generator=g).to(device), "noise": torch.randn(shape, generator=g).to(device),
+            "t": torch.randint(0, 1000, (batch,), generator=g).to(device),
+            "y": torch.randint(0, scenarios, (batch,), generator=g).to(device)}
+    return base, data
+
+
+def measure_alone(name: str, base, args, batch: dict, device: torch.device, compile: str | None = None) -> dict:
+    """One method resident on its own: `args.warmup` steps (compilation included), then `args.steps` steps
+    timed together with one synchronisation at each end (the GPU queue stays full, as in training).
+    Returns step time, images/s and, on CUDA, the peak memory of the timed steps."""
+    runner = Runner(name, base, args, batch, device, compile)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            runner.step()
+        _sync(device)
+        warm_s = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            runner.step()
+        _sync(device)
+        step_s = (time.perf_counter() - t0) / args.steps
+        row = runner.summary() | {"step_s": step_s, "images_per_s": args.batch / step_s, "warmup_s": warm_s,
+                                  "batch": args.batch, "compile": compile or "off"}
+        row["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return row
+    finally:
+        runner.free()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    base, batch = base_and_batch(args.model, args.image_size, args.latent_factor, args.batch, args.scenarios, device)
+    cfg = base.config
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"finetune step: {args.model} at {args.image_size} px (latent {cfg.input_size}x{cfg.input_size}), "
           f"batch {args.batch}, {args.dtype}, {where}; median of {args.steps} round-robin steps after {args.warmup} warm-up")

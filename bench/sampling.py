@@ -20,7 +20,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM: 989)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="torch.compile our sampler's forwards with this backend (inductor on a GPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the measurements here")
     args = p.parse_args(argv)
     apply_preset(args, PRESETS)
@@ -73,18 +74,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+def build_sides(args, diffusers: bool = True, compile_backend: str | None = None) -> dict:
+    """Our DiTSampler + codec and (when `diffusers`) DiTPipeline on the same random weights and VAE.
+    Returns {"ours": fn, "diffusers": fn or None, "model", "latent"}: each fn makes the images (N, 3, H, W)
+    in [0, 1] for the same labels and seeds. `compile_backend` torch.compiles our sampler's forwards and
+    adds "ours eager", the same sampler uncompiled."""
+    from diffusers import DDIMScheduler, DiTPipeline
     from diffusers.utils import logging as dlogging
 
     from drivedit.generate.sampler import DiTSampler, SamplerSettings
-    from drivedit.models.checkpoint import export_diffusers
+    from drivedit.models.checkpoint import diffusers_transformer
     from drivedit.models.codec import AutoencoderKLCodec
     from drivedit.models.diffusers_format import patch_for_parity
-    from drivedit.models.dit import count_macs
 
     dlogging.set_verbosity_error()
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -92,58 +93,84 @@ def main(argv=None) -> int:
     model = random_dit(args.model, latent)
     vae = random_vae(args.vae_factor, full=device == "cuda")
 
-    # ours: the sampler (bf16 autocast on CUDA) and the codec wrapper over the same VAE
-    sampler = DiTSampler(model, device=device, amp_dtype=dtype if device == "cuda" else None)
+    # ours: the sampler (bf16 autocast on CUDA) and the codec wrapper over the same VAE; with a compile
+    # backend also an eager sampler over the same model, the compiled one's baseline
+    amp = dtype if device == "cuda" else None
+    samplers = {"ours": DiTSampler(model, device=device, amp_dtype=amp, compile=compile_backend or False)}
+    if compile_backend:
+        samplers["ours eager"] = DiTSampler(model, device=device, amp_dtype=amp)
     codec = AutoencoderKLCodec(vae, "bench-random", dtype=dtype).to(device)
     settings = SamplerSettings(sampler="ddim", steps=args.steps, guidance=args.guidance)
-
-    # theirs: the same weights through export_diffusers, the same scheduler configuration
-    with tempfile.TemporaryDirectory() as tmp:
-        export_diffusers(model, Path(tmp) / "transformer")
-        transformer = DiTTransformer2DModel.from_pretrained(Path(tmp) / "transformer").eval()
-    patch_for_parity(transformer)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                              clip_sample=False, prediction_type="epsilon")
-    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).to(device, dtype)
-    pipe.set_progress_bar_config(disable=True)
-
     labels = [(37 * i + 11) % 1000 for i in range(args.batch)]
     seeds = list(range(1000, 1000 + args.batch))
 
-    def ours() -> torch.Tensor:
-        latents = sampler.sample(torch.tensor(labels), seeds, settings)  # (N, 4, h, w)
-        return (codec.decode(latents).float() + 1) / 2  # (N, 3, H, W) in [0, 1]
+    def side(sampler):
+        def ours() -> torch.Tensor:
+            latents = sampler.sample(torch.tensor(labels), seeds, settings)  # (N, 4, h, w)
+            return (codec.decode(latents).float() + 1) / 2  # (N, 3, H, W) in [0, 1]
+        return ours
 
-    def theirs() -> torch.Tensor:
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        out = pipe(class_labels=labels, guidance_scale=args.guidance, num_inference_steps=args.steps,
-                   generator=gens, output_type="pt")
-        return out.images.float()
+    theirs = None
+    if diffusers:
+        # theirs: the same weights by export_diffusers' key mapping, the same scheduler configuration
+        transformer = diffusers_transformer(model)
+        patch_for_parity(transformer)
+        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                                  beta_end=0.02, clip_sample=False, prediction_type="epsilon")
+        pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).to(device, dtype)
+        pipe.set_progress_bar_config(disable=True)
 
-    def timed(fn):
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = fn()
-        sync(device)
-        return time.perf_counter() - t0, out
+        def theirs() -> torch.Tensor:
+            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            out = pipe(class_labels=labels, guidance_scale=args.guidance, num_inference_steps=args.steps,
+                       generator=gens, output_type="pt")
+            return out.images.float()
+
+    return {**{name: side(sampler) for name, sampler in samplers.items()}, "diffusers": theirs, "model": model,
+            "latent": latent}
+
+
+def timed(fn, device: str) -> tuple[float, torch.Tensor]:
+    """Wall time of fn() with the device idle before and drained after."""
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def dit_flop(model, args) -> float:
+    """FLOP of the DiT forwards of one call: 2 x MACs x batch x (2 with guidance) x steps."""
+    from drivedit.models.dit import count_macs
+
+    return 2 * count_macs(model.config) * args.batch * (2 if args.guidance != 1.0 else 1) * args.steps
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    sides = build_sides(args, compile_backend=args.compile)
+    model, latent = sides["model"], sides["latent"]
+    ours, theirs = sides["ours"], sides["diffusers"]
 
     print(f"bench/sampling.py: {args.model} at {args.image_size} px (latent {latent}x{latent}x4, random VAE "
           f"factor {args.vae_factor}), batch {args.batch}, DDIM {args.steps} steps, guidance {args.guidance}, "
           f"{device} {args.dtype}, torch threads {torch.get_num_threads()}", flush=True)
     for _ in range(args.warmup):
-        timed(ours)
-        timed(theirs)
+        timed(ours, device)
+        timed(theirs, device)
     times = {"ours": [], "diffusers": []}
     img = {}
     for _ in range(args.repeats):  # alternate so background load hits both sides alike
-        t, img["ours"] = timed(ours)
+        t, img["ours"] = timed(ours, device)
         times["ours"].append(t)
-        t, img["diffusers"] = timed(theirs)
+        t, img["diffusers"] = timed(theirs, device)
         times["diffusers"].append(t)
 
-    guided = args.guidance != 1.0
-    flop = 2 * count_macs(model.config) * args.batch * (2 if guided else 1) * args.steps  # DiT forwards only
+    flop = dit_flop(model, args)  # DiT forwards only
     diff = (img["ours"].cpu() - img["diffusers"].cpu()).abs().max().item()
     rows = {}
     print(f"\n{'':<24}{'median s':>10}{'min s':>9}{'images/s':>10}{'DiT TFLOP/s':>13}"

@@ -100,10 +100,12 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def measure(args, emit=None) -> tuple[list[dict], str]:
+    """Start Ray and Serve, deploy the app batched then unbatched, and load it at each concurrency.
+    Each row is passed to `emit` as soon as it is measured. Returns (rows, the replica's device)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import httpx
     import ray
     from ray import serve
 
@@ -111,33 +113,42 @@ def main(argv=None) -> int:
 
     levels = [int(c) for c in args.concurrency.split(",")]
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}/v1/samples"
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_model(args, Path(tmp))
-        for batching in (True, False):
-            mode = "batched" if batching else "unbatched"
-            cfg = serve_config(args, ckpt, batching, max(levels))
-            serve.run(build_app(cfg), name=f"bench-{mode}", route_prefix="/")
-            asyncio.run(load(url, 2, 4, args.steps, args.guidance, 10**6))  # warm-up: first calls build caches
-            import httpx
+    rows, device = [], "?"
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}/v1/samples"
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = write_model(args, Path(tmp))
+            for batching in (True, False):
+                mode = "batched" if batching else "unbatched"
+                cfg = serve_config(args, ckpt, batching, max(levels))
+                serve.run(build_app(cfg), name=f"bench-{mode}", route_prefix="/")
+                asyncio.run(load(url, 2, 4, args.steps, args.guidance, 10**6))  # warm-up: first calls build caches
+                device = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=60).json()["device"]
+                for c in levels:
+                    wall, lat, sizes = asyncio.run(load(url, c, args.requests, args.steps, args.guidance, 0))
+                    rows.append({"mode": mode, "concurrency": c, "requests": len(lat), "wall_s": wall,
+                                 "img_per_s": len(lat) / wall, "p50_ms": 1000 * pct(lat, 50),
+                                 "p99_ms": 1000 * pct(lat, 99), "mean_batch": statistics.mean(sizes),
+                                 "device": device})
+                    r = rows[-1]
+                    print(f"  {mode:9s} c={c:<3d} {r['img_per_s']:8.2f} img/s  p50 {r['p50_ms']:9.1f} ms  "
+                          f"p99 {r['p99_ms']:9.1f} ms  mean batch {r['mean_batch']:.1f}", flush=True)
+                    if emit is not None:
+                        emit(r)
+                serve.delete(f"bench-{mode}")
+    finally:
+        ray.shutdown()  # this process's own Ray: takes Serve with it (serve.shutdown() can hang on a busy machine)
+    return rows, device
 
-            device = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=60).json()["device"]
-            for c in levels:
-                wall, lat, sizes = asyncio.run(load(url, c, args.requests, args.steps, args.guidance, 0))
-                rows.append({"mode": mode, "concurrency": c, "requests": len(lat), "wall_s": wall,
-                             "img_per_s": len(lat) / wall, "p50_ms": 1000 * pct(lat, 50),
-                             "p99_ms": 1000 * pct(lat, 99), "mean_batch": statistics.mean(sizes)})
-                r = rows[-1]
-                print(f"  {mode:9s} c={c:<3d} {r['img_per_s']:8.2f} img/s  p50 {r['p50_ms']:9.1f} ms  "
-                      f"p99 {r['p99_ms']:9.1f} ms  mean batch {r['mean_batch']:.1f}", flush=True)
-            serve.delete(f"bench-{mode}")
-    serve.shutdown()
-    ray.shutdown()
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    rows, device = measure(args)
 
     print(f"\nserve benchmark: {args.model} on {args.latent_size}x{args.latent_size} pixel latents, {args.steps} DDIM "
           f"steps, guidance {args.guidance}, 1 image/request, {args.requests} requests per row, "

@@ -13,6 +13,7 @@ each of its DDPM noise draws, so an item's image never depends on what else is i
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -82,12 +83,19 @@ class DiTSampler:
     """Sample latents from a DiT. The model is put in eval mode and moved to `device`."""
 
     def __init__(self, model: torch.nn.Module, betas: np.ndarray | None = None, device: str | torch.device = "cpu",
-                 amp_dtype: torch.dtype | None = torch.bfloat16, clip_x0: float | None = None):
+                 amp_dtype: torch.dtype | None = torch.bfloat16, clip_x0: float | None = None,
+                 compile: bool | str = False):
         self.device = torch.device(device)
         self.clip_x0 = clip_x0  # pixel-space models: clip predicted x0 to the image range each step
         self.amp_dtype = amp_dtype  # autocast dtype on CUDA; None = float32 throughout
         self.model = model.eval().to(self.device)
         self.config = model.config
+        # `compile` (True = inductor, or a backend name): torch.compile of the two forwards the loop calls,
+        # compiled on first use and once per batch shape; the scheduler step stays eager (a few element-wise
+        # ops on CPU-held scalars)
+        backend = "inductor" if compile is True else compile
+        self._compiled_forward = torch.compile(self.model, backend=backend) if compile else None
+        self._compiled_guided = torch.compile(self.model.forward_guided, backend=backend) if compile else None
         if betas is not None:
             betas = np.asarray(betas, dtype=np.float64)
             if betas.ndim != 1 or len(betas) < 2 or not ((betas > 0).all() and (betas < 1).all()):
@@ -124,8 +132,9 @@ class DiTSampler:
                 settings: SamplerSettings) -> torch.Tensor:
         """Model output (N, C_out, h, w) at timesteps t (N,): guided, or plain conditional when uncond is None."""
         if uncond is None:
-            return self.model(x, t, labels).float()
-        return self.model.forward_guided(x, t, labels, uncond, settings.guidance, settings.guide_channels).float()
+            return (self._compiled_forward or self.model)(x, t, labels).float()
+        guided = self._compiled_guided or self.model.forward_guided
+        return guided(x, t, labels, uncond, settings.guidance, settings.guide_channels).float()
 
     @torch.inference_mode()
     def sample(self, labels: torch.Tensor, seeds: Sequence[int], settings: SamplerSettings,
@@ -163,7 +172,7 @@ class DiTSampler:
         # own autocast region (another dtype, or disabled) is left in charge
         amp = (self.device.type == "cuda" and self.amp_dtype is not None
                and not torch.is_autocast_enabled(self.device.type))
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=amp):
+        with torch.autocast("cuda", dtype=self.amp_dtype) if amp else contextlib.nullcontext():
             for i, t in enumerate(scheduler.timesteps):
                 x_in = scheduler.scale_model_input(x, t)
                 out = self.predict(x_in, model_timesteps[i].expand(n), labels, uncond, settings)  # (N, C_out, h, w)

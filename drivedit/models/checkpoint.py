@@ -336,20 +336,15 @@ def export_safetensors(model: DiT, path: str | Path) -> Path:
     return path
 
 
-def export_diffusers(model: DiT, directory: str | Path) -> Path:
-    """A directory `DiTTransformer2DModel.from_pretrained` loads: a faithful key mapping.
-
-    The loaded diffusers model differs numerically from ours in two documented places
-    (timestep frequency shift, norm3 eps; see diffusers_format.patch_for_parity).
-    """
+def diffusers_transformer(model: DiT):
+    """Our DiT as a `DiTTransformer2DModel` in memory (on the CPU, its own copy of the weights), by the
+    key mapping `export_diffusers` saves."""
     from diffusers import DiTTransformer2DModel
 
-    directory = Path(directory)
     cfg = model.config
-    dcfg = diffusers_config(cfg)
     state = official_to_diffusers(_plain_state(model), cfg.depth)
     with torch.device("meta"):
-        transformer = DiTTransformer2DModel(**dcfg)
+        transformer = DiTTransformer2DModel(**diffusers_config(cfg))
     try:
         transformer.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -358,6 +353,17 @@ def export_diffusers(model: DiT, directory: str | Path) -> Path:
     grid = cfg.input_size // cfg.patch_size
     table = torch.from_numpy(sincos_2d_pos_embed(cfg.hidden_size, grid)).float().unsqueeze(0)
     transformer.pos_embed.register_buffer("pos_embed", table, persistent=False)
+    return transformer.eval()
+
+
+def export_diffusers(model: DiT, directory: str | Path) -> Path:
+    """A directory `DiTTransformer2DModel.from_pretrained` loads: a faithful key mapping.
+
+    The loaded diffusers model differs numerically from ours in two documented places
+    (timestep frequency shift, norm3 eps; see diffusers_format.patch_for_parity).
+    """
+    directory = Path(directory)
+    transformer = diffusers_transformer(model)
     with atomic_local_dir(directory) as tmp:
         transformer.save_pretrained(tmp, safe_serialization=True)
     return directory

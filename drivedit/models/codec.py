@@ -78,8 +78,12 @@ class AutoencoderKLCodec:
 
     kind = "autoencoder_kl"
 
-    def __init__(self, vae, source: str, scale_factor: float | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, vae, source: str, scale_factor: float | None = None, dtype: torch.dtype = torch.float32,
+                 channels_last: bool | None = None):
         self.vae = vae.eval().requires_grad_(False)
+        # NHWC convolutions: cuDNN's bf16/fp16 tensor-core kernels want them (None: on CUDA only; the CPU's
+        # float32 convolutions gain nothing from it)
+        self.channels_last = channels_last
         self.source = source
         self.latent_channels = vae.config.latent_channels
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -96,18 +100,27 @@ class AutoencoderKLCodec:
         # half precision only where it is fast; a CPU keeps float32
         dtype = self.dtype if self.device.type == "cuda" else torch.float32
         self.vae.to(self.device, dtype=dtype)
+        if self._nhwc:
+            self.vae.to(memory_format=torch.channels_last)
         return self
+
+    @property
+    def _nhwc(self) -> bool:
+        return self.device.type == "cuda" if self.channels_last is None else self.channels_last
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self._nhwc else x
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         # images: (N, 3, H, W) in [-1, 1] -> moments (N, 2C, H/f, W/f)
-        x = images.to(self.device, dtype=next(self.vae.parameters()).dtype)
-        return self.vae.encode(x).latent_dist.parameters.float()
+        x = self._layout(images.to(self.device, dtype=next(self.vae.parameters()).dtype))
+        return self.vae.encode(x).latent_dist.parameters.float().contiguous()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents.to(self.device, dtype=next(self.vae.parameters()).dtype) / self.scale_factor
-        return self.vae.decode(z).sample.float().clamp(-1, 1)  # (N, 3, H, W)
+        z = self._layout(latents.to(self.device, dtype=next(self.vae.parameters()).dtype) / self.scale_factor)
+        return self.vae.decode(z).sample.float().clamp(-1, 1).contiguous()  # (N, 3, H, W)
 
 
 def sample_latents(moments: torch.Tensor, scale_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -233,6 +233,8 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         attn_cls = RopeAttention if rope else Attention
         self.attn = attn_cls(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.attn.fused_attn = True  # always F.scaled_dot_product_attention (timm falls back to softmax(QK^T) when
+        # TIMM_FUSED_ATTN=0 or when exportable), so CUDA picks the flash / memory-efficient kernel
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
         approx_gelu = lambda: nn.GELU(approximate="tanh")  # noqa: E731 (official definition)
