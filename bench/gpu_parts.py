@@ -3,7 +3,8 @@
     python -m bench.gpu_parts PART --rows FILE [--dry-run]
 
 A part appends one JSON line per measurement to FILE the moment it has it (and prints it), so a part
-stopped at its time cap still leaves every figure it measured. Each part reuses a benchmark's own code
+stopped at its time cap still leaves every figure it measured. The suite gives every part the same FILE
+(each line names its part): few files to carry back from a GPU machine. Each part reuses a benchmark's own code
 (bench/sampling.py, finetune_step.py, encode.py, serve.py) with the suite's sizes: the GPU goals' shapes,
 or, with --dry-run, tiny shapes on the CPU that run the same code in seconds.
 """
@@ -64,7 +65,7 @@ class Emitter:
         self.part, self.f = part, open(path, "a", encoding="utf-8")
 
     def __call__(self, kind: str, **fields) -> None:
-        line = json.dumps({"kind": kind, **fields}, default=str)
+        line = json.dumps({"part": self.part, "kind": kind, **fields}, default=str)
         self.f.write(line + "\n")
         self.f.flush()
         os.fsync(self.f.fileno())
@@ -96,7 +97,6 @@ def part_checks(sizes: dict, emit: Emitter) -> None:
     """Attention kernels of every DiT path, and the host syncs inside the sampling and training loops."""
     from bench.attention_paths import check_paths
     from bench.finetune_step import Runner, base_and_batch
-    from bench.host_syncs import cuda_sync_warnings, loop_syncs
     from drivedit.generate.sampler import DiTSampler, SamplerSettings
     from drivedit.models.dit import build_dit, dit_config
 
@@ -109,35 +109,32 @@ def part_checks(sizes: dict, emit: Emitter) -> None:
     # host syncs: on a GPU the recorder runs on CUDA (plus torch's own sync debug mode); on a CPU on meta
     where = device if cuda else torch.device("meta")
     extra = {"depth": c["depth"]} if c["depth"] else {}
-    model = build_dit(dit_config(c["sync_model"], input_size=c["input_size"], num_classes=6, **extra))
-    sampler = DiTSampler(model, device=where)
+    sampler = DiTSampler(build_dit(dit_config(c["sync_model"], input_size=c["input_size"], num_classes=6, **extra)),
+                         device=where)
     for kind in ("ddim", "ddpm"):
-        def run(n, kind=kind):
-            sampler.sample(torch.tensor([1, 2]), [0, 1], SamplerSettings(sampler=kind, steps=n))
-        run(2)  # warm-up: the first call builds tables and picks kernels
-        found = loop_syncs(run, where)
-        row = {"loop": f"sampler {kind}", "device": where.type, "per_call": found["per_call"],
-               "in_loop": found["in_loop"], "ok": not found["in_loop"] and not found["stopped_at_read"]}
-        if cuda:
-            row["cuda_sync_warnings"] = {n: len(cuda_sync_warnings(lambda: run(n))) for n in (2, 4)}
-        emit("host_sync", **row)
-    del sampler, model
+        emit("host_sync", **_loop_sync_row(f"sampler {kind}", where, lambda n, kind=kind: sampler.sample(
+            torch.tensor([1, 2]), [0, 1], SamplerSettings(sampler=kind, steps=n))))
+    del sampler
     args = argparse.Namespace(rank=4, scenarios=6, dtype="bfloat16" if cuda else "float32")
     base, batch = base_and_batch(c["sync_model"], c["input_size"] * 8, 8, 2, 6, where, **extra)
     for name in METHODS:
         runner = Runner(name, base, args, batch, where)
-
-        def run(n):
-            for _ in range(n):
-                runner.step()
-        run(1)
-        found = loop_syncs(run, where)
-        row = {"loop": f"train step {name}", "device": where.type, "per_call": found["per_call"],
-               "in_loop": found["in_loop"], "ok": not found["in_loop"] and not found["stopped_at_read"]}
-        if cuda:
-            row["cuda_sync_warnings"] = {n: len(cuda_sync_warnings(lambda: run(n))) for n in (2, 4)}
-        emit("host_sync", **row)
+        emit("host_sync", **_loop_sync_row(f"train step {name}", where,
+                                           lambda n: [runner.step() for _ in range(n)]))
         runner.free()
+
+
+def _loop_sync_row(label: str, where: torch.device, run) -> dict:
+    """The host syncs of `run(n)` after one warm-up call (tables built, kernels picked)."""
+    from bench.host_syncs import cuda_sync_warnings, loop_syncs
+
+    run(1)
+    found = loop_syncs(run, where)
+    row = {"loop": label, "device": where.type, "per_call": found["per_call"], "in_loop": found["in_loop"],
+           "ok": not found["in_loop"] and not found["stopped_at_read"]}
+    if where.type == "cuda":
+        row["cuda_sync_warnings"] = {n: len(cuda_sync_warnings(lambda: run(n))) for n in (2, 4)}
+    return row
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -223,7 +220,7 @@ def part_encode(sizes: dict, emit: Emitter) -> None:
         be.make_dataset(data_root, ns)
         source = be.make_codec_dir(ns.codec, tmp)
         emit("config", frames=ns.num, resolution=ns.resolution, codec=ns.codec, encode_batch=ns.encode_batch,
-             dataset_s=time.perf_counter() - t0, **_device_info())
+             setup_s=time.perf_counter() - t0, **_device_info())
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
         ray.data.DataContext.get_current().enable_progress_bars = False

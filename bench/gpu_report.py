@@ -44,9 +44,12 @@ def _sampling(part: dict) -> dict:
 def _finetune(part: dict) -> list[dict]:
     rows = [r for r in _rows(part, "method") if "error" not in r]
     full = {r["compile"]: r["step_s"] for r in rows if r["method"] == "full"}
+    eager = {r["method"]: r["step_s"] for r in rows if r["compile"] == "off"}
     for r in rows:
         if r["compile"] in full:
             r["speedup_vs_full"] = full[r["compile"]] / r["step_s"]
+        if r["compile"] != "off" and r["method"] in eager:
+            r["speedup_vs_eager"] = eager[r["method"]] / r["step_s"]
     return rows + [r for r in _rows(part, "method") if "error" in r]
 
 
@@ -135,15 +138,16 @@ def markdown(results: dict) -> str:
                              f"{_f(figs[part]['first_call_s'].get(side), '{:.1f}')} |")
     if "finetune" in figs or "finetune_compiled" in figs:
         lines += ["", "## Fine-tuning step", "", "| part | method | compile | batch | step ms | images/s | vs full | "
-                  "peak GiB | trainable | warm-up s |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "vs eager | peak GiB | trainable | warm-up s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for part in ("finetune", "finetune_compiled"):
             for r in figs.get(part, []):
                 if "error" in r:
-                    lines.append(f"| {part} | {r['method']} | {r['compile']} | {r['error']} |||||||")
+                    lines.append(f"| {part} | {r['method']} | {r['compile']} | {r['error']} ||||||||")
                     continue
                 peak = r.get("peak_bytes") and r["peak_bytes"] / 2**30
                 lines.append(f"| {part} | {r['method']} | {r['compile']} | {r['batch']} | {1000 * r['step_s']:.1f} | "
-                             f"{r['images_per_s']:.1f} | {_f(r.get('speedup_vs_full'))}× | {_f(peak, '{:.1f}')} | "
+                             f"{r['images_per_s']:.1f} | {_f(r.get('speedup_vs_full'), '{:.2f}×')} | "
+                             f"{_f(r.get('speedup_vs_eager'), '{:.2f}×')} | {_f(peak, '{:.1f}')} | "
                              f"{r['trainable']:,} | {r['warmup_s']:.1f} |")
     if "encode" in figs and figs["encode"]["pipeline"]:
         e = figs["encode"]
