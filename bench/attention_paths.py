@@ -3,8 +3,9 @@
 Paths: the official absolute position table, 2-D rotary (`posenc="rope"`), and the model each
 fine-tuning method trains (adapters on qkv / proj, DiffFit's gates, FineDiffusion's tiered table).
 Each must call `F.scaled_dot_product_attention` once per block and never build softmax(QK^T) by
-hand. On CUDA in bf16 the forward also runs with SDPA limited to the flash and memory-efficient
-kernels (it raises if neither can serve the shapes), and the trace names the kernel used.
+hand. On CUDA in bf16 the trace names the kernel PyTorch picks (flash, memory-efficient or cuDNN, never
+math), and the forward runs again with SDPA limited to flash and memory-efficient (which raises if
+neither can serve the shapes).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ KERNELS = {  # aten op under aten::scaled_dot_product_attention -> kernel
     "aten::_scaled_dot_product_flash_attention_for_cpu": "cpu-flash",
     "aten::_scaled_dot_product_attention_math": "math",
 }
-FUSED_CUDA = ("flash", "efficient")
+FUSED_CUDA = ("flash", "efficient", "cudnn")
 METHODS = ("full", "bitfit", "difffit", "finediffusion", "lora", "driveditfit")
 
 
@@ -47,6 +48,7 @@ def dit_paths(model_name: str, input_size: int, depth: int | None = None) -> dic
 
 def trace_forward(model: torch.nn.Module, device: torch.device, bf16: bool, fused_only: bool) -> Counter:
     """Profiler op counts of one training-mode forward (batch 2) on `device`."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
     cfg = model.config
@@ -55,10 +57,10 @@ def trace_forward(model: torch.nn.Module, device: torch.device, bf16: bool, fuse
     t = torch.tensor([10, 500], device=device)
     y = torch.tensor([1, 2], device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
-    limit = torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.FLASH_ATTENTION,
-                                            torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION]) if fused_only else None
+    limit = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]) if fused_only \
+        else contextlib.nullcontext()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        with amp, (limit if limit is not None else contextlib.nullcontext()):
+        with amp, limit:
             model(x, t, y)
     return Counter(e.name for e in prof.events())
 
@@ -69,17 +71,20 @@ def check_paths(model_name: str, input_size: int, device: torch.device, depth: i
     rows = []
     for name, model in dit_paths(model_name, input_size, depth).items():
         row = {"path": name, "blocks": len(model.blocks)}
-        try:
-            ops = trace_forward(model, device, bf16=cuda, fused_only=cuda)
-        except RuntimeError as e:  # sdpa_kernel found no fused kernel for these shapes / dtypes
-            rows.append(row | {"ok": False, "error": str(e).splitlines()[0]})
-            continue
+        ops = trace_forward(model, device, bf16=cuda, fused_only=False)  # what PyTorch picks by itself
+        if cuda:  # and proof that flash or memory-efficient attention takes these shapes in bf16
+            try:
+                trace_forward(model, device, bf16=True, fused_only=True)
+                row["flash_or_efficient_accepts"] = True
+            except RuntimeError as e:  # sdpa_kernel found neither for these shapes / dtypes
+                row |= {"flash_or_efficient_accepts": False, "error": str(e).splitlines()[0]}
         kernels = {KERNELS[k]: n for k, n in ops.items() if k in KERNELS}
         row |= {"sdpa_calls": ops["aten::scaled_dot_product_attention"], "softmax_calls": ops["aten::softmax"]
                 + ops["aten::_softmax"], "kernels": kernels}
         ok = row["sdpa_calls"] == row["blocks"] and row["softmax_calls"] == 0 and "math" not in kernels
-        if cuda:  # bf16 on a GPU: every call through flash or memory-efficient attention
-            ok = ok and sum(kernels.get(k, 0) for k in FUSED_CUDA) == row["blocks"]
+        if cuda:  # bf16 on a GPU: every call through a fused kernel, and flash / efficient usable
+            ok = ok and sum(kernels.get(k, 0) for k in FUSED_CUDA) == row["blocks"] and \
+                row["flash_or_efficient_accepts"]
         rows.append(row | {"ok": ok})
         model.to("cpu")
     return rows
