@@ -120,11 +120,8 @@ def test_autocast_casts_a_frozen_models_weights_once_per_call_not_per_step(monke
     assert not any(p.requires_grad for p in model.parameters())  # the model is left frozen
 
 
-def test_compiled_sampler_matches_eager():
-    model = build_dit(dit_config("DiT-N/2", input_size=8, num_classes=6))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+def test_compiled_sampler_matches_eager(base):
+    model = base
     settings = SamplerSettings(steps=3, guidance=2.0)
     eager = DiTSampler(model).sample(torch.tensor([1, 4]), [5, 6], settings)
     compiled = DiTSampler(model, compile="eager")
@@ -184,6 +181,7 @@ def _suite(tmp_path, *args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.e2e  # the suite's command as users run it (subprocesses)
 def test_suite_refuses_to_run_without_a_gpu_unless_dry(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
@@ -193,6 +191,7 @@ def test_suite_refuses_to_run_without_a_gpu_unless_dry(tmp_path):
     assert r.returncode == 2 and "sampling=-1" in r.stderr and "nope=3" in r.stderr
 
 
+@pytest.mark.e2e  # the suite's command as users run it (subprocesses)
 def test_suite_stops_a_part_at_its_cap_and_still_writes_results(tmp_path):
     from bench.gpu_suite import GRACE_S
 
@@ -206,6 +205,7 @@ def test_suite_stops_a_part_at_its_cap_and_still_writes_results(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["results.json", "results.md", "rows.jsonl"]
 
 
+@pytest.mark.e2e  # the suite's command as users run it (subprocesses)
 def test_suite_stopped_with_sigterm_stops_its_part_and_keeps_the_results(tmp_path):
     import os
     import signal
@@ -225,6 +225,7 @@ def test_suite_stopped_with_sigterm_stops_its_part_and_keeps_the_results(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # the whole dry run: every part in its own process, two of them with their own local Ray
 def test_suite_dry_run_runs_every_part_on_the_cpu(tmp_path):
     r = _suite(tmp_path, "--dry-run", timeout=1900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
