@@ -94,6 +94,24 @@ def test_request_validation_names_the_field(body, field):
     assert [err["loc"][0] for err in e.value.errors()] == [field]
 
 
+def test_integers_written_as_floats_are_accepted_as_the_schema_says():
+    """JSON Schema's `integer` counts 2.0 as an integer: the published schema says integer, so 2.0 is taken
+    (and means 2); a fraction, a string or a bool is still refused naming the field."""
+    model = request_model(load_config(ServeApp, data={"model": {"ref": "x"}}), SCENARIOS)
+    req = model.model_validate_json('{"scenario": "snowy", "num_images": 2.0, "steps": 4.0, "seed": 7.0}')
+    assert (req.num_images, req.steps, req.seed) == (2, 4, 7)
+    assert all(type(v) is int for v in (req.num_images, req.steps, req.seed))
+    for body, field in [('{"scenario": "snowy", "steps": 2.5}', "steps"),
+                        ('{"scenario": "snowy", "seed": 7.5}', "seed"),
+                        ('{"scenario": "snowy", "seed": -1.0}', "seed"),
+                        ('{"scenario": "snowy", "num_images": 1e300}', "num_images")]:
+        with pytest.raises(Exception) as e:
+            model.model_validate_json(body)
+        assert [err["loc"][0] for err in e.value.errors()] == [field], body
+    p = model.model_json_schema()["properties"]
+    assert p["steps"]["type"] == "integer" and p["seed"]["anyOf"][0]["minimum"] == 0
+
+
 def test_serve_config_file_is_a_valid_serve_deploy_config():
     from ray.serve.schema import ServeDeploySchema
 

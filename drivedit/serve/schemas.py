@@ -4,16 +4,29 @@ The request model is built per deployment (`request_model(cfg, scenarios)`): the
 enum of the served model's vocabulary and every number carries the configured bounds, so `/openapi.json`
 documents exactly what this endpoint accepts and pydantic's errors name the offending field.
 Requests are validated strictly: `"3"` is not an integer and unknown fields (a `model`, say) are refused.
+An integer written as a float with no fraction (`2.0`) is accepted, as the published JSON Schema's
+`integer` (which counts 2.0 as an integer) promises; `2.5` is refused.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from drivedit.config.serve import ServeApp
 
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client represents exactly
+
+
+def _integral_float_to_int(value: Any) -> Any:
+    """2.0 -> 2 (JSON Schema's `integer` includes it); anything else goes to the strict int check unchanged."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# an integer field that accepts what the schema's `integer` accepts, and nothing looser ("3" and true stay refused)
+JsonInt = Annotated[int, BeforeValidator(_integral_float_to_int)]
 
 
 class SampleRequestBase(BaseModel):
@@ -28,19 +41,19 @@ def request_model(cfg: ServeApp, scenarios: list[str]) -> type[SampleRequestBase
     fields = {
         "scenario": (Literal[tuple(scenarios)], Field(
             ..., description="scenario to draw, one of the model's vocabulary (GET /v1/scenarios)")),
-        "num_images": (int, Field(
+        "num_images": (JsonInt, Field(
             1, ge=1, le=s.max_images,
             description=f"images to draw; 1 returns image/png, more return JSON with base64 PNGs. "
                         f"num_images x steps may not exceed {s.max_image_steps}")),
-        "steps": (int, Field(
+        "steps": (JsonInt, Field(
             s.default_steps, ge=s.min_steps, le=s.max_steps, description="denoising steps")),
         "guidance": (float, Field(
             s.default_guidance, ge=s.min_guidance, le=s.max_guidance, allow_inf_nan=False,
             description=f"{'classifier-free' if s.guidance_kind == 'cfg' else 'superclass'} guidance scale "
                         f"(1 = unguided)")),
         "sampler": (Literal[tuple(s.samplers)], Field(s.default_sampler, description="denoising sampler")),
-        "seed": (int | None, Field(
-            None, ge=0, le=MAX_SEED,
+        "seed": (Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_integral_float_to_int)] | None, Field(
+            None,
             description="seed of the first image; image i uses seed + i. Omitted: a random seed, returned in the "
                         "response. The same seed and settings give the same bytes")),
     }
