@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -15,8 +16,12 @@ from serve_helpers import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("engine") / "tiny.safetensors")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("engine") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def served(ckpt):
     cfg = ServeApp.model_validate({"model": {"ref": str(ckpt), "class_names": {"snowy": 4, "night": 5},
                                              "device": "cpu"}})
     return load_served_model(cfg)
@@ -96,3 +101,48 @@ def test_build_app_takes_its_options_from_the_config():
     assert (auto.min_replicas, auto.max_replicas, auto.initial_replicas, auto.target_ongoing_requests) == (0, 3, 1, 4)
     assert resolve_gpus(0.5) == 0.5
     assert resolve_gpus("auto") == (1.0 if torch.cuda.is_available() else 0.0)  # no Ray here: asks torch
+
+
+class _ReplicaWithoutRay:
+    """What create_http_app needs of a replica (cfg, served, sample, new_seed), answering on this thread."""
+
+    def __init__(self, cfg, served):
+        self.cfg, self.served = cfg, served
+
+    async def sample(self, job):
+        return self.served.engine.run([job])[0]
+
+    def new_seed(self) -> int:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def http_client(served, tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from drivedit.serve.http import create_http_app
+
+    cfg = ServeApp.model_validate({"model": {"ref": "x"}, "sampler": {"default_steps": 2}})
+    with TestClient(create_http_app(_ReplicaWithoutRay(cfg, served))) as client:
+        yield client
+
+
+def test_the_model_path_is_not_exposed(ckpt, http_client):
+    """Callers see the model's name and digest, never the operator's path to it."""
+    r = http_client.post("/v1/samples", json={"scenario": "snowy", "seed": 1})
+    assert r.status_code == 200, r.text
+    version = r.headers["x-model-version"]
+    assert version.startswith("checkpoint:tiny.safetensors@") and len(version.rsplit("@", 1)[1]) == 12
+    health, schema = http_client.get("/healthz").json(), http_client.get("/openapi.json").text
+    assert health["model_version"] == version and version in schema
+    for text in (version, json.dumps(health), schema, json.dumps(dict(r.headers))):
+        assert str(ckpt.parent) not in text
+
+
+def test_duplicate_json_keys_are_refused_naming_the_key(http_client):
+    r = http_client.post("/v1/samples", content=b'{"scenario": "snowy", "seed": 1, "seed": 2}',
+                         headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert [d["field"] for d in r.json()["detail"]] == ["seed"] and "more than once" in r.json()["message"]
+    nested_ok = http_client.post("/v1/samples", json={"scenario": "snowy", "seed": 1})
+    assert nested_ok.status_code == 200

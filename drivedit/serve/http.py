@@ -11,6 +11,7 @@ Every error is `{"message": "...", "detail": [{"field", "loc", "msg", "type"}]}`
 from __future__ import annotations
 
 import base64
+import json
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,6 +40,33 @@ def error_response(status: int, items: list[dict]) -> JSONResponse:
         detail.append({"field": field, "loc": ["body", *loc], "msg": msg, "type": it.get("type", "invalid")})
     message = "; ".join(f"{d['field']}: {d['msg']}" for d in detail)
     return JSONResponse(status_code=status, content={"message": message, "detail": detail})
+
+
+class DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def duplicate_key(raw: bytes) -> str | None:
+    """The first key given twice in one JSON object of `raw`, or None. Malformed JSON is left to the model's
+    own parse (which reports it as json_invalid)."""
+    try:
+        json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
+    except DuplicateKey as e:
+        return e.key
+    except ValueError:
+        return None
+    return None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -100,6 +128,10 @@ def create_http_app(server) -> FastAPI:
         except BodyTooLarge as e:
             return error_response(413, [{"msg": f"request body of {e.size} bytes exceeds the limit of {e.limit} "
                                                 f"bytes (http.max_body_bytes)", "type": "body_too_large"}])
+        if (dup := duplicate_key(raw)) is not None:
+            # JSON leaves duplicates undefined and parsers disagree on which wins: refuse rather than guess
+            return error_response(422, [{"loc": [dup], "type": "duplicate_key",
+                                         "msg": f"the key {dup!r} is given more than once; give each field once"}])
         try:
             req = Request_.model_validate_json(raw or b"null")
         except ValidationError as e:

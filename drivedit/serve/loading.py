@@ -34,6 +34,17 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if setting == "cuda" else torch.device("cpu")
 
 
+def public_version(version: str, digest: str) -> str:
+    """What callers see of the served model (X-Model-Version, /healthz, /openapi.json): a registry version as it
+    is; a bundle or checkpoint as its kind, file or directory name and the first 12 hex digits of its sha256.
+    Never the operator's path or URI (which may name hosts, users or credentials)."""
+    if version.startswith("models:/"):
+        return version
+    kind, _, ref = version.partition(":")
+    name = ref.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or "model"
+    return f"{kind}:{name}@{digest[:12]}"
+
+
 def load_served_model(cfg: ServeApp) -> ServedModel:
     from drivedit.generate.model_ref import load_sampling_model
 
@@ -46,5 +57,5 @@ def load_served_model(cfg: ServeApp) -> ServedModel:
                           guidance_kind=s.guidance_kind, guide_channels=s.guide_channels,
                           superclass_of=sm.superclass_of)
     return ServedModel(engine=engine, scenarios=list(sm.scenarios),
-                       label_of={name: sm.label_of(name) for name in sm.scenarios}, version=str(sm.version),
+                       label_of={name: sm.label_of(name) for name in sm.scenarios}, version=public_version(str(sm.version), sm.digest),
                        device=device, image_size=int(sm.image_size))
