@@ -51,6 +51,30 @@ def test_bad_config_lists_every_problem(material, tmp_path):
     assert "not the configured model.name DiT-T/2" in text and "depth 6 (configured) vs 2 (checkpoint)" in text
 
 
+def test_base_with_missing_keys_and_wrong_shapes_is_refused_up_front(material, tmp_path):
+    """What the workers would refuse after Ray Train started is refused by preflight, every key and shape listed
+    (together with the other problems of the config)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    base, shards = material
+    with safe_open(str(base), framework="pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(base))
+    del state["blocks.1.mlp.fc2.bias"], state["final_layer.linear.bias"]
+    state["blocks.0.attn.qkv.weight"] = state["blocks.0.attn.qkv.weight"][:-3]
+    broken = tmp_path / "broken.safetensors"
+    save_file(state, str(broken), metadata=metadata)
+    raw = job_dict(shards, broken, str(tmp_path / "runs"), "broken", method={"name": "magic"})
+    with pytest.raises(ConfigError) as err:
+        preflight.check(raw, "broken.yaml")
+    text = str(err.value)
+    assert "2 problems" in text and "method.name" in text, text
+    assert f"model.source: checkpoint {broken}" in text
+    assert "missing: blocks.1.mlp.fc2.bias, final_layer.linear.bias" in text
+    assert "blocks.0.attn.qkv.weight checkpoint (" in text and "vs model (" in text
+
+
 def test_resume_with_other_vocabulary_and_rank_refused(material, tmp_path):
     base, shards = material
     storage = tmp_path / "runs"

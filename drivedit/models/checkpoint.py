@@ -272,11 +272,8 @@ def read_dit_config(source: str | Path) -> DiTConfig:
 # ----------------------------------------------------------------------------- loading
 
 
-def build_from_state(state: dict[str, torch.Tensor], config: DiTConfig, source: str = "(state dict)",
-                     map_location="cpu", config_problems=()) -> DiT:
-    """A DiT holding exactly `state` (strict): built on the meta device, weights assigned, not initialised."""
-    with torch.device("meta"):
-        model = DiT(config)
+def _check_fits(model: DiT, state: dict[str, torch.Tensor], source: str, config_problems=()) -> None:
+    """CheckpointMismatchError listing every missing, unexpected and wrongly shaped tensor of `state` for `model`."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     conflicts = [f"{k} checkpoint {got[k]} vs model {expected[k]}" for k in sorted(expected.keys() & got.keys())
@@ -284,6 +281,25 @@ def build_from_state(state: dict[str, torch.Tensor], config: DiTConfig, source: 
     missing, unexpected = expected.keys() - got.keys(), got.keys() - expected.keys()
     if missing or unexpected or conflicts or config_problems:
         raise CheckpointMismatchError(source, missing, unexpected, conflicts, config_problems)
+
+
+def check_dit_checkpoint(source: str | Path) -> DiTConfig:
+    """The architecture of a checkpoint, after checking that its tensors fit it exactly (what `load_dit` would
+    refuse is refused here, with every key and shape listed), without reading the weights: a preflight check."""
+    state, hints = read_checkpoint(source, map_location="meta")
+    config = infer_config({k: tuple(v.shape) for k, v in state.items()}, hints)
+    with torch.device("meta"):
+        model = DiT(config)
+    _check_fits(model, state, str(source))
+    return config
+
+
+def build_from_state(state: dict[str, torch.Tensor], config: DiTConfig, source: str = "(state dict)",
+                     map_location="cpu", config_problems=()) -> DiT:
+    """A DiT holding exactly `state` (strict): built on the meta device, weights assigned, not initialised."""
+    with torch.device("meta"):
+        model = DiT(config)
+    _check_fits(model, state, source, config_problems)
     # float32 master weights whatever the file stored (fp16 exports exist); samplers autocast on GPU
     state = {k: (v.float() if v.is_floating_point() else v).to(map_location) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)

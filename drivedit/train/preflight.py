@@ -92,12 +92,12 @@ def _check_shards(data: DataSection, optim: OptimSection | None, problems: list[
 
 
 def _check_base(model: ModelSection, shards, problems: list[str]):
-    from drivedit.models.checkpoint import BUILTIN_PREFIX, read_dit_config, resolve_model_source
+    from drivedit.models.checkpoint import BUILTIN_PREFIX, check_dit_checkpoint, resolve_model_source
     from drivedit.models.dit import dit_config, model_name
 
     try:
         path = resolve_model_source(model.source).absolute()  # workers run in another directory
-        found = read_dit_config(path)
+        found = check_dit_checkpoint(path)  # missing keys and wrong shapes fail here, not in the workers
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         problems.append(f"model.source: {e}")
         return None, None
