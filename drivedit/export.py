@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from drivedit import storage
+
 
 def export_bundle(bundle_ref: str, *, base: str | None = None, official: str | None = None,
                   safetensors: str | None = None, diffusers: str | None = None,
@@ -42,8 +44,6 @@ def _local_bundle(ref: str, tmp: Path, tracking_uri: str | None) -> Path:
         from drivedit.tracking import download_registered_bundle
 
         return download_registered_bundle(ref, tmp / "bundle", tracking_uri=tracking_uri)
-    from drivedit import storage
-
     if storage.is_remote(ref):
         storage.download_dir(ref, str(tmp / "bundle"))
         return tmp / "bundle"
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
         out = export_bundle(args.bundle, base=args.base, official=args.official, safetensors=args.safetensors,
                             diffusers=args.diffusers, tracking_uri=args.tracking_uri)
     except (ValueError, FileNotFoundError) as e:
-        print(f"drivedit export: {e}", file=sys.stderr)
+        print(storage.redact(f"drivedit export: {e}"), file=sys.stderr)
         return 2
-    print(json.dumps(out, indent=2))
+    print(storage.redact(json.dumps(out, indent=2)))
     return 0

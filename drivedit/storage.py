@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -24,6 +25,37 @@ import pyarrow.fs as pafs
 
 REMOTE_SCHEMES = ("s3",)
 TMP_MARKER = ".tmp-"
+
+# ----------------------------------------------------------------------------- secrets
+
+# a name (config key, query-string key) whose value is a secret
+SECRET_NAME = re.compile(r"(passw|secret|token|credential|signature|api[_-]?key|access[_-]?key|private[_-]?key|auth)",
+                         re.I)
+_SECRET_QUERY_NAMES = {"sig", "key", "code", "pw", "pwd"}  # short names that are secrets in query strings
+# scheme://user:password@ anywhere in a text (a URI alone, JSON, a list, a traceback line); an AWS secret key
+# may hold "/", so the password runs to the "@" (over-redacting a path with ":" and "@" is the safe error)
+_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/?#@\"'\[\]]*):(?P<secret>[^\s@\"']*)@")
+# ?name=value / &name=value / ;name=value
+_QUERY_PARAM = re.compile(r"(?P<head>[?&;](?P<name>[^=&#\s\"'?;]+)=)(?P<value>[^&#\s\"';]*)")
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """`text` with every credential it may carry replaced by ***: the password of `scheme://user:password@host`
+    and the values of secret-named query-string parameters (`?token=`, `&X-Amz-Signature=`, `&sig=` ...).
+
+    The one redaction of drivedit: MLflow params and tags, the text files the jobs write, the summaries they
+    print and the errors they raise pass through it, so a credential in a URI never lands on disk or in a log."""
+    text = str(text)
+    text = _USERINFO.sub(lambda m: f"{m['head']}:{REDACTED}@" if m["secret"] else m[0], text)
+
+    def query(m: re.Match) -> str:
+        name = m["name"]
+        secret = SECRET_NAME.search(name) or name.lower() in _SECRET_QUERY_NAMES
+        return f"{m['head']}{REDACTED}" if secret and m["value"] else m[0]
+
+    return _QUERY_PARAM.sub(query, text)
+
 
 
 def _scheme(uri: str) -> str:
@@ -97,8 +129,12 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
         path = str(uri)[len("s3://"):].strip("/")
         if not path:
             raise ValueError(f"{uri!r} names no bucket; write s3://BUCKET/prefix")
+        if _USERINFO.match(str(uri)) or "@" in path.split("/", 1)[0]:
+            # s3://KEY:SECRET@bucket: botocore would echo it back in a bucket-name error
+            raise ValueError(f"{redact(uri)} carries credentials in the URI; remove them (s3://BUCKET/prefix) and give "
+                             f"them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE)")
         return pafs.PyFileSystem(pafs.FSSpecHandler(_s3fs())), path
-    raise ValueError(f"unsupported URI scheme {scheme!r} in {uri!r}; use a local path, file:// or s3://")
+    raise ValueError(f"unsupported URI scheme {scheme!r} in {redact(repr(uri))}; use a local path, file:// or s3://")
 
 
 def join(uri: str, *parts: str) -> str:
@@ -174,7 +210,9 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
 
 
 def write_text_atomic(uri: str, text: str) -> None:
-    write_bytes_atomic(uri, text.encode("utf-8"))
+    """A text file (JSON, YAML, a marker) written atomically, credentials redacted: no job needs a password
+    back from its own files (credentials come from the environment), so none is ever written."""
+    write_bytes_atomic(uri, redact(text).encode("utf-8"))
 
 
 @contextmanager

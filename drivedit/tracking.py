@@ -15,14 +15,16 @@ shows every run (and every registered version) of that storage directory.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from drivedit import storage
 from drivedit.config.base import flatten
@@ -30,7 +32,6 @@ from drivedit.config.base import flatten
 RUN_ID_FILE = "mlflow_run.json"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-_SECRET_KEY = re.compile(r"(passw|secret|token|credential|api[_-]?key|access[_-]?key|private[_-]?key|auth)", re.I)
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w-]+))$")
 
@@ -38,27 +39,15 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|
 # ----------------------------------------------------------------------------- params
 
 
-def redact_uri(value: str) -> str:
-    """Drop the password of a URL's userinfo: http://user:pw@host -> http://user:***@host."""
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return value
-    if parts.password is None:
-        return value
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def config_params(config: dict) -> dict[str, str]:
-    """Flattened config as MLflow params: secret-looking keys dropped, URL passwords masked, values as
+    """Flattened config as MLflow params: secret-looking keys dropped, credentials in URIs masked, values as
     strings within MLflow's length limit."""
     params: dict[str, str] = {}
     for key, value in flatten(config).items():
-        if _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+        if storage.SECRET_NAME.search(key.rsplit(".", 1)[-1]):
             continue
         text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-        params[key] = redact_uri(text)[:_MAX_PARAM_VALUE]
+        params[key] = storage.redact(text)[:_MAX_PARAM_VALUE]  # URIs inside list values too
     return params
 
 
@@ -141,6 +130,7 @@ class TrackedRun:
         it), so changed values are returned and recorded in the `drivedit.changed_params` tag instead."""
         from mlflow.entities import Param
 
+        params = {k: storage.redact(v)[:_MAX_PARAM_VALUE] for k, v in params.items()}
         existing = self.client.get_run(self.run_id).data.params
         new = [Param(k, v) for k, v in params.items() if k not in existing]
         changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
@@ -153,7 +143,7 @@ class TrackedRun:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            self.client.set_tag(self.run_id, k, storage.redact(str(v)))
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
@@ -162,7 +152,7 @@ class TrackedRun:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        self.client.log_dict(self.run_id, json.loads(storage.redact(json.dumps(data, default=str))), artifact_file)
 
     def artifact_uri(self, artifact_path: str = "") -> str:
         root = self.client.get_run(self.run_id).info.artifact_uri
@@ -188,7 +178,12 @@ class TrackedRun:
         return f"models:/{model_name}/{version.version}"
 
     def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        # MLflow prints "View run ... at: <tracking URI>/#/..." for a tracking server: print it redacted
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            self.client.set_terminated(self.run_id, status=status)
+        if printed.getvalue():
+            sys.stdout.write(storage.redact(printed.getvalue()))
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, storage_dir: str | None = None,
@@ -202,10 +197,11 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, storage_dir: st
     from mlflow.exceptions import MlflowException
 
     stored = _read_run_id(storage_dir) if storage_dir else None
-    if stored is not None and stored.get("tracking_uri") != tracking_uri:
+    # the id file holds the tracking URI redacted (it is compared, never used to connect)
+    if stored is not None and storage.redact(stored.get("tracking_uri", "?")) != storage.redact(tracking_uri):
         raise ValueError(
-            f"{storage_dir} belongs to an MLflow run in {redact_uri(stored.get('tracking_uri', '?'))}, not "
-            f"{redact_uri(tracking_uri)}; rerun with the same tracking.tracking_uri or a new run.name")
+            f"{storage.redact(storage_dir)} belongs to an MLflow run in {storage.redact(stored.get('tracking_uri', '?'))}, "
+            f"not {storage.redact(tracking_uri)}; rerun with the same tracking.tracking_uri or a new run.name")
     client = _client(tracking_uri)
     if stored is not None:
         try:
@@ -233,13 +229,15 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, storage_dir: st
         if exp.lifecycle_stage == "deleted":
             raise ValueError(f"MLflow experiment {experiment!r} is deleted; restore it or choose another name")
         experiment_id = exp.experiment_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={k: storage.redact(str(v)) for k, v in (tags or {}).items()})
     tracked = TrackedRun(tracking_uri, run.info.run_id, experiment_id)
     if params:
         tracked.log_params(params)
     if storage_dir:
         storage.write_text_atomic(storage.join(storage_dir, RUN_ID_FILE), json.dumps(
-            {"run_id": tracked.run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri}, indent=1))
+            {"run_id": tracked.run_id, "experiment_id": experiment_id, "tracking_uri": storage.redact(tracking_uri)},
+            indent=1))
     return tracked
 
 
@@ -290,7 +288,7 @@ def download_registered_bundle(uri: str, dst: str | Path | None = None, tracking
             hint = f"registered versions of {name}: {known}" if known else f"no model named {name!r} is registered"
         except MlflowException:
             hint = "the registry could not be listed"
-        raise ValueError(f"cannot resolve {uri} in {redact_uri(tracking_uri)} ({hint}): {e.message}") from None
+        raise ValueError(f"cannot resolve {uri} in {storage.redact(tracking_uri)} ({hint}): {e.message}") from None
     dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"bundle-{name}-v{mv.version}-"))
     dst.mkdir(parents=True, exist_ok=True)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst),

@@ -125,3 +125,13 @@ def ray_session(s3_server):
                                            if k.startswith("AWS_") or k in ("HF_HUB_OFFLINE",)}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """One `mlflow server` on loopback for the session (tests/mlflow_server.py); `.ready()` waits for it."""
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(s3_server, tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    server.stop()

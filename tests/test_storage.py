@@ -147,3 +147,29 @@ def test_absolute_refs_for_workers_in_other_directories(tmp_path, monkeypatch):
     assert absolute_tracking_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path}/runs/mlflow.db"
     for uri in ("sqlite:////abs/mlflow.db", "http://mlflow:5000", None):
         assert absolute_tracking_uri(uri) == uri
+
+
+@pytest.mark.parametrize("text, secrets", [
+    ("http://alice:hunter2@mlflow:5000", ["hunter2"]),
+    ('["s3://bucket/a?X-Amz-Signature=sig123&X-Amz-Date=1", "http://bob:pw/456@h/x"]', ["sig123", "pw/456"]),
+    ("https://h/a?sig=sas789&sv=2020&token=tok000;api_key=k111", ["sas789", "tok000", "k111"]),
+    ("postgresql://u:p%40ss@db/x in a traceback line", ["p%40ss"]),
+])
+def test_redact_masks_every_credential_and_keeps_the_rest(text, secrets):
+    out = storage.redact(text)
+    assert not any(s in out for s in secrets), out
+    assert out.count("***") == len(secrets)
+    # what is not a credential stays: hosts, users, other query keys, paths
+    for kept in ("mlflow:5000", "alice", "X-Amz-Date=1", "sv=2020", "db/x"):
+        if kept in text:
+            assert kept in out
+
+
+def test_no_credential_is_written_or_raised(tmp_path):
+    storage.write_text_atomic(str(tmp_path / "a.json"), '{"tracking_uri": "http://alice:hunter2@mlflow:5000"}')
+    assert (tmp_path / "a.json").read_text() == '{"tracking_uri": "http://alice:***@mlflow:5000"}'
+    # credentials in an S3 URI are refused (they belong in the environment), and not echoed back
+    with pytest.raises(ValueError) as err:
+        storage.read_bytes("s3://AKIAEXAMPLE:wJalr/XUtnFEMI+K7MDENG@bucket/key")
+    assert "wJalr" not in str(err.value) and "AWS_SECRET_ACCESS_KEY" in str(err.value)
+    assert "s3://AKIAEXAMPLE:***@bucket/key" in str(err.value)

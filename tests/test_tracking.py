@@ -1,8 +1,10 @@
 """drivedit.tracking on the embedded SQLite store: params without secrets, one run across restarts,
-registered bundles and their download. (The tracking-server + S3 path runs in test_finetune.py.)"""
+registered bundles and their download; on the session's tracking server: no credential in any param, tag,
+file or printed line. (The fine-tuning job's tracking-server + S3 path runs in test_finetune.py.)"""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +98,41 @@ def test_run_dir_with_other_tracking_uri_is_refused(store, tmp_path):
 def test_embedded_store_needs_local_storage():
     with pytest.raises(ValueError, match="set tracking.tracking_uri to an MLflow server"):
         tracking.resolve_tracking_uri(None, "s3://bucket/runs")
+
+
+SECRETS = ("hunter2", "sig123", "pw456", "tok789", "tok000", "pw111")
+
+
+@pytest.fixture(scope="module")
+def server_with_password(mlflow_server):
+    """The session's tracking server (a REST store: MLflow prints "View run at" lines for it), reached through
+    a URI carrying a user and password (the server has no auth and ignores them)."""
+    return mlflow_server.ready().replace("http://", "http://alice:hunter2@")
+
+
+def test_no_credential_in_files_params_tags_or_printed_lines(server_with_password, tmp_path, capsys):
+    uri = server_with_password
+    run_dir = str(tmp_path / "run")
+    params = tracking.config_params({"data": {"inputs": ["s3://b/a?X-Amz-Signature=sig123", "http://bob:pw456@h/x"]},
+                                     "tracking": {"tracking_uri": uri}})
+    run = tracking.start_run(uri, "exp-pw", "r", storage_dir=run_dir, params=params,
+                             tags={"drivedit.output": "http://carol:tok789@h/out"})
+    run.set_tags({"drivedit.run_dir": "https://h/x?token=tok000", "drivedit.model_ref": uri})
+    run.log_params({"extra": "http://dave:pw111@h"})
+    run.log_dict({"output": "http://dave:pw111@h/o"}, "summary.json")
+    run.end()
+    printed = capsys.readouterr().out
+    assert "View run" in printed and "alice:***@" in printed  # MLflow's line, redacted
+
+    data = run.client.get_run(run.run_id).data
+    values = list(data.params.values()) + list(data.tags.values())
+    assert data.params["data.inputs"] == '["s3://b/a?X-Amz-Signature=***", "http://bob:***@h/x"]'
+    assert data.tags["drivedit.model_ref"].startswith("http://alice:***@127.0.0.1")
+    summary = json.loads((Path(run.client.download_artifacts(run.run_id, "summary.json", str(tmp_path)))).read_text())
+    files = [p.read_text() for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    for text in values + files + [printed, json.dumps(summary)]:
+        assert not any(s in text for s in SECRETS), text
+    # the stored (redacted) tracking URI still reopens the run
+    again = tracking.start_run(uri, "exp-pw", "r", storage_dir=run_dir)
+    assert again.resumed and again.run_id == run.run_id
+    again.end()

@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from drivedit.storage import redact
+
 M = TypeVar("M", bound="StrictModel")
 
 
@@ -25,7 +27,8 @@ class ConfigError(ValueError):
         self.source = source
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"invalid config {source} ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
+        # problems quote URIs the user gave (and errors raised for them): never print a credential back
+        super().__init__(redact(f"invalid config {source} ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}"))
 
 
 def format_validation_error(err: ValidationError) -> list[str]:

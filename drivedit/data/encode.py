@@ -345,7 +345,7 @@ def main(argv: list[str]) -> int:
         job = load_config(EncodeJob, args.config, overrides)
         summary = run_encode(job)
     except ConfigError as e:
-        print(f"drivedit encode: {e}", file=sys.stderr)
+        print(storage.redact(f"drivedit encode: {e}"), file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    print(storage.redact(json.dumps(summary, indent=2)))
     return 0

@@ -134,7 +134,8 @@ def build_shard_table(rows: dict[str, np.ndarray], meta: ShardMetadata, rejected
             "box_categories": list(meta.box_categories), "layout": "one channel per box category",
             "segmentation_classes": list(meta.segmentation_classes),
             "box_counts": dict(box_counts or {}), "rejected": list(rejected or [])}
-    return pa.Table.from_arrays(arrays, schema=schema.with_metadata({METADATA_KEY: json.dumps(info).encode()}))
+    return pa.Table.from_arrays(arrays, schema=schema.with_metadata(
+        {METADATA_KEY: storage.redact(json.dumps(info)).encode()}))
 
 
 def write_shard(uri: str, table: pa.Table, compression: str = "zstd") -> None:

@@ -106,9 +106,8 @@ def claim_output(uri: str, document: dict, digest: str, model_version: str = "")
         raise OutputConflictError(
             f"{uri} is not empty and has no {SPEC_FILE}, so it is not a generated dataset; choose an empty or "
             f"new output.uri")
-    body = json.dumps({"spec_hash": digest, "spec": document, "model_version": model_version},
-                      indent=2, sort_keys=True).encode()
-    storage.write_bytes_atomic(storage.join(uri, SPEC_FILE), body)
+    body = json.dumps({"spec_hash": digest, "spec": document, "model_version": model_version}, indent=2, sort_keys=True)
+    storage.write_text_atomic(storage.join(uri, SPEC_FILE), body)  # redacted: a model ref may carry a URI
     return False
 
 

@@ -272,10 +272,10 @@ def main(argv: list[str]) -> int:
         job = load_config(GenerateJob, args.config, overrides)
         summary = run_generate(job)
     except (ConfigError, SpecError, dataset.OutputConflictError) as e:
-        print(f"drivedit generate: {e}", file=sys.stderr)
+        print(storage.redact(f"drivedit generate: {e}"), file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:
-        print(f"drivedit generate: {e}", file=sys.stderr)
+        print(storage.redact(f"drivedit generate: {e}"), file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    print(storage.redact(json.dumps(summary, indent=2)))
     return 0 if summary["complete"] else 1

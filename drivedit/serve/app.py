@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(ServeApp, args.config, overrides)
     except ConfigError as e:
-        print(f"drivedit serve: {e}", file=sys.stderr)
+        print(storage.redact(f"drivedit serve: {e}"), file=sys.stderr)
         return 2
     if args.check:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

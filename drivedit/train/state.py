@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from drivedit.storage import redact
+
 TRAINABLE_FILE = "trainable.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "state.pt"
@@ -152,7 +154,7 @@ def save_state(directory: str | Path, state: TrainState) -> Path:
     save_file({k: v.detach().cpu().contiguous() for k, v in state.ema.items()}, str(d / EMA_FILE))
     torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler, "step": state.step,
                 "data": state.data}, d / STATE_FILE)
-    (d / META_FILE).write_text(json.dumps({**state.meta, "step": state.step, "data": state.data}, indent=1))
+    (d / META_FILE).write_text(redact(json.dumps({**state.meta, "step": state.step, "data": state.data}, indent=1)))
     return d
 
 

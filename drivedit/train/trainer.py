@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = preflight.check(read_raw_config(args.config, overrides), source)
     except ConfigError as e:
-        print(f"drivedit finetune: {e}", file=sys.stderr)
+        print(storage.redact(f"drivedit finetune: {e}"), file=sys.stderr)
         return 2
     summary = _run(plan)
-    print(json.dumps(summary, indent=1))
+    print(storage.redact(json.dumps(summary, indent=1)))
     return 0
 
 
@@ -189,7 +189,7 @@ def _finalize(plan: preflight.Plan, checkpoint: Path, tracked: tracking.TrackedR
         model_uri = tracked.register("bundle", name, description=f"{job.method.name} adapter bundle of run "
                                      f"{job.run.name} (step {step})",
                                      tags={"run": job.run.name, "step": str(step), "method": job.method.name})
-        summary.update(mlflow_run_id=tracked.run_id, tracking_uri=tracking.redact_uri(tracked.tracking_uri),
+        summary.update(mlflow_run_id=tracked.run_id, tracking_uri=storage.redact(tracked.tracking_uri),
                        model_uri=model_uri)
         tracked.set_tags({"drivedit.model_uri": model_uri})
         tracked.log_dict(summary, RESULT_FILE)
