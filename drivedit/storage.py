@@ -11,6 +11,7 @@ and renamed; an S3 object becomes visible only when its (single or multipart) up
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -154,16 +155,45 @@ def _uri_for(base_uri: str, base_path: str, path: str) -> str:
     return base_uri if rel in ("", ".") else join(base_uri, rel.replace(os.sep, "/"))
 
 
+_VERBS = {"exists": "look up", "is_dir": "look up", "read_bytes": "read", "write_bytes_atomic": "write",
+          "delete": "delete", "list_files": "list", "download_dir": "download"}
+_CLIENT_LIBRARIES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3", "fsspec")
+
+
+def _object_store_errors(op):
+    """Errors of the S3 client libraries (unreachable endpoint, malformed bucket name, refused credentials) become
+    OSError naming the URI (redacted) and what to check, so callers and preflights need to know only OSError."""
+
+    @functools.wraps(op)
+    def wrapped(uri, *args, **kwargs):
+        try:
+            return op(uri, *args, **kwargs)
+        except (OSError, ValueError):
+            raise
+        except Exception as e:
+            if not type(e).__module__.startswith(_CLIENT_LIBRARIES):
+                raise
+            detail = " ".join(redact(str(e)).split())
+            raise OSError(f"cannot {_VERBS.get(op.__name__, op.__name__)} {redact(uri)} ({type(e).__name__}: {detail}); "
+                          f"check the bucket name, the endpoint (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) and the "
+                          f"credentials") from None
+
+    return wrapped
+
+
+@_object_store_errors
 def exists(uri: str) -> bool:
     fs, path = filesystem_for(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+@_object_store_errors
 def is_dir(uri: str) -> bool:
     fs, path = filesystem_for(uri)
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
+@_object_store_errors
 def read_bytes(uri: str) -> bytes:
     """The whole object; FileNotFoundError (naming the URI) when there is none."""
     if is_remote(uri):
@@ -187,6 +217,7 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
+@_object_store_errors
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write `data` so that readers see either the old object or the complete new one, never a part."""
     fs, path = filesystem_for(uri)
@@ -283,6 +314,7 @@ def sha256_path(path: str | Path) -> str:
     return h.hexdigest()
 
 
+@_object_store_errors
 def delete(uri: str) -> None:
     """Remove one file; a missing file is not an error."""
     fs, path = filesystem_for(uri)
@@ -298,6 +330,7 @@ def makedirs(uri: str) -> None:
         os.makedirs(_local_path(uri), exist_ok=True)
 
 
+@_object_store_errors
 def list_files(uri: str, suffixes: list[str] | tuple[str, ...] | None = None) -> list[str]:
     """Every file under `uri` (recursively), as URIs in the same form, sorted. Hidden temporary files
     of unfinished atomic writes are left out. `suffixes` filters by name ending (case-insensitive)."""
@@ -334,6 +367,7 @@ def upload_dir(local_dir: str, uri: str) -> list[str]:
     return written
 
 
+@_object_store_errors
 def download_dir(uri: str, local_dir: str) -> list[str]:
     """Copy every file under `uri` into a local directory (keeping relative paths). Returns local paths."""
     fs, base = filesystem_for(uri)

@@ -150,3 +150,25 @@ def test_codec_ids_round_trip_and_bad_ones_are_named():
         check_codec("vqgan", None)
     with pytest.raises(ValueError, match="codec.source is required"):
         check_codec("autoencoder_kl", None)
+
+
+def test_unreachable_and_malformed_s3_uris_are_config_errors(monkeypatch):
+    """botocore's own errors are config errors naming data.input / data.output, not tracebacks."""
+    from drivedit import storage
+    from drivedit.config.base import ConfigError
+    from drivedit.config.encode import EncodeJob
+    from drivedit.data.encode import preflight
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "testing")
+    monkeypatch.setattr(storage, "_S3_CACHE", {})
+    job = EncodeJob.model_validate({"data": {"input": "s3://unreachable-bucket/ds", "output": "s3://Bad!Bucket/out",
+                                             "resolution": 32}})
+    with pytest.raises(ConfigError) as err:
+        preflight(job)
+    text = str(err.value)
+    assert "2 problems" in text, text
+    assert "data.input: cannot look up s3://unreachable-bucket/ds (EndpointConnectionError" in text
+    assert "data.output: cannot look up s3://Bad!Bucket/out (ParamValidationError" in text

@@ -75,6 +75,27 @@ def test_base_with_missing_keys_and_wrong_shapes_is_refused_up_front(material, t
     assert "blocks.0.attn.qkv.weight checkpoint (" in text and "vs model (" in text
 
 
+def test_unreachable_and_malformed_s3_uris_are_config_errors(material, tmp_path, monkeypatch):
+    """botocore's own errors (no endpoint, a bucket name S3 refuses) are config errors naming the field, with the
+    other problems, instead of tracebacks."""
+    from drivedit import storage
+
+    base, shards = material
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "testing")
+    monkeypatch.setattr(storage, "_S3_CACHE", {})
+    raw = job_dict("s3://Bad!Bucket/shards", base, "s3://unreachable-bucket/runs", "s3", method={"name": "magic"},
+                   tracking={"tracking_uri": "http://127.0.0.1:9"})
+    with pytest.raises(ConfigError) as err:
+        preflight.check(raw, "s3.yaml")
+    text = str(err.value)
+    assert "3 problems" in text and "method.name" in text, text
+    assert "data.shards: cannot " in text and "s3://Bad!Bucket/shards" in text and "ParamValidationError" in text
+    assert "run.storage_path: cannot read s3://unreachable-bucket/runs/s3" in text and "EndpointConnectionError" in text
+
+
 def test_resume_with_other_vocabulary_and_rank_refused(material, tmp_path):
     base, shards = material
     storage = tmp_path / "runs"

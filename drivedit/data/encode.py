@@ -97,8 +97,12 @@ def preflight(job: EncodeJob) -> CodecInfo:
                 and not storage.is_dir(_images_uri(job)):
             problems.append(f"data.images: {_images_uri(job)} is not a directory; set data.images to the folder "
                             "the label names are relative to")
-    except ValueError as e:  # an unsupported URI scheme
-        problems.append(f"data: {e}")
+    except (ValueError, OSError) as e:  # an unsupported URI scheme, an unreachable or malformed bucket
+        problems.append(f"data.input: {e}")
+    try:
+        storage.exists(job.data.output)
+    except (ValueError, OSError) as e:
+        problems.append(f"data.output: {e}")
     info = None
     try:
         info = describe_codec(job.codec.model_dump(mode="json"))

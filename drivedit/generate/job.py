@@ -80,7 +80,10 @@ def prepare(job: GenerateJob) -> Prepared:
     """Load the model's facts, resolve the counts, plan the items and hash the spec. Raises before any sampling."""
     m = job.model
     tracking_uri = model_tracking_uri(job)
-    sm = load_sampling_model(m.ref, class_names=m.class_names, codec=m.codec, tracking_uri=tracking_uri)
+    try:
+        sm = load_sampling_model(m.ref, class_names=m.class_names, codec=m.codec, tracking_uri=tracking_uri)
+    except (ValueError, OSError) as e:  # FileNotFoundError, an unreachable bucket, a checkpoint that does not fit
+        raise ConfigError("generate", [f"model.ref: {e}"]) from None
     problems = []
     if job.sampler.guidance_kind == "superclass" and sm.superclass_of is None:
         problems.append(f"sampler.guidance_kind is `superclass` but {sm.version} has no tiered (superclass) "
@@ -192,7 +195,10 @@ def run_generate(job: GenerateJob, *, stop_after_shards: int | None = None) -> d
     prep = prepare(absolute_local_paths(job))
     job = prep.job
     uri = job.output.uri
-    resumed = dataset.claim_output(uri, prep.document, prep.spec_hash, prep.model.version)
+    try:
+        resumed = dataset.claim_output(uri, prep.document, prep.spec_hash, prep.model.version)
+    except OSError as e:  # an unreachable or malformed bucket: nothing was written
+        raise ConfigError("generate", [f"output.uri: {e}"]) from None
     plan = prep.plan
     complete = dataset.complete_shards(uri) & set(range(plan.num_shards))
     pending = [k for k in range(plan.num_shards) if k not in complete]
