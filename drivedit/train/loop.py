@@ -125,6 +125,9 @@ class WorkerLoop:
         self.job, self.ctx, self.e = job, ctx, edges
         self.is_main = edges.rank == 0
         self.tracked = None
+        # metrics of the steps since the last checkpoint, logged to MLflow once that checkpoint is saved: a kill
+        # before it makes the resumed run recompute those steps, and they are logged once, with its values
+        self.pending_metrics: list[tuple[dict, int]] = []
         setup_logging(edges.rank)  # rank 0 prints progress; the others only warnings
         if self.is_main and ctx.tracking:
             from drivedit.tracking import TrackedRun
@@ -286,7 +289,13 @@ class WorkerLoop:
         log.info(f"step {self.step}/{self.job.optim.total_steps} | loss {m['loss']:.4f} | "
                  f"lr {m['lr']:.2e} | {m['images_per_s']:.1f} img/s | {mem} {m['peak_mem_gib']:.2f} GiB")
         if self.tracked is not None:
-            self.tracked.log_metrics(m, self.step)
+            self.pending_metrics.append((dict(m), self.step))
+
+    def _flush_metrics(self) -> None:
+        """Log the metrics of the steps a saved checkpoint covers (see `pending_metrics`)."""
+        for metrics, step in self.pending_metrics:
+            self.tracked.log_metrics(metrics, step)
+        self.pending_metrics.clear()
 
     def _log_start(self, fresh: bool) -> None:
         counts = self.result.report.get("counts") or {}
@@ -367,6 +376,8 @@ class WorkerLoop:
                 if self.job.sampling.at_end:
                     self._sample_grid()
             self.e.report(metrics, d, name)
+            if self.tracked is not None:
+                self._flush_metrics()
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
