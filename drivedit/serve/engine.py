@@ -1,9 +1,15 @@
 """The sampling work of one serve replica, free of Ray and HTTP: validated requests in, PNG bytes out.
 
-A batch of requests (whatever `@serve.batch` gathered) is split into groups that share sampler
-settings; each group is ONE sampler call over all its images, so concurrent users of the same
-settings share the denoising loop. Every image has its own seed (request seed + i) and its own
-generator inside the sampler, so what a request gets does not depend on who it was batched with.
+A batch of requests (whatever `@serve.batch` gathered) is answered in one call on the replica's model
+thread, its requests grouped by sampler settings. Every image is then drawn on its own: its own seed
+(request seed + i), its own generator, and its own model forward of batch shape 1 (2 with guidance) and
+decode. The same seed and settings therefore give the same bytes whatever else the batch holds: a
+batched matmul's rounding depends on the batch shape (the kernel's blocking), so sharing one sampler
+call across requests made an image differ by a level in a pixel from the same request sent alone.
+The price is the throughput one batched call would give (most of it on a GPU).
+
+A served image equals the `generate` job's image for the same model, seed and settings only up to that
+float rounding (generate draws whole batches in one call): the bytes are not promised to be equal.
 """
 from __future__ import annotations
 
@@ -43,8 +49,8 @@ class SampleResult:
 
     pngs: list[bytes]
     seeds: list[int]
-    batch_images: int  # images in the sampler call this request was part of
-    batch_requests: int  # requests in that call
+    batch_images: int  # images of the requests answered together with this one (same settings, one replica call)
+    batch_requests: int  # those requests
 
 
 def count_images(jobs: Sequence[SampleJob]) -> int:
@@ -87,7 +93,7 @@ class SampleEngine:
                                guidance_kind=self.guidance_kind, guide_channels=self.guide_channels)
 
     def run(self, jobs: Sequence[SampleJob]) -> list[SampleResult]:
-        """Answer every job, in order. Jobs with equal settings are drawn in one sampler call."""
+        """Answer every job, in order, grouped by settings; every image is drawn on its own (see the module doc)."""
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(job.settings_key, []).append(i)
@@ -105,9 +111,14 @@ class SampleEngine:
 
     @torch.inference_mode()
     def _draw(self, jobs: Sequence[SampleJob]) -> list[bytes]:
-        labels = torch.tensor([j.label for j in jobs for _ in j.seeds], dtype=torch.long, device=self.device)  # (N,)
-        seeds = [s for j in jobs for s in j.seeds]
-        uncond = self.superclass_of(labels) if self.guidance_kind == "superclass" else None  # (N,) or None
-        latents = self.sampler.sample(labels, seeds, self.settings(jobs[0]), uncond_labels=uncond)  # (N, C, h, w)
-        pixels = decode_to_uint8(self.codec, latents)  # (N, H, W, 3) uint8
-        return [encode_png(p) for p in pixels]
+        """PNGs of every image of `jobs` (equal settings), each computed alone (see the module doc)."""
+        settings = self.settings(jobs[0])
+        pngs = []
+        for job in jobs:
+            label = torch.tensor([job.label], dtype=torch.long, device=self.device)  # (1,)
+            uncond = self.superclass_of(label) if self.guidance_kind == "superclass" else None  # (1,) or None
+            for seed in job.seeds:
+                latent = self.sampler.sample(label, [seed], settings, uncond_labels=uncond)  # (1, C, h, w)
+                pixels = decode_to_uint8(self.codec, latent)  # (1, H, W, 3) uint8
+                pngs.append(encode_png(pixels[0]))
+        return pngs

@@ -55,7 +55,8 @@ def request_model(cfg: ServeApp, scenarios: list[str]) -> type[SampleRequestBase
         "seed": (Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_integral_float_to_int)] | None, Field(
             None,
             description="seed of the first image; image i uses seed + i. Omitted: a random seed, returned in the "
-                        "response. The same seed and settings give the same bytes")),
+                        "response. The same seed and settings give the same bytes, whatever other requests are "
+                        "answered at the same time")),
     }
     return create_model("SampleRequest", __base__=SampleRequestBase,
                         __doc__="Draw images of one scenario from the served model.", **fields)
@@ -76,7 +77,9 @@ class SamplesResponse(BaseModel):
     guidance: float = Field(..., description="guidance scale used")
     width: int = Field(..., description="image width in pixels")
     height: int = Field(..., description="image height in pixels")
-    batch_size: int = Field(..., description="images in the sampler call this request shared")
+    batch_size: int = Field(..., description="images answered together with this request's (one replica call with "
+                                             "the same settings); each image is drawn on its own, so this never "
+                                             "changes the bytes")
     images: list[ImageOut] = Field(..., description="the images, image i drawn with seed + i")
 
 
