@@ -199,3 +199,35 @@ def test_relative_local_refs_become_absolute_before_replicas_see_them(tmp_path, 
     for ref in ("models:/m/1", "s3://b/bundle", "builtin:tiny-dit"):
         assert absolute_local_refs(cfg.model_copy(update={"model": cfg.model.model_copy(update={"ref": ref})})
                                    ).model.ref == ref
+
+
+def test_cli_refuses_a_bad_model_before_starting_ray(tmp_path, monkeypatch, capsys):
+    """A malicious pickle or a checkpoint that does not fit is refused by `drivedit serve` itself, with the
+    loader's message, before Ray starts (not in a replica, as 'Deploying application drivedit failed')."""
+    import datetime
+
+    import ray
+    import torch
+
+    from drivedit.serve.app import main
+    from serve_helpers import write_tiny_checkpoint
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a model that cannot be served")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    pickled = tmp_path / "evil.pt"
+    torch.save({"x_embedder.proj.weight": torch.zeros(1), "payload": datetime.datetime(2020, 1, 1)}, pickled)
+    from safetensors.torch import load_file, save_file
+
+    good = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    state = load_file(str(good))
+    del state["final_layer.linear.bias"]
+    misfit = tmp_path / "misfit.safetensors"
+    save_file(state, str(misfit))
+    for ref, needle in [(pickled, "refusing to load"), (misfit, "missing: final_layer.linear.bias")]:
+        cfg = tmp_path / "serve.yaml"
+        cfg.write_text(yaml.safe_dump({"model": {"ref": str(ref), "class_names": SCENARIOS, "device": "cpu"}}))
+        assert main(["--config", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"drivedit serve: model.ref {ref}: ") and needle in err, err

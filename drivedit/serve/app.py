@@ -143,6 +143,23 @@ def build_app(cfg: ServeApp) -> Application:
     return deployment.bind(cfg.model_dump(mode="json"))
 
 
+def model_problem(cfg: ServeApp) -> str | None:
+    """Why the configured model cannot be served, found by loading it here on the CPU as a replica would
+    (a checkpoint that is not plain tensors, keys or shapes that do not fit, a vocabulary or codec that does
+    not match, a guidance the model cannot do); None when it loads. Checked before Ray starts: inside a
+    replica the same message ends up in the Serve controller's logs and the command only says the
+    deployment failed."""
+    from drivedit.serve.loading import load_served_model
+
+    on_cpu = absolute_local_refs(cfg)
+    on_cpu.model.device = "cpu"
+    try:
+        load_served_model(on_cpu)
+    except (ValueError, OSError, RuntimeError) as e:  # FileNotFoundError and CheckpointMismatchError included
+        return f"model.ref {cfg.model.ref}: {e}"
+    return None
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
@@ -215,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.detach and cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
         print("drivedit serve: --detach needs a running Ray cluster (ray.address or RAY_ADDRESS); a Ray started "
               "by this command would end with it", file=sys.stderr)
+        return 2
+    problem = model_problem(cfg)
+    if problem is not None:
+        print(storage.redact(f"drivedit serve: {problem}"), file=sys.stderr)
         return 2
     setup_logging()
     connect_ray(cfg.ray.address, cfg.ray.num_cpus)
