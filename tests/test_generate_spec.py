@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from drivedit import storage
 from drivedit.config.base import ConfigError, load_config
 from drivedit.config.common import DEFAULT_SCENARIOS
 from drivedit.config.generate import GenerateJob, SpecSection
@@ -154,3 +155,33 @@ def test_spec_hash_covers_what_decides_the_images():
     assert len(hashes) == len(variants) and base not in hashes
     assert len(base) == 64 and int(base, 16) >= 0
     assert np.array_equal(plan.scenario_pos, plan_items({"rainy": 4, "night": 2}, 0, 3).scenario_pos)
+
+
+def test_a_rerun_started_right_after_a_kill_is_safe_from_the_old_writers(tmp_path):
+    """A killed execution's writer lives on: once a rerun has begun, it must neither clear a shard folder the
+    rerun is writing into (deleting its in-flight temporary files) nor commit a manifest part."""
+    from drivedit.generate import dataset
+    from drivedit.generate.writer import write_shard
+
+    uri = str(tmp_path / "ds")
+    job = load_config(GenerateJob, data={"model": {"ref": "x"}, "output": {"uri": uri},
+                                         "spec": {"counts": {"clear": 2}, "shard_size": 2},
+                                         "tracking": {"enabled": False}})
+    items = [{"index": i, "seed": i, "scenario": "clear"} for i in range(2)]
+    pixels = np.full((2, 8, 8, 3), 127, np.uint8)  # (N, H, W, 3)
+    context = {"spec_hash": "h", "model_version": "v", "image_size": 8, "class_ids": {"clear": 0}}
+    killed = dataset.begin_attempt(uri)
+    write_shard(job, {**context, "attempt": killed}, 0, items, pixels)  # before the kill: its shard 0 is fine
+    assert dataset.complete_shards(uri) == {0}
+
+    rerun = dataset.begin_attempt(uri)  # the rerun starts right after the kill ...
+    in_flight = tmp_path / "ds" / "images" / "00001" / f".00000002.png{storage.TMP_MARKER}rerun"
+    in_flight.parent.mkdir(parents=True)
+    in_flight.write_bytes(b"the rerun is writing this")  # ... and is mid-way through shard 1
+    with pytest.raises(dataset.SupersededError, match="replaced by a rerun"):
+        write_shard(job, {**context, "attempt": killed}, 1, [{**it, "index": it["index"] + 2} for it in items], pixels)
+    assert in_flight.read_bytes() == b"the rerun is writing this"  # the old writer deleted nothing
+    assert dataset.complete_shards(uri) == {0} and not (tmp_path / "ds" / "images" / "00001" / "00000002.png").exists()
+    in_flight.unlink()
+    write_shard(job, {**context, "attempt": rerun}, 1, [{**it, "index": it["index"] + 2} for it in items], pixels)
+    assert dataset.complete_shards(uri) == {0, 1}

@@ -6,16 +6,26 @@
     <uri>/manifest.parquet               every item, sorted by index (written when all shards are complete)
     <uri>/labels.json                    BDD100K frames (name relative to images/, weather, timeofday, scene)
     <uri>/mlflow_run.json                the MLflow run of this dataset (when tracking is on), for reruns
+    <uri>/attempt.json                   the id of the execution now writing the dataset (see below)
 
 Every file is written under a temporary name and renamed (S3 puts are atomic), so nothing
 half-written is ever visible under a final name. A rerun skips shards that have a manifest part
 and rewrites the others completely.
+
+A killed job's Ray workers can live on for seconds and keep writing. Each execution therefore
+writes a new id to attempt.json before its workers start, and a writer checks that its own id is
+still the one there before it clears a shard's folder and before it commits the shard's manifest
+part: a writer of a superseded execution stops, so it can neither delete the files a rerun is
+writing nor mark a shard complete under the rerun's feet.
 """
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +36,7 @@ from drivedit import storage
 from drivedit.data.bdd100k import Frame, write_label_file
 
 SPEC_FILE = "spec.json"
+ATTEMPT_FILE = "attempt.json"
 LABELS_FILE = "labels.json"
 MANIFEST_FILE = "manifest.parquet"
 IMAGES_DIR = "images"
@@ -125,6 +136,26 @@ def complete_shards(uri: str) -> set[int]:
         if m:
             done.add(int(m.group(1)))
     return done
+
+
+class SupersededError(RuntimeError):
+    """A writer of an execution that a rerun has replaced."""
+
+
+def begin_attempt(uri: str) -> str:
+    """Make a new execution the dataset's writer: its id goes to attempt.json before any worker starts."""
+    attempt = uuid.uuid4().hex
+    storage.write_text_atomic(storage.join(uri, ATTEMPT_FILE), json.dumps(
+        {"attempt": attempt, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    return attempt
+
+
+def check_attempt(uri: str, attempt: str, shard: int) -> None:
+    """SupersededError unless `attempt` is still the execution named in attempt.json."""
+    current = json.loads(storage.read_text(storage.join(uri, ATTEMPT_FILE))).get("attempt")
+    if current != attempt:
+        raise SupersededError(f"{uri}: execution {attempt[:12]} was replaced by a rerun ({str(current)[:12]}); its "
+                              f"writer stops before touching shard {shard}")
 
 
 def remove_strays(uri: str, shard: int, keep: set[str]) -> int:

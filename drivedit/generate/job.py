@@ -46,12 +46,13 @@ class Prepared:
     spec_hash: str
     image_size: int
     model_tracking_uri: str | None
+    attempt: str = ""  # this execution's id in the dataset's attempt.json (dataset.begin_attempt)
 
     @property
     def writer_context(self) -> dict:
         sm = self.model
         return {"spec_hash": self.spec_hash, "model_version": sm.version, "image_size": self.image_size,
-                "codec": sm.codec_info, "class_ids": dict(zip(sm.scenarios, sm.class_ids))}
+                "codec": sm.codec_info, "class_ids": dict(zip(sm.scenarios, sm.class_ids)), "attempt": self.attempt}
 
 
 def absolute_local_paths(job: GenerateJob) -> GenerateJob:
@@ -199,6 +200,8 @@ def run_generate(job: GenerateJob, *, stop_after_shards: int | None = None) -> d
         resumed = dataset.claim_output(uri, prep.document, prep.spec_hash, prep.model.version)
     except OSError as e:  # an unreachable or malformed bucket: nothing was written
         raise ConfigError("generate", [f"output.uri: {e}"]) from None
+    # from here on, writers of an earlier execution still running (a killed job's workers) stop at their next shard
+    prep.attempt = dataset.begin_attempt(uri)
     plan = prep.plan
     complete = dataset.complete_shards(uri) & set(range(plan.num_shards))
     pending = [k for k in range(plan.num_shards) if k not in complete]

@@ -78,6 +78,9 @@ def write_shard(job: GenerateJob, context: dict, shard: int, items: list[dict], 
     uri, size = job.output.uri, context["image_size"]
     settings = dataset.manifest_settings(job.sampler)
     names = [dataset.image_name(shard, it["index"]) for it in items]
+    attempt = context.get("attempt")  # None: a caller outside a job execution (no rerun to guard against)
+    if attempt:
+        dataset.check_attempt(uri, attempt, shard)
     dataset.remove_strays(uri, shard, {n.rsplit("/", 1)[-1] for n in names})
     rows = []
     for it, name, image in zip(items, names, pixels):
@@ -88,4 +91,6 @@ def write_shard(job: GenerateJob, context: dict, shard: int, items: list[dict], 
                      "class_id": context["class_ids"][it["scenario"]], "shard": shard, "name": name,
                      "weather": weather, "timeofday": timeofday, "width": size, "height": size,
                      "model_version": context["model_version"], "spec_hash": context["spec_hash"], **settings})
+    if attempt:
+        dataset.check_attempt(uri, attempt, shard)
     dataset.write_part(uri, shard, rows)
