@@ -172,3 +172,19 @@ def test_unreachable_and_malformed_s3_uris_are_config_errors(monkeypatch):
     assert "2 problems" in text, text
     assert "data.input: cannot look up s3://unreachable-bucket/ds (EndpointConnectionError" in text
     assert "data.output: cannot look up s3://Bad!Bucket/out (ParamValidationError" in text
+
+
+def test_cli_lists_field_and_file_problems_together(tmp_path, capsys):
+    """A field error does not hide the problems with the files: one run of the command lists them all."""
+    import yaml
+
+    from drivedit.data.encode import main
+
+    cfg = tmp_path / "encode.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"input": str(tmp_path / "nope"), "output": str(tmp_path / "out"),
+                                            "resolution": 32},
+                                   "shards": {"rows_per_shard": 0}, "codec": {"kind": "pixel", "scale_factor": 0.5}}))
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "shards.rows_per_shard" in err and f"data.input: {tmp_path / 'nope'} does not exist" in err, err
+    assert "codec.scale_factor: the pixel codec" in err and "(3 problems)" in err, err

@@ -185,3 +185,19 @@ def test_a_rerun_started_right_after_a_kill_is_safe_from_the_old_writers(tmp_pat
     in_flight.unlink()
     write_shard(job, {**context, "attempt": rerun}, 1, [{**it, "index": it["index"] + 2} for it in items], pixels)
     assert dataset.complete_shards(uri) == {0, 1}
+
+
+def test_cli_lists_field_and_file_problems_together(tmp_path, capsys):
+    """A field error does not hide an unusable model: one run of the command lists them all."""
+    import yaml
+
+    from drivedit.generate.job import main
+
+    cfg = tmp_path / "generate.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"ref": str(tmp_path / "missing.safetensors"), "class_names": ["a"]},
+                                   "spec": {"counts": {"a": 2}, "shard_size": 0}, "output": {"uri": str(tmp_path / "o")},
+                                   "tracking": {"enabled": False}}))
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "spec.shard_size" in err and "model.ref: " in err and "missing.safetensors" in err, err
+    assert "(2 problems)" in err, err

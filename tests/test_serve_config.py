@@ -231,3 +231,14 @@ def test_cli_refuses_a_bad_model_before_starting_ray(tmp_path, monkeypatch, caps
         assert main(["--config", str(cfg)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"drivedit serve: model.ref {ref}: ") and needle in err, err
+
+
+def test_cli_lists_field_errors_and_a_bad_model_together(tmp_path, capsys):
+    from drivedit.serve.app import main
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"ref": str(tmp_path / "missing.safetensors"), "class_names": SCENARIOS},
+                                   "http": {"port": 0}}))
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "http.port" in err and "model.ref" in err and "missing.safetensors" in err and "(2 problems)" in err, err

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from types import SimpleNamespace
+from typing import Any, Callable, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -81,11 +82,41 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def valid_sections(model: type[BaseModel], raw: Any) -> SimpleNamespace:
+    """Each top-level section of `raw` validated on its own: an attribute per section, None where that section is
+    invalid. Lets a job check files (and what spans sections) even when another section has field errors."""
+    out = {}
+    for name, f in model.model_fields.items():
+        sub = next((a for a in getattr(f.annotation, "__args__", (f.annotation,))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        value = raw.get(name) if isinstance(raw, dict) else None
+        try:
+            if sub is None:
+                out[name] = value
+            elif value is None:
+                out[name] = None if f.is_required() else f.get_default(call_default_factory=True)
+            else:
+                out[name] = sub.model_validate(value)
+        except ValidationError:
+            out[name] = None
+    return SimpleNamespace(**out)
+
+
 def load_config(model: type[M], path: str | Path | None = None, overrides: list[str] | None = None,
-                data: dict | None = None) -> M:
-    """Load YAML (or a dict), apply overrides, validate. Raises ConfigError listing every problem."""
+                data: dict | None = None, checks: Callable[[SimpleNamespace], list[str]] | None = None) -> M:
+    """Load YAML (or a dict), apply overrides, validate. Raises ConfigError listing every problem.
+
+    `checks` (the job's file and cross-section checks, given `valid_sections`) runs when fields are invalid,
+    so one error lists the field errors and the problems with the files together; a config whose fields
+    are valid is checked by the job itself before it starts."""
     source = str(path) if path else "(defaults)"
-    return validate_config(model, read_raw_config(path, overrides, data), source)
+    raw = read_raw_config(path, overrides, data)
+    if checks is None:
+        return validate_config(model, raw, source)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(source, format_validation_error(e) + checks(valid_sections(model, raw))) from None
 
 
 def read_raw_config(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -26,6 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -83,40 +84,55 @@ def category_ids(vocabulary: list[str]) -> dict[str, int]:
 
 def preflight(job: EncodeJob) -> CodecInfo:
     """Checks that need I/O (inputs exist, codec loadable, resolution fits the codec), all reported at once."""
-    problems = []
-    try:
-        if not storage.exists(job.data.input):
-            problems.append(f"data.input: {job.data.input} does not exist; point it at a dataset root with "
-                            "images/ and labels.json (`drivedit scenes --out DIR` makes one)")
-        elif not storage.exists(_labels_uri(job)):
-            what = {"bdd100k": "the BDD100K label JSON", "ithaca365": "the folder of Ithaca365's v2.2 tables "
-                    "(scene.json, weather.json, sample.json, sample_data.json, object_ann.json)",
-                    "coco": "the COCO detection JSON"}[job.data.format]
-            problems.append(f"data.labels: nothing at {_labels_uri(job)}; set data.labels to {what}")
-        if not storage.is_remote(_images_uri(job)) and storage.exists(job.data.input) \
-                and not storage.is_dir(_images_uri(job)):
-            problems.append(f"data.images: {_images_uri(job)} is not a directory; set data.images to the folder "
-                            "the label names are relative to")
-    except (ValueError, OSError) as e:  # an unsupported URI scheme, an unreachable or malformed bucket
-        problems.append(f"data.input: {e}")
-    try:
-        storage.exists(job.data.output)
-    except (ValueError, OSError) as e:
-        problems.append(f"data.output: {e}")
-    info = None
-    try:
-        info = describe_codec(job.codec.model_dump(mode="json"))
-    except (ValueError, KeyError) as e:
-        problems.append(f"codec: {e}")
-    if job.codec.kind == "pixel" and job.codec.scale_factor not in (None, 1.0):
-        problems.append("codec.scale_factor: the pixel codec stores images as they are (scale 1); remove the field")
-    if info is not None and job.data.resolution % info.factor:
-        lo = job.data.resolution // info.factor * info.factor
-        problems.append(f"data.resolution: {job.data.resolution} is not divisible by the codec's downsampling "
-                        f"factor {info.factor}; use {lo or info.factor} or {lo + info.factor}")
+    info, problems = io_checks(job.data, job.codec)
     if problems:
         raise ConfigError("encode", problems)
     return info
+
+
+def config_checks(sections) -> list[str]:
+    """`io_checks` of the sections that are valid (load_config's `checks`: listed with the field errors)."""
+    return io_checks(sections.data, sections.codec)[1]
+
+
+def io_checks(data, codec) -> tuple[CodecInfo | None, list[str]]:
+    """(codec info, problems) of a data and a codec section; either may be None (invalid: not checked)."""
+    job = SimpleNamespace(data=data, codec=codec)
+    problems = []
+    if data is not None:
+        try:
+            if not storage.exists(data.input):
+                problems.append(f"data.input: {data.input} does not exist; point it at a dataset root with "
+                                "images/ and labels.json (`drivedit scenes --out DIR` makes one)")
+            elif not storage.exists(_labels_uri(job)):
+                what = {"bdd100k": "the BDD100K label JSON", "ithaca365": "the folder of Ithaca365's v2.2 tables "
+                        "(scene.json, weather.json, sample.json, sample_data.json, object_ann.json)",
+                        "coco": "the COCO detection JSON"}[data.format]
+                problems.append(f"data.labels: nothing at {_labels_uri(job)}; set data.labels to {what}")
+            if not storage.is_remote(_images_uri(job)) and storage.exists(data.input) \
+                    and not storage.is_dir(_images_uri(job)):
+                problems.append(f"data.images: {_images_uri(job)} is not a directory; set data.images to the folder "
+                                "the label names are relative to")
+        except (ValueError, OSError) as e:  # an unsupported URI scheme, an unreachable or malformed bucket
+            problems.append(f"data.input: {e}")
+        try:
+            storage.exists(data.output)
+        except (ValueError, OSError) as e:
+            problems.append(f"data.output: {e}")
+    if codec is None:
+        return None, problems
+    info = None
+    try:
+        info = describe_codec(codec.model_dump(mode="json"))
+    except (ValueError, KeyError) as e:
+        problems.append(f"codec: {e}")
+    if codec.kind == "pixel" and codec.scale_factor not in (None, 1.0):
+        problems.append("codec.scale_factor: the pixel codec stores images as they are (scale 1); remove the field")
+    if info is not None and data is not None and data.resolution % info.factor:
+        lo = data.resolution // info.factor * info.factor
+        problems.append(f"data.resolution: {data.resolution} is not divisible by the codec's downsampling "
+                        f"factor {info.factor}; use {lo or info.factor} or {lo + info.factor}")
+    return info, problems
 
 
 def plan_frames(job: EncodeJob, codec: CodecInfo) -> EncodePlan:
@@ -346,7 +362,7 @@ def main(argv: list[str]) -> int:
     args, overrides = ap.parse_known_args(argv)
     setup_logging()
     try:
-        job = load_config(EncodeJob, args.config, overrides)
+        job = load_config(EncodeJob, args.config, overrides, checks=config_checks)
         summary = run_encode(job)
     except ConfigError as e:
         print(storage.redact(f"drivedit encode: {e}"), file=sys.stderr)

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from drivedit import storage, tracking
 from drivedit.config.base import ConfigError, load_config
@@ -72,9 +73,29 @@ def absolute_local_paths(job: GenerateJob) -> GenerateJob:
     return job
 
 
+def config_checks(sections) -> list[str]:
+    """The model and the output of the sections that are valid (load_config's `checks`: listed with the field
+    errors): the model loads with its vocabulary and codec, the output location can be reached."""
+    problems = []
+    if sections.model is not None:
+        m = sections.model
+        try:
+            load_sampling_model(m.ref, class_names=m.class_names, codec=m.codec,
+                                tracking_uri=model_tracking_uri(SimpleNamespace(tracking=sections.tracking)))
+        except (ValueError, OSError) as e:
+            problems.append(f"model.ref: {e}")
+    if sections.output is not None:
+        try:
+            storage.exists(sections.output.uri)
+        except (ValueError, OSError) as e:
+            problems.append(f"output.uri: {e}")
+    return problems
+
+
 def model_tracking_uri(job: GenerateJob) -> str | None:
     """Where `models:/` refs are looked up: tracking.tracking_uri, else $MLFLOW_TRACKING_URI."""
-    return job.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    return (job.tracking.tracking_uri if job.tracking is not None else None) or os.environ.get("MLFLOW_TRACKING_URI") \
+        or None
 
 
 def prepare(job: GenerateJob) -> Prepared:
@@ -278,7 +299,7 @@ def main(argv: list[str]) -> int:
         return 0
     setup_logging()
     try:
-        job = load_config(GenerateJob, args.config, overrides)
+        job = load_config(GenerateJob, args.config, overrides, checks=config_checks)
         summary = run_generate(job)
     except (ConfigError, SpecError, dataset.OutputConflictError) as e:
         print(storage.redact(f"drivedit generate: {e}"), file=sys.stderr)

@@ -160,6 +160,19 @@ def model_problem(cfg: ServeApp) -> str | None:
     return None
 
 
+def config_checks(sections) -> list[str]:
+    """`model_problem` of a valid model section (load_config's `checks`: listed with the field errors)."""
+    if sections.model is None:
+        return []
+    sampler = sections.sampler.model_dump(mode="json") if sections.sampler is not None else {}
+    try:
+        cfg = ServeApp.model_validate({"model": sections.model.model_dump(mode="json"), "sampler": sampler})
+    except ValueError:  # the sections disagree: the field errors already say so
+        return []
+    problem = model_problem(cfg)
+    return [problem] if problem else []
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
@@ -221,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     try:
-        cfg = load_config(ServeApp, args.config, overrides)
+        cfg = load_config(ServeApp, args.config, overrides, checks=config_checks)
     except ConfigError as e:
         print(storage.redact(f"drivedit serve: {e}"), file=sys.stderr)
         return 2
