@@ -1,6 +1,7 @@
 """One logging setup for every job and worker, and the Ray noise it keeps out of the user's way.
 
-`setup_logging(rank)`: the `drivedit.*` loggers print "time name: message" lines to stdout. On a Ray
+`setup_logging(rank)`: the `drivedit.*` loggers print "time name: message" lines to stdout, credentials
+masked (`storage.redact`). On a Ray
 Train worker only rank 0 prints progress (INFO); the other ranks print warnings and errors only, so
 a line of a run appears once, not once per worker.
 
@@ -21,6 +22,15 @@ RAY_NOISE = (
     ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
      "Failed to query Ray Train Controller actor state"),
 )
+
+
+class _RedactingFormatter(logging.Formatter):
+    """FORMAT, with any credential a message or traceback quotes (a URI's password, a token) masked."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from drivedit.storage import redact
+
+        return redact(super().format(record))
 
 
 class _StdoutHandler(logging.StreamHandler):
@@ -46,7 +56,7 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> logging
     logger = logging.getLogger("drivedit")
     if not any(getattr(h, _HANDLER_FLAG, False) for h in logger.handlers):
         handler = _StdoutHandler()
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setFormatter(_RedactingFormatter(FORMAT))
         setattr(handler, _HANDLER_FLAG, True)
         logger.addHandler(handler)
         logger.propagate = False  # a root handler (basicConfig, pytest) would print each line twice

@@ -50,3 +50,16 @@ def test_ray_noise_is_dropped_by_its_text_only(drivedit_logger):
     finally:
         logger.removeHandler(handler)
     assert seen == ["placement group could not be removed", text.upper()]
+
+
+def test_no_credential_in_a_log_line(drivedit_logger, capsys):
+    setup_logging()
+    log = logging.getLogger("drivedit.generate")
+    log.info("tracking at %s, output %s", "http://alice:hunter2@mlflow:5000", "https://h/o?X-Amz-Signature=sig123")
+    try:
+        raise OSError("cannot read postgresql://u:pw456@db/x")
+    except OSError:
+        log.exception("failed")
+    out = capsys.readouterr().out
+    assert "http://alice:***@mlflow:5000" in out and "X-Amz-Signature=***" in out and "u:***@db" in out
+    assert not any(s in out for s in ("hunter2", "sig123", "pw456")), out
