@@ -48,5 +48,9 @@ class MlflowServer:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine: gunicorn's workers may not stop in time
+            self.proc.kill()
+            self.proc.wait(timeout=30)
         self.log.close()
