@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("drivedit.generate.job", "main", "generate a labelled synthetic dataset (Ray Data)"),
     "serve": ("drivedit.serve.app", "main", "start the sampling endpoint (Ray Serve)"),
     "eval": ("drivedit.eval.cli", "main", "FID / KID / precision / recall and condition accuracy of two folders"),
+    "convert": ("drivedit.generate.label_formats", "main",
+                "write COCO JSON / YOLO labels beside a BDD100K-format folder's labels.json"),
     "export": ("drivedit.export", "main", "merge an adapter bundle into its base; write official / diffusers files"),
     "new-model": ("drivedit.new_model", "main", "write a freshly initialised DiT checkpoint (pre-training from scratch)"),
     "inspect": ("drivedit.inspect_cli", "main", "inspect a model size, a method's trainable set, or shards"),

@@ -121,6 +121,10 @@ class OutputSection(StrictModel):
         None, ge=8, le=4096, description="side of the written PNGs; default: the model's native resolution "
                                          "(its position table fixes the sampling grid), other sizes are "
                                          "resized from it with Lanczos")
+    label_formats: list[Literal["coco", "yolo"]] = Field(
+        default_factory=list, description="label formats to write beside labels.json once the dataset is "
+                                          "complete: `coco` (coco.json) and / or `yolo` (labels/<shard>/<index>.txt "
+                                          "+ dataset.yaml for ultralytics), from the same boxes")
     decode_on: Literal["cpu", "actor"] = Field(
         "cpu", description="`cpu`: latents are decoded to images by CPU tasks, so sampler actors only sample; "
                            "`actor`: the sampler actor decodes on its own device (a big VAE on few CPUs)")

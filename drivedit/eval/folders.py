@@ -71,48 +71,67 @@ def load_image(uri: str, size: int) -> np.ndarray:
     return np.asarray(ImageOps.fit(img.convert("RGB"), (size, size), Image.BICUBIC), dtype=np.uint8)
 
 
-def _relative(uri: str, root: str) -> str:
+def relative_to_root(uri: str, root: str) -> str:
     return uri[len(root):].lstrip("/") if uri.startswith(root) else uri
 
 
-def index_folder(root: str, vocabulary: ScenarioVocabulary) -> ImageFolder:
-    """List the images of `root` and, when `root/labels.json` exists, their scenarios."""
+def list_images(root: str) -> list[str]:
+    """Image URIs below `root` (any depth, hidden folders skipped), in the form of `root`."""
     root = str(root).rstrip("/")
     if not storage.is_dir(root):
         raise FileNotFoundError(f"image folder {root} does not exist (or is not a folder)")
     # list_files returns URIs in the same form as `root`, so paths relative to it are a prefix strip
     files = [f for f in storage.list_files(root, IMAGE_SUFFIXES)
-             if not any(part.startswith(".") for part in _relative(f, root).split("/"))]
+             if not any(part.startswith(".") for part in relative_to_root(f, root).split("/"))]
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    return files
+
+
+def match_names(root: str, files: list[str], names: list[str]) -> tuple[list[str | None], list[str]]:
+    """The image URI of each label name (None when no file has it), and the names several files match.
+
+    A name is looked up relative to `images/`, then relative to the folder, then as the unique file
+    whose path ends with it (BDD100K's `images/100k/train/<name>`).
+    """
+    root = str(root).rstrip("/")
+    by_rel = {relative_to_root(f, root): f for f in files}
+    by_base = defaultdict(list)
+    for f in files:
+        by_base[f.rsplit("/", 1)[-1]].append(f)
+    found, ambiguous = [], []
+    for raw in names:
+        name = raw.lstrip("/")
+        uri = by_rel.get(f"images/{name}") or by_rel.get(name)
+        if uri is None:
+            candidates = [f for f in by_base.get(name.rsplit("/", 1)[-1], []) if f.endswith("/" + name)]
+            if len(candidates) > 1:
+                ambiguous.append(raw)
+            uri = candidates[0] if len(candidates) == 1 else None
+        found.append(uri)
+    return found, ambiguous
+
+
+def index_folder(root: str, vocabulary: ScenarioVocabulary) -> ImageFolder:
+    """List the images of `root` and, when `root/labels.json` exists, their scenarios."""
+    root = str(root).rstrip("/")
+    files = list_images(root)
     labels_uri = storage.join(root, LABELS_FILE)
     if not storage.exists(labels_uri):
         return ImageFolder(root, files, None, list(vocabulary.names))
 
-    by_rel = {_relative(f, root): f for f in files}
-    by_base = defaultdict(list)
-    for f in files:
-        by_base[f.rsplit("/", 1)[-1]].append(f)
     kept, dropped = vocabulary.split(load_label_file(labels_uri))
-    matched, scenarios, missing, ambiguous = [], [], [], []
-    for frame, sid in kept:
-        name = frame.name.lstrip("/")
-        uri = by_rel.get(f"images/{name}") or by_rel.get(name)
-        if uri is None:
-            # deeper in the tree (e.g. images/100k/train/<name>): the file's path must end with the name
-            candidates = [f for f in by_base.get(name.rsplit("/", 1)[-1], []) if f.endswith("/" + name)]
-            if len(candidates) > 1:
-                ambiguous.append(name)
-                continue
-            uri = candidates[0] if candidates else None
+    uris, ambiguous = match_names(root, files, [frame.name for frame, _ in kept])
+    if ambiguous:
+        raise ValueError(f"{labels_uri}: {len(ambiguous)} label names match several image files "
+                         f"(e.g. {ambiguous[0]!r}); write names as paths relative to the folder or to images/")
+    matched, scenarios, missing = [], [], []
+    for (frame, sid), uri in zip(kept, uris):
         if uri is None:
             missing.append(frame.name)
             continue
         matched.append(uri)
         scenarios.append(sid)
-    if ambiguous:
-        raise ValueError(f"{labels_uri}: {len(ambiguous)} label names match several image files "
-                         f"(e.g. {ambiguous[0]!r}); write names as paths relative to the folder or to images/")
     if not matched:
         raise ValueError(f"{labels_uri}: none of its {len(kept)} usable frames matches an image under {root} "
                          f"(e.g. {missing[0]!r} is missing)" if missing else

@@ -5,6 +5,7 @@
     <uri>/manifest/part-<shard>.parquet  written last for a shard: it marks the shard complete
     <uri>/manifest.parquet               every item, sorted by index (written when all shards are complete)
     <uri>/labels.json                    BDD100K frames (name relative to images/, weather, timeofday, scene)
+    <uri>/coco.json, labels/, dataset.yaml  COCO / YOLO labels of the same frames, when output.label_formats asks
     <uri>/mlflow_run.json                the MLflow run of this dataset (when tracking is on), for reruns
     <uri>/attempt.json                   the id of the execution now writing the dataset (see below)
 
@@ -201,10 +202,11 @@ def read_parts(uri: str, shards: list[int]) -> pa.Table:
     return table.sort_by("index")
 
 
-def finalize(uri: str, num_items: int, num_shards: int) -> pa.Table:
-    """Join the shards' manifest parts into manifest.parquet and labels.json.
+def finalize(uri: str, num_items: int, num_shards: int, label_formats: list[str] | tuple[str, ...] = ()) -> pa.Table:
+    """Join the shards' manifest parts into manifest.parquet and labels.json (and the `label_formats`
+    asked for: COCO / YOLO, from the same frames).
 
-    Checks that every index 0..N-1 is there exactly once before writing either file.
+    Checks that every index 0..N-1 is there exactly once before writing any file.
     """
     table = read_parts(uri, list(range(num_shards)))
     index = table.column("index").to_numpy()
@@ -215,7 +217,30 @@ def finalize(uri: str, num_items: int, num_shards: int) -> pa.Table:
                            f"rerun the job to rewrite the damaged shards")
     storage.write_bytes_atomic(storage.join(uri, MANIFEST_FILE), table_bytes(table))
     write_label_file(label_frames(table), storage.join(uri, LABELS_FILE))
+    write_label_formats(uri, table, label_formats)
     return table
+
+
+def write_label_formats(uri: str, table: pa.Table, label_formats: list[str] | tuple[str, ...]) -> dict:
+    """COCO / YOLO files of the manifest's frames (image sizes from the manifest); the conversion report."""
+    if not label_formats:
+        return {}
+    from drivedit.generate.label_formats import write_formats
+
+    sizes = list(zip(table.column("width").to_pylist(), table.column("height").to_pylist()))
+    return write_formats(uri, label_frames(table), sizes, label_formats).to_dict()
+
+
+def missing_label_formats(uri: str, label_formats: list[str] | tuple[str, ...]) -> list[str]:
+    """The formats among `label_formats` whose final file is not in the dataset yet."""
+    from drivedit.generate.label_formats import COCO_FILE, YOLO_DATASET_FILE
+
+    final = {"coco": COCO_FILE, "yolo": YOLO_DATASET_FILE}
+    return [f for f in dict.fromkeys(label_formats) if not storage.exists(storage.join(uri, final[f]))]
+
+
+def read_manifest(uri: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, MANIFEST_FILE))))
 
 
 def label_frames(table: pa.Table) -> list[Frame]:

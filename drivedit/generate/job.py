@@ -239,8 +239,12 @@ def run_generate(job: GenerateJob, *, stop_after_shards: int | None = None) -> d
             rows = run_pipeline(prep, pending, stop_after_shards)
             seconds = time.perf_counter() - t0
         finished = dataset.complete_shards(uri) >= set(range(plan.num_shards))
+        formats = job.output.label_formats
         if finished and (rows or dataset.manifest_row_count(uri) != plan.num_items):
-            dataset.finalize(uri, plan.num_items, plan.num_shards)
+            dataset.finalize(uri, plan.num_items, plan.num_shards, formats)
+        elif finished and (missing := dataset.missing_label_formats(uri, formats)):
+            # a complete dataset rerun with formats it was not first asked for
+            dataset.write_label_formats(uri, dataset.read_manifest(uri), missing)
         summary = _summary(prep, rows, len(complete), seconds, time.perf_counter() - t_start, finished, resumed)
         if run is not None:
             summary["mlflow_run_id"] = run.run_id
