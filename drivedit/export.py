@@ -2,7 +2,9 @@
 
 The merged model is a plain DiT with the official keys (num_classes = the bundle's scenarios), so
 it loads in facebookresearch/DiT, in `drivedit` as a base for another fine-tune, and (diffusers
-format) with `DiTTransformer2DModel.from_pretrained`.
+format) with `DiTTransformer2DModel.from_pretrained`. `--diffusers-pipeline` writes a whole `DiTPipeline`
+directory (transformer with the label table laid out for the pipeline, VAE, scheduler, scenario
+names as id2label; see drivedit/pipeline_export.py).
 """
 from __future__ import annotations
 
@@ -17,19 +19,26 @@ from drivedit import storage
 
 def export_bundle(bundle_ref: str, *, base: str | None = None, official: str | None = None,
                   safetensors: str | None = None, diffusers: str | None = None,
-                  tracking_uri: str | None = None) -> dict:
+                  diffusers_pipeline: str | None = None, tracking_uri: str | None = None) -> dict:
     """Merge `bundle_ref` (a bundle directory, s3:// URI or models:/NAME/VERSION) and write the formats asked for."""
     from drivedit.models.bundle import load_bundle, merge
     from drivedit.models.checkpoint import export_diffusers, export_official, export_safetensors, load_dit
 
-    if not (official or safetensors or diffusers):
-        raise ValueError("nothing to write: give at least one of --official, --safetensors, --diffusers")
+    if not (official or safetensors or diffusers or diffusers_pipeline):
+        raise ValueError("nothing to write: give at least one of --official, --safetensors, --diffusers, "
+                         "--diffusers-pipeline")
     with tempfile.TemporaryDirectory() as tmp:
         local = _local_bundle(bundle_ref, Path(tmp), tracking_uri)
         bundle = load_bundle(local)
         base_model = load_dit(base, config=bundle.model_config) if base else None
         model = merge(base_model, bundle)
     written = {}
+    if diffusers_pipeline:
+        from drivedit.pipeline_export import write_dit_pipeline
+
+        # first: it is the one format a model can be refused for, and nothing is written before the refusal
+        written["diffusers_pipeline"] = str(write_dit_pipeline(
+            model, diffusers_pipeline, scenarios=bundle.scenarios, betas=bundle.betas, codec_id=bundle.codec))
     if official:
         written["official"] = str(export_official(model, official))
     if safetensors:
@@ -57,11 +66,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--official", help="write the merged model as an official DiT state dict (.pt)")
     p.add_argument("--safetensors", help="write the merged model as .safetensors (with its config)")
     p.add_argument("--diffusers", help="write the merged model as a diffusers DiTTransformer2DModel directory")
+    p.add_argument("--diffusers-pipeline", metavar="DIR",
+                   help="write a diffusers DiTPipeline directory (transformer, VAE, DDIM scheduler, scenario names "
+                        "as id2label) that DiTPipeline.from_pretrained(DIR) loads; latent-space models only")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ references")
     args = p.parse_args(argv)
     try:
         out = export_bundle(args.bundle, base=args.base, official=args.official, safetensors=args.safetensors,
-                            diffusers=args.diffusers, tracking_uri=args.tracking_uri)
+                            diffusers=args.diffusers, diffusers_pipeline=args.diffusers_pipeline,
+                            tracking_uri=args.tracking_uri)
     except (ValueError, FileNotFoundError) as e:
         print(storage.redact(f"drivedit export: {e}"), file=sys.stderr)
         return 2

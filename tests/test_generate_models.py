@@ -50,13 +50,13 @@ def _perturb(model: torch.nn.Module, seed: int, only_trainable: bool = False) ->
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def _bundle(base: Path, out: Path, spec: AdapterSpec, seed: int) -> Path:
+def _bundle(base: Path, out: Path, spec: AdapterSpec, seed: int, codec: str = "pixel", betas=None) -> Path:
     model = apply_spec(load_dit(base), spec)
     for name, p in model.named_parameters():
         p.requires_grad_(("bias" in name or "y_embedder" in name) and name != "pos_embed")
     _perturb(model, seed, only_trainable=True)
     info = BundleInfo(base=str(base), base_sha256=sha256_file(base), model_config=model.config.to_dict(), spec=spec,
-                      scenarios=SCENARIOS, betas=linear_betas().tolist(), codec="pixel",
+                      scenarios=SCENARIOS, betas=(linear_betas() if betas is None else betas).tolist(), codec=codec,
                       method={"name": spec.method})
     return save_bundle(out, model, info)
 

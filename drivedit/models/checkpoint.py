@@ -352,13 +352,14 @@ def export_safetensors(model: DiT, path: str | Path) -> Path:
     return path
 
 
-def diffusers_transformer(model: DiT):
+def diffusers_transformer(model: DiT, state: dict[str, torch.Tensor] | None = None, cfg: DiTConfig | None = None):
     """Our DiT as a `DiTTransformer2DModel` in memory (on the CPU, its own copy of the weights), by the
-    key mapping `export_diffusers` saves."""
+    key mapping `export_diffusers` saves. `state` / `cfg` (official keys) replace the model's own, e.g. the
+    DiTPipeline export's relaid label table."""
     from diffusers import DiTTransformer2DModel
 
-    cfg = model.config
-    state = official_to_diffusers(_plain_state(model), cfg.depth)
+    cfg = cfg or model.config
+    state = official_to_diffusers(_plain_state(model) if state is None else state, cfg.depth)
     with torch.device("meta"):
         transformer = DiTTransformer2DModel(**diffusers_config(cfg))
     try:
