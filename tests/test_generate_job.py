@@ -198,7 +198,9 @@ def test_killed_run_resumes_on_s3_byte_identical(reference, models, s3_bucket):
     storage.write_bytes_atomic(storage.join(uri, f"images/{bad:05d}/.{4 * bad + 2:08d}.png.tmp-dead"), b"half")
     assert dataset.complete_shards(uri) == {keep}
 
-    second = run_generate(job)
+    # the resumed run also asks for COCO / YOLO labels: written on S3 once the dataset is complete
+    second = run_generate(_job(str(models.merged), uri, model={"class_names": SCENARIOS},
+                               output={"label_formats": ["coco", "yolo"]}))
     assert second["complete"] and second["resumed"]
     assert (second["shards_written"], second["shards_skipped"]) == (2, 1)
     assert dataset.complete_shards(uri) == {0, 1, 2}
@@ -211,6 +213,12 @@ def test_killed_run_resumes_on_s3_byte_identical(reference, models, s3_bucket):
     keep = ("index", "seed", "scenario", "class_id", "name", "weather", "timeofday")
     assert [{k: r[k] for k in keep} for r in manifest] == [{k: r[k] for k in keep} for r in ref_manifest]
     assert {r["model_version"] for r in manifest} == {f"checkpoint:{models.merged}"}
+    coco = json.loads(files["coco.json"])
+    assert [i["file_name"] for i in coco["images"]] == [r["name"] for r in manifest]
+    assert {(i["width"], i["height"]) for i in coco["images"]} == {(8, 8)} and coco["annotations"] == []
+    assert sorted(k for k in files if k.startswith("labels/")) == [
+        f"labels/{r['name'][:-4]}.txt" for r in manifest]
+    assert "names:" in files["dataset.yaml"].decode()
 
 
 def test_stages_in_process_superclass_guidance_actor_decode_resize(models, tmp_path):
