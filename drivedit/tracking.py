@@ -3,7 +3,7 @@
 - The run lives as long as the job, across Ray Train restarts and reruns: its id is stored in
   `mlflow_run.json` beside the checkpoints, and a job that finds the file logs into that run again.
 - Params are the flattened job config with anything that looks like a secret left out.
-- Metrics come from rank 0 only (the caller decides; `TrackedRun` is a thin, picklable handle that
+- Metrics and images come from rank 0 only (the caller decides; `TrackedRun` is a thin, picklable handle that
   any process can rebuild from the tracking URI and run id).
 - Fine-tuned bundles become versions of a registered model; `download_registered_bundle` brings a
   `models:/NAME/VERSION` back to a local directory for `generate` and `serve`.
@@ -150,6 +150,26 @@ class TrackedRun:
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_image(self, key: str, image, step: int) -> None:
+        """An image (a PNG path, a PIL image or a uint8 (H, W, 3) array) under `key` at `step`: the MLflow UI's
+        image panel shows every step of a key with a step slider."""
+        from PIL import Image
+
+        if isinstance(image, (str, Path)):
+            with Image.open(image) as img:
+                image = img.convert("RGB")
+        # synchronous: the image is in the store when this returns (a job may end right after)
+        self.client.log_image(self.run_id, image, key=key, step=int(step), synchronous=True)
+
+    def logged_images(self, key: str) -> dict[int, str]:
+        """step -> artifact path of the full-resolution images logged under `key` (what the UI's slider shows)."""
+        prefix = f"images/{key.replace('/', '~')}+step+"
+        out = {}
+        for f in self.client.list_artifacts(self.run_id, "images"):
+            if f.path.startswith(prefix) and f.path.endswith(".png"):
+                out[int(f.path[len(prefix):].split("+", 1)[0])] = f.path
+        return out
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, json.loads(storage.redact(json.dumps(data, default=str))), artifact_file)

@@ -50,8 +50,8 @@ class FakeRay:
         return Edges(0, 1, torch.device("cpu"), restored, self.epoch_batches, self.report, lambda m, ignore: m)
 
 
-def _run(job: FinetuneJob, base: Path, fake: FakeRay, restored=None) -> WorkerLoop:
-    ctx = LoopContext(base_path=str(base), base_ref=str(base), run_dir=str(fake.store / "run"))
+def _run(job: FinetuneJob, base: Path, fake: FakeRay, restored=None, tracking: dict | None = None) -> WorkerLoop:
+    ctx = LoopContext(base_path=str(base), base_ref=str(base), run_dir=str(fake.store / "run"), tracking=tracking)
     loop = WorkerLoop(job, ctx, fake.edges(restored))
     loop.run()
     return loop
@@ -88,15 +88,26 @@ def test_resumed_loop_matches_uninterrupted(material, tmp_path):
         assert torch.equal(bundle.tensors[name], straight.ema.shadow[name])
 
 
+def _image(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
 def test_gap_selection_publishes_its_report(material, tmp_path):
+    """... and the sample grids and the gap chart reach MLflow as images at their training steps."""
+    from drivedit import tracking
+
     base, shards = material
     raw = job_dict(shards, base, str(tmp_path), "gap", scaling={"num_workers": 1},
                    optim={"total_steps": 2, "global_batch_size": 4, "warmup_steps": 0}, run={"checkpoint_every": 2},
                    method={"select": "gap", "budget": 0.02, "gap_timesteps": [300], "source_samples": 4,
-                           "source_steps": 2}, sampling={"at_end": True, "steps": 2})
+                           "source_steps": 2}, sampling={"every_steps": 1, "at_end": True, "steps": 2})
     job = validate_config(FinetuneJob, raw)
     fake = FakeRay(shards, job.micro_batch_size, tmp_path / "store")
-    loop = _run(job, base, fake)
+    run = tracking.start_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "loop", "gap")
+    loop = _run(job, base, fake, tracking=run.to_dict())
     gap = loop.result.report["gap"]
     assert loop.result.selected_modules and set(loop.result.selected_modules) < {m["name"] for m in gap["modules"]}
     run_dir = tmp_path / "store" / "run"
@@ -105,3 +116,13 @@ def test_gap_selection_publishes_its_report(material, tmp_path):
     assert (run_dir / "samples" / "step_00000002.png").is_file()  # the grid at the end
     meta = st.read_meta(fake.store / "step_00000002")
     assert meta["selected_modules"] == loop.result.selected_modules and meta["final"]
+
+    # MLflow: one grid per step under one key (the UI's step slider), the gap chart at step 0, same pixels
+    grids, charts = run.logged_images("samples"), run.logged_images("gap_report")
+    assert sorted(grids) == [1, 2] and sorted(charts) == [0]
+    got = run.client.download_artifacts(run.run_id, grids[2], str(tmp_path / "dl"))
+    assert np.array_equal(_image(got), _image(run_dir / "samples" / "step_00000002.png"))
+    assert not np.array_equal(_image(run.client.download_artifacts(run.run_id, grids[1], str(tmp_path / "dl"))),
+                              _image(got))  # a step later, other weights: another grid
+    chart = run.client.download_artifacts(run.run_id, charts[0], str(tmp_path / "dl"))
+    assert np.array_equal(_image(chart), _image(run_dir / "gap" / "gap_report.png"))

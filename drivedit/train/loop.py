@@ -44,6 +44,9 @@ from drivedit.logs import setup_logging
 from drivedit.train import state as st
 
 TRAIN_DATASET = "train"
+# MLflow image keys: the UI shows each key's images with a step slider
+SAMPLES_IMAGE_KEY = "samples"
+GAP_IMAGE_KEY = "gap_report"
 log = logging.getLogger("drivedit.finetune")
 
 
@@ -313,6 +316,8 @@ class WorkerLoop:
             if "gap" in self.result.report:
                 for path in write_gap_report(self.result.report["gap"], Path(d) / "gap"):
                     self._publish(path, "gap")
+                    if path.suffix == ".png" and self.tracked is not None:
+                        self.tracked.log_image(GAP_IMAGE_KEY, path, step=self.step)
 
     def _publish(self, path: Path, folder: str) -> None:
         """A report file goes to the run directory and, when tracking, to the MLflow run."""
@@ -352,6 +357,8 @@ class WorkerLoop:
             path = draw_grid(model, self.meta, self.job.sampling, self.schedule.final_betas(), self.e.device,
                              Path(d) / f"step_{self.step:08d}.png", superclass=self.method.name == "finediffusion")
             self._publish(path, "samples")
+            if self.tracked is not None:
+                self.tracked.log_image(SAMPLES_IMAGE_KEY, path, step=self.step)
 
     def _checkpoint(self, final: bool) -> None:
         from drivedit.train.adapt_ranks import adapter_tensors
