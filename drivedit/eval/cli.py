@@ -1,5 +1,6 @@
 """`drivedit eval --real DIR --fake DIR`: print FID, KID, precision and recall overall and per
-scenario, and condition accuracy when both folders carry labels."""
+scenario, and condition accuracy when both folders carry labels; log them as MLflow metrics of the
+run that made the fake folder (or `--mlflow-run`), see drivedit/eval/mlflow_log.py."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--json", dest="json_out", help="also write the full result as JSON to this path or URI")
+    mlf = ap.add_mutually_exclusive_group()
+    mlf.add_argument("--mlflow-run", metavar="RUN",
+                     help="log the metrics into this MLflow run: a run id (with --tracking-uri) or a run directory "
+                          "holding mlflow_run.json (default: the run that generated --fake, when it recorded one)")
+    mlf.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    ap.add_argument("--tracking-uri", help="MLflow tracking URI of --mlflow-run (default: MLFLOW_TRACKING_URI, or the "
+                                           "one recorded in the run directory)")
+    ap.add_argument("--step", type=int, default=0, help="MLflow step of the logged metrics (e.g. the training step "
+                                                         "of the evaluated model; default 0)")
     return ap
 
 
@@ -74,16 +84,19 @@ def format_report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from drivedit.eval.evaluate import evaluate_folders  # torch import only once the arguments are good
+    from drivedit.eval.mlflow_log import log_result, target_run
+    from drivedit.tracking import redact_uri
 
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  progress to stderr, the table to stdout
     try:
+        run = None if args.no_mlflow else target_run(args.fake, args.mlflow_run, args.tracking_uri)
         result = evaluate_folders(
             args.real, args.fake, classifier=args.classifier,
             train_classifier=True if args.train_classifier else None, save_classifier=args.save_classifier,
             inception_weights=args.inception_weights, image_size=args.image_size, scenarios=scenarios,
             k=args.k, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-            classifier_steps=args.classifier_steps, seed=args.seed, device=args.device, log=log)
+            classifier_steps=args.classifier_steps, seed=args.seed, device=args.device, log=log, progress=True)
     except (ValueError, FileNotFoundError) as err:
         print(f"drivedit eval: {err}", file=sys.stderr)
         return 2
@@ -91,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         storage.write_text_atomic(args.json_out, json.dumps(result, indent=2))
         print(f"\nwrote {args.json_out}")
+    if run is not None:
+        logged = log_result(run, result, args.step)
+        print(f"\nlogged {len(logged)} metrics (eval.*) at step {args.step} to MLflow run {run.run_id} "
+              f"({redact_uri(run.tracking_uri)})")
     return 0
 
 

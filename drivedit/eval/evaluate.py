@@ -22,8 +22,16 @@ from drivedit.eval.folders import ImageFolder, index_folder, vocabulary_for
 from drivedit.eval.inception import InceptionFeatures
 
 
-def _features(folder: ImageFolder, extractor, size: int, batch_size: int) -> np.ndarray:
-    chunks = [extractor(images) for images in folder.batches(size, batch_size)]
+def _features(folder: ImageFolder, extractor, size: int, batch_size: int, progress: bool = False,
+              desc: str = "features") -> np.ndarray:
+    """(N, D) features of the folder's images, `batch_size` at a time; a progress bar on stderr if asked."""
+    from tqdm.auto import tqdm
+
+    chunks = []
+    with tqdm(total=len(folder), desc=desc, unit="img", disable=not progress, leave=True) as bar:
+        for images in folder.batches(size, batch_size):
+            chunks.append(extractor(images))
+            bar.update(len(images))
     return np.concatenate(chunks)
 
 
@@ -84,6 +92,7 @@ def evaluate_folders(
     device: str | None = None,
     batch_size: int = 256,
     log: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> dict:
     """Compare a generated folder with a real one. Returns a JSON-ready dict:
 
@@ -96,7 +105,7 @@ def evaluate_folders(
     - `confusion`: rows = requested scenario, columns = the classifier's verdict, on generated images.
 
     `train_classifier=None` means: train one on the real frames when no classifier is given and the
-    real folder is labelled.
+    real folder is labelled. `progress` shows a progress bar on stderr while features are extracted.
     """
     if classifier is not None and train_classifier:
         raise ValueError("give either a trained classifier or train_classifier=True, not both")
@@ -130,8 +139,8 @@ def evaluate_folders(
                          "--classifier PATH, or a labelled real folder to train a classifier on")
     size = extractor.image_size
     log(f"extracting {extractor.name} features of {len(real_f)} real and {len(fake_f)} generated images")
-    real_x = _features(real_f, extractor, size, batch_size)
-    fake_x = _features(fake_f, extractor, size, batch_size)
+    real_x = _features(real_f, extractor, size, batch_size, progress, "real features")
+    fake_x = _features(fake_f, extractor, size, batch_size, progress, "generated features")
 
     predictions = _predict(clf, fake_f, batch_size) if clf is not None and fake_f.labelled else None
 
