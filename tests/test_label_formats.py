@@ -136,8 +136,10 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
     assert main([str(tmp_path), "--to", "coco"]) == 2
     assert "has no labels.json" in capsys.readouterr().err
     root = tmp_path / "flat"
+    _image(root / "images/a.png")
     _image(root / "x.png")
-    write_label_file([Frame("x.png", boxes=[Box("car", 1, 1, 3, 3)])], str(root / "labels.json"))
+    write_label_file([Frame("a.png", boxes=[Box("car", 1, 1, 3, 3)]), Frame("x.png", boxes=[Box("car", 1, 1, 3, 3)])],
+                     str(root / "labels.json"))
     with pytest.raises(ValueError, match="not under images/"):
         convert_folder(str(root), ["yolo"])
     assert not (root / "labels").exists() and not (root / "coco.json").exists()

@@ -154,10 +154,11 @@ def write_formats(root: str, frames: list[Frame], sizes: list[tuple[int, int]], 
     report = ConversionReport(categories=category_vocabulary(frames, categories), frames=len(frames))
     vocab = report.categories
     if "yolo" in formats:
+        label_paths = [yolo_label_path(rel) for rel in image_paths]  # every path checked before anything is written
         yolo_report = ConversionReport()
-        for frame, size, rel in zip(frames, sizes, image_paths):
+        for frame, size, label in zip(frames, sizes, label_paths):
             lines = yolo_lines(frame, size, vocab, yolo_report)
-            storage.write_text_atomic(storage.join(root, yolo_label_path(rel)), "".join(f"{ln}\n" for ln in lines))
+            storage.write_text_atomic(storage.join(root, label), "".join(f"{ln}\n" for ln in lines))
         storage.write_text_atomic(storage.join(root, YOLO_DATASET_FILE), yolo_dataset_yaml(root, vocab))
         report.written["yolo"] = storage.join(root, YOLO_DATASET_FILE)
     count_report = ConversionReport()
