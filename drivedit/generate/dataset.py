@@ -240,6 +240,7 @@ def missing_label_formats(uri: str, label_formats: list[str] | tuple[str, ...]) 
 
 
 def read_manifest(uri: str) -> pa.Table:
+    """The dataset's manifest.parquet."""
     return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, MANIFEST_FILE))))
 
 
