@@ -85,6 +85,9 @@ def test_resumed_run_finishes_in_one_mlflow_run(finished_run):
     assert artifacts == {"bundle/adapter.safetensors", "bundle/bundle.json"}
     samples = {f.path for f in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/step_00000008.png", "samples/step_00000016.png"} <= samples
+    # and MLflow images under one key at their steps (the UI's step slider), through the server onto S3
+    logged = tracking.TrackedRun(finished_run["tracking_uri"], run.info.run_id, "0").logged_images("samples")
+    assert {8, 16} <= set(logged)
     assert {f.path for f in client.list_artifacts(run.info.run_id, "method")} == {"method/report.json"}
     # the artifacts live on S3 behind the tracking server
     import boto3
