@@ -171,6 +171,16 @@ def test_rerun_of_a_complete_dataset_samples_nothing(reference, models):
     again = run_generate(_job(models.registered, str(out), tracking={"tracking_uri": models.tracking_uri}))
     assert again["complete"] and again["resumed"] and again["shards_skipped"] == 3 and again["images_written"] == 0
     assert _files(str(out)) == before
+    # asked again with label formats: they are written from the manifest, nothing else changes
+    third = run_generate(_job(models.registered, str(out), tracking={"tracking_uri": models.tracking_uri},
+                              output={"label_formats": ["yolo"]}))
+    assert third["images_written"] == 0
+    after = _files(str(out))
+    added = sorted(set(after) - set(before))
+    assert added == ["dataset.yaml"] + [f"labels/{i // 4:05d}/{i:08d}.txt" for i in range(12)]
+    assert all(after[k] == b"" for k in added[1:]) and {k: after[k] for k in before} == before
+    for k in added:
+        (out / k).unlink()  # the reference dataset stays as the first run wrote it
 
 
 def test_killed_run_resumes_on_s3_byte_identical(reference, models, s3_bucket):
