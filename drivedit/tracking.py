@@ -268,6 +268,12 @@ def _read_run_id(storage_dir: str) -> dict | None:
     return json.loads(storage.read_bytes(uri))
 
 
+def stored_run(storage_dir: str) -> dict | None:
+    """What `mlflow_run.json` of a run directory says (run_id, experiment_id, tracking_uri), or None;
+    `drivedit eval` logs into the run a generated dataset records."""
+    return _read_run_id(storage_dir)
+
+
 # ----------------------------------------------------------------------------- registry
 
 

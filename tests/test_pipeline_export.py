@@ -19,7 +19,7 @@ from _common import random_vae  # noqa: E402
 from test_generate_models import SCENARIOS, _bundle, _perturb  # noqa: E402
 
 from drivedit.export import main as export_main  # noqa: E402
-from drivedit.models.adapt import AdapterSpec  # noqa: E402
+from drivedit.models.adapter_spec import AdapterSpec  # noqa: E402
 from drivedit.models.bundle import load_bundle, merge  # noqa: E402
 from drivedit.models.checkpoint import export_safetensors  # noqa: E402
 from drivedit.models.dit import build_dit, dit_config  # noqa: E402

@@ -19,6 +19,7 @@ for every dataset converted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import sys
@@ -205,8 +206,8 @@ def convert_folder(root: str, formats: list[str] | tuple[str, ...],
         raise ValueError(f"{labels_uri}: none of its {len(frames)} frames matches an image under {root}")
     rel = [relative_to_root(u, root) for _, u in kept]
     # COCO's file_name is relative to images/: the matched file's path, whatever the label name said
-    named = [Frame(r[len(IMAGES_DIR) + 1:] if r.startswith(IMAGES_DIR + "/") else r, f.weather, f.timeofday,
-                   f.scene, f.boxes) for (f, _), r in zip(kept, rel)]
+    named = [dataclasses.replace(f, name=r[len(IMAGES_DIR) + 1:] if r.startswith(IMAGES_DIR + "/") else r)
+             for (f, _), r in zip(kept, rel)]
     report = write_formats(root, named, [image_size(u) for _, u in kept], formats, categories, rel)
     report.missing_images = missing
     return report
