@@ -156,7 +156,7 @@ def to_batch(items: list[tuple[np.ndarray, np.ndarray, np.ndarray]], flips: np.n
             img = img[:, ::-1]
             s = img.shape[1]
             boxes[:, [0, 2]] = s - boxes[:, [2, 0]]  # x1' = S - x2, x2' = S - x1
-        images.append(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))  # (3, S, S) uint8
+        images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # (3, S, S) uint8
         targets.append({"boxes": torch.from_numpy(boxes).float().reshape(-1, 4),
                         "labels": torch.from_numpy(labels).long()})
     return torch.stack(images).float() / 255.0, targets

@@ -88,7 +88,9 @@ def build_detector(job) -> tuple[nn.Module, dict, dict]:
     """(detector, spec, load report) for a DetectJob: fresh, from `model.weights`, or from `model.ref`."""
     m = job.model
     if m.ref:
-        detector, spec = load_detector(m.ref, job.tracking.tracking_uri)
+        from drivedit.tracking import resolve_tracking_uri
+
+        detector, spec = load_detector(m.ref, resolve_tracking_uri(job.tracking.tracking_uri, job.run.storage_path))
         return detector, spec, {"from": m.ref}
     spec = new_spec(m.model_dump(mode="json"), job.data.categories, job.data.image_size,
                     job.eval.model_dump(mode="json"))

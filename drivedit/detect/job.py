@@ -209,7 +209,8 @@ def evaluate_only(plan: preflight.Plan) -> dict:
     job = plan.job
     tracked = _start_tracking(plan, "detect-eval", keep_run=False)
     try:
-        detector, spec = load_detector(job.model.ref, job.tracking.tracking_uri)
+        detector, spec = load_detector(job.model.ref, tracking.resolve_tracking_uri(job.tracking.tracking_uri,
+                                                                                     job.run.storage_path))
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         detector.to(device)
         frames, report = read_frames(job.data.val, job.data.labels_file, spec["categories"], job.data.category_map,

@@ -179,7 +179,7 @@ class DetectLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return grad_norm, {k: float(v) for k, v in losses.items()}
+        return grad_norm, {k: float(v.detach()) for k, v in losses.items()}
 
     # ------------------------------------------------------------------ the run
 
