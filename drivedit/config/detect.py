@@ -140,6 +140,9 @@ class DetectJob(StrictModel):
         if self.optim.global_batch_size % self.scaling.num_workers:
             problems.append(f"optim.global_batch_size ({self.optim.global_batch_size}) is not divisible by "
                             f"scaling.num_workers ({self.scaling.num_workers})")
+        if self.model.arch == "fcos" and self.model.fpn_channels % 32:
+            problems.append(f"model.fpn_channels ({self.model.fpn_channels}) must be a multiple of 32 for fcos "
+                            "(its head normalises in 32 groups)")
         if self.optim.precision == "bf16" and not self.scaling.use_gpu:
             problems.append("optim.precision bf16 needs GPU workers; use auto or fp32 on CPU")
         if len(set(self.data.categories)) != len(self.data.categories) or not self.data.categories:
