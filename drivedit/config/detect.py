@@ -7,7 +7,7 @@ from pydantic import Field, model_validator
 
 from drivedit.config.base import StrictModel
 from drivedit.config.common import DEFAULT_SCENARIOS, CodecConfig, RayConfig, ScalingConfig, TrackingConfig
-from drivedit.config.finetune import DrillSection, RunSection
+from drivedit.config.finetune import DrillSection, RunSection, drill_problems, tracking_store_problems
 
 # BDD100K's ten detection categories (det_20), and the older image-label names that mean the same thing
 BDD100K_CATEGORIES = ["pedestrian", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
@@ -153,20 +153,9 @@ class DetectJob(StrictModel):
         if bad:
             problems.append(f"data.category_map maps to names that are neither in data.categories nor BDD100K "
                             f"categories: {bad}")
-        remote = "://" in self.run.storage_path and not self.run.storage_path.startswith("file://")
-        if remote and self.tracking.enabled and not self.tracking.tracking_uri:
-            problems.append(f"run.storage_path {self.run.storage_path} is remote; set tracking.tracking_uri to an "
-                            "MLflow server (the embedded SQLite store needs a local directory)")
-        for name in ("stop_at_step", "kill_rank_at_step"):
-            at = getattr(self.drill, name)
-            if at is not None and at >= self.optim.total_steps:
-                problems.append(f"drill.{name} ({at}) must be below optim.total_steps ({self.optim.total_steps})")
-            if at is not None and at < self.run.checkpoint_every:
-                problems.append(f"drill.{name} ({at}) comes before the first checkpoint (run.checkpoint_every "
-                                f"{self.run.checkpoint_every}): there would be nothing to resume from")
-        if self.drill.kill_rank_at_step is not None and self.drill.kill_rank >= self.scaling.num_workers:
-            problems.append(f"drill.kill_rank {self.drill.kill_rank} does not exist with "
-                            f"{self.scaling.num_workers} workers")
+        problems += tracking_store_problems(self.run, self.tracking)
+        problems += drill_problems(self.drill, self.optim.total_steps, self.run.checkpoint_every,
+                                   self.scaling.num_workers)
         if problems:
             raise ValueError("\n".join(problems))
         return self
