@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from drivedit.config.base import validate_config
 from drivedit.config.detect import DetectJob
 from drivedit.train import state as st
+from drivedit.train.drills import fire_drills
 from drivedit.train.loop import _ensure_visible
 
 log = logging.getLogger("drivedit.detect")
@@ -218,8 +219,6 @@ class DetectLoop:
                     self.score(Path(d))
             if self.step % job.run.checkpoint_every == 0 or last:
                 self.checkpoint(final=last)
-            from drivedit.train.drills import fire_drills
-
             fire_drills(job.drill, self.step, e.rank, self.ctx.run_dir, log, "detect")
 
     def log_line(self, m: dict) -> None:
