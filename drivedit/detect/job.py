@@ -26,10 +26,12 @@ import tempfile
 from pathlib import Path
 
 from drivedit import storage, tracking
-from drivedit.config.base import ConfigError, field_help_lines
+from drivedit.config.base import ConfigError, field_help_lines, read_raw_config
 from drivedit.config.detect import DetectJob
 from drivedit.detect import preflight
 from drivedit.detect.loop import DETECTOR_DIR, SCORES_DIR
+from drivedit.logs import setup_logging
+from drivedit.raylocal import connect_ray
 from drivedit.train import driver
 from drivedit.train import state as st
 
@@ -52,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print(ap.format_help())
         print("\n".join(field_help_lines(DetectJob)))
         return 0
+    setup_logging()
     try:
-        raw = driver.load_raw(args.config, overrides)
+        raw = read_raw_config(args.config, overrides)
         plan = preflight.check(raw, args.config or "(command line)", eval_only=args.eval_only)
     except ConfigError as e:
         print(f"drivedit detect: {e}", file=sys.stderr)
@@ -119,7 +122,7 @@ def run(plan: preflight.Plan) -> dict:
         print(f"[detect] run {job.run.name} already finished at step {done['step']}: {done['detector_uri']}",
               flush=True)
         return done
-    driver.ensure_ray(job.ray)
+    connect_ray(job.ray.address, job.ray.num_cpus)
     driver.warn_if_short(job.scaling, "detect")
     tracked = _start_tracking(plan, "detect", keep_run=True)
     try:
@@ -165,8 +168,8 @@ def _finalize(plan: preflight.Plan, checkpoint: Path, tracked: tracking.TrackedR
     spec = read_spec(checkpoint / DETECTOR_DIR)  # refuse to publish an incomplete detector
     step = int(meta["step"])
     detector_uri, scores_uri = storage.join(plan.run_dir, DETECTOR_DIR), storage.join(plan.run_dir, SCORES_DIR)
-    driver.publish_dir(checkpoint / SCORES_DIR, scores_uri)
-    driver.publish_dir(checkpoint / DETECTOR_DIR, detector_uri)
+    storage.publish_dir(checkpoint / SCORES_DIR, scores_uri)
+    storage.publish_dir(checkpoint / DETECTOR_DIR, detector_uri)
     scores = json.loads((checkpoint / SCORES_DIR / "metrics.json").read_text())
     summary = {"run_name": job.run.name, "run_dir": plan.run_dir, "step": step, "arch": spec["arch"],
                "backbone": spec["backbone"], "categories": spec["categories"], "image_size": spec["image_size"],
@@ -220,7 +223,7 @@ def evaluate_only(plan: preflight.Plan) -> dict:
         out = storage.join(plan.run_dir, "eval", Path(job.data.val.rstrip("/")).name)
         with tempfile.TemporaryDirectory() as d:
             metrics = score(detector, spec, store, job.eval.batch_size, device, job.eval.coco_reference_size, Path(d))
-            driver.publish_dir(Path(d), out)
+            storage.publish_dir(Path(d), out)
             if tracked is not None:
                 _log_scores(tracked, Path(d), metrics, 0)
                 tracked.end("FINISHED")

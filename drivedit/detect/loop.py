@@ -26,9 +26,9 @@ from pydantic import BaseModel
 
 from drivedit.config.base import validate_config
 from drivedit.config.detect import DetectJob
+from drivedit.logs import setup_logging
 from drivedit.train import state as st
 from drivedit.train.drills import fire_drills
-from drivedit.train.loop import _ensure_visible
 
 log = logging.getLogger("drivedit.detect")
 DETECTOR_DIR = "detector"
@@ -106,7 +106,7 @@ class DetectLoop:
         self.job, self.ctx, self.e = job, ctx, edges
         self.is_main = edges.rank == 0
         self.tracked = None
-        _ensure_visible(log)
+        setup_logging(edges.rank)
         if self.is_main and ctx.tracking:
             from drivedit.tracking import TrackedRun
 
