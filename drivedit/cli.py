@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "finetune": ("drivedit.train.trainer", "main", "fine-tune a DiT on latent shards (Ray Train), register the bundle"),
     "generate": ("drivedit.generate.job", "main", "generate a labelled synthetic dataset (Ray Data)"),
     "serve": ("drivedit.serve.app", "main", "start the sampling endpoint (Ray Serve)"),
+    "detect": ("drivedit.detect.job", "main", "train a 2-D detector (Ray Train) and score it per scenario / size; "
+                                              "--eval-only scores one"),
     "eval": ("drivedit.eval.cli", "main", "FID / KID / precision / recall and condition accuracy of two folders"),
     "convert": ("drivedit.generate.label_formats", "main",
                 "write COCO JSON / YOLO labels beside a BDD100K-format folder's labels.json"),

@@ -292,6 +292,13 @@ def download_registered_bundle(uri: str, dst: str | Path | None = None, tracking
     `tracking_uri` defaults to $MLFLOW_TRACKING_URI. The directory holds `bundle.json` and
     `adapter.safetensors` as the fine-tuning job wrote them.
     """
+    return download_registered(uri, "bundle.json", "a drivedit adapter bundle", dst, tracking_uri)
+
+
+def download_registered(uri: str, marker_file: str, what: str, dst: str | Path | None = None,
+                        tracking_uri: str | None = None) -> Path:
+    """Download the files of a registered model version (`models:/NAME/VERSION`, `/latest`, `@alias`) to a
+    local directory and return it; `marker_file` must be among them (it says the version is `what`)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -315,10 +322,10 @@ def download_registered_bundle(uri: str, dst: str | Path | None = None, tracking
         except MlflowException:
             hint = "the registry could not be listed"
         raise ValueError(f"cannot resolve {uri} in {storage.redact(tracking_uri)} ({hint}): {e.message}") from None
-    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"bundle-{name}-v{mv.version}-"))
+    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"model-{name}-v{mv.version}-"))
     dst.mkdir(parents=True, exist_ok=True)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst),
                                                      tracking_uri=tracking_uri))
-    if not (local / "bundle.json").is_file():
-        raise ValueError(f"{uri} (source {mv.source}) holds no bundle.json: it is not a drivedit adapter bundle")
+    if not (local / marker_file).is_file():
+        raise ValueError(f"{uri} (source {mv.source}) holds no {marker_file}: it is not {what}")
     return local

@@ -182,20 +182,35 @@ def cross_field_problems(model: ModelSection | None, optim: OptimSection | None,
     if optim and scaling and optim.precision == "bf16" and not scaling.use_gpu:
         problems.append("optim.precision bf16 needs GPU workers; use auto or fp32 on CPU")
     if run and tracking:
-        remote = "://" in run.storage_path and not run.storage_path.startswith("file://")
-        if remote and tracking.enabled and not tracking.tracking_uri:
-            problems.append(
-                f"run.storage_path {run.storage_path} is remote, so the embedded SQLite tracking store has "
-                f"no place to live; set tracking.tracking_uri to an MLflow server (http://host:5000)")
-    if drill and scaling and drill.kill_rank_at_step is not None and drill.kill_rank >= scaling.num_workers:
-        problems.append(f"drill.kill_rank {drill.kill_rank} does not exist with {scaling.num_workers} workers")
+        problems += tracking_store_problems(run, tracking)
+    if drill:
+        problems += drill_problems(drill, optim.total_steps if optim else None, run.checkpoint_every if run else None,
+                                   scaling.num_workers if scaling else None)
+    return problems
+
+
+def tracking_store_problems(run, tracking: TrackingConfig) -> list[str]:
+    """A remote run.storage_path has no place for the embedded SQLite store (any Ray Train job's run section)."""
+    remote = "://" in run.storage_path and not run.storage_path.startswith("file://")
+    if remote and tracking.enabled and not tracking.tracking_uri:
+        return [f"run.storage_path {run.storage_path} is remote, so the embedded SQLite tracking store has "
+                f"no place to live; set tracking.tracking_uri to an MLflow server (http://host:5000)"]
+    return []
+
+
+def drill_problems(drill: DrillSection, total_steps: int | None, checkpoint_every: int | None,
+                   num_workers: int | None) -> list[str]:
+    """Drills that could not fire or could not be resumed from (None: that section is invalid, skip its checks)."""
+    problems = []
+    if drill.kill_rank_at_step is not None and num_workers is not None and drill.kill_rank >= num_workers:
+        problems.append(f"drill.kill_rank {drill.kill_rank} does not exist with {num_workers} workers")
     for name in ("stop_at_step", "kill_rank_at_step"):
-        at = getattr(drill, name) if drill else None
+        at = getattr(drill, name)
         if at is None:
             continue
-        if optim and at >= optim.total_steps:
-            problems.append(f"drill.{name} ({at}) must be below optim.total_steps ({optim.total_steps})")
-        if run and at < run.checkpoint_every:
+        if total_steps is not None and at >= total_steps:
+            problems.append(f"drill.{name} ({at}) must be below optim.total_steps ({total_steps})")
+        if checkpoint_every is not None and at < checkpoint_every:
             problems.append(f"drill.{name} ({at}) comes before the first checkpoint (run.checkpoint_every "
-                            f"{run.checkpoint_every}): there would be nothing to resume from")
+                            f"{checkpoint_every}): there would be nothing to resume from")
     return problems

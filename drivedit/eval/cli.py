@@ -85,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from drivedit.eval.evaluate import evaluate_folders  # torch import only once the arguments are good
     from drivedit.eval.mlflow_log import log_result, target_run
-    from drivedit.tracking import redact_uri
 
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  progress to stderr, the table to stdout
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if run is not None:
         logged = log_result(run, result, args.step)
         print(f"\nlogged {len(logged)} metrics (eval.*) at step {args.step} to MLflow run {run.run_id} "
-              f"({redact_uri(run.tracking_uri)})")
+              f"({storage.redact(run.tracking_uri)})")
     return 0
 
 

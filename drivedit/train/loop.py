@@ -26,9 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
-import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -403,21 +401,6 @@ class WorkerLoop:
         save_bundle(directory, self.model, info, tensors=self._bundle_tensors())
 
     def _drills(self) -> None:
-        """Fault-injection drills fire once per run: a marker in the run directory records each one, so
-        neither Ray Train's restart nor a rerun fires it again."""
-        from drivedit import storage
+        from drivedit.train.drills import fire_drills
 
-        d, rank = self.job.drill, self.e.rank
-        kill = d.kill_rank_at_step == self.step and rank == d.kill_rank
-        stop = d.stop_at_step == self.step and rank == 0
-        if not (kill or stop):
-            return
-        marker = storage.join(self.ctx.run_dir, "drills", f"{'kill' if kill else 'stop'}-{self.step}")
-        if storage.exists(marker):
-            return
-        storage.write_text_atomic(marker, f"rank {rank} pid {os.getpid()}\n")
-        if kill:
-            log.info(f"drill: killing rank {rank} (pid {os.getpid()}) after step {self.step}")
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"drill: stopping the run after step {self.step} (drill.stop_at_step); rerun with the "
-                           f"same run.name to resume from the last checkpoint")
+        fire_drills(self.job.drill, self.step, self.e.rank, self.ctx.run_dir, log, "finetune")

@@ -26,7 +26,7 @@ from drivedit.config.base import ConfigError, field_help_lines, read_raw_config
 from drivedit.config.finetune import FinetuneJob
 from drivedit.logs import setup_logging
 from drivedit.raylocal import connect_ray
-from drivedit.train import preflight
+from drivedit.train import driver, preflight
 from drivedit.train import state as st
 
 RESULT_FILE = "result.json"
@@ -67,29 +67,6 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- the run
 
 
-def _warn_if_short(job: FinetuneJob) -> None:
-    """Ray Train waits (for an autoscaler) when the cluster lacks the workers' resources; say so up front."""
-    import ray
-
-    s = job.scaling
-    need = {"CPU": s.num_workers * s.cpus_per_worker, **{k: v * s.num_workers for k, v in s.resources_per_worker.items()}}
-    if s.use_gpu:
-        need["GPU"] = need.get("GPU", 0) + s.num_workers
-    have = ray.cluster_resources()
-    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
-    if short:
-        what = ", ".join(f"{k} {want:g} (cluster has {got:g})" for k, (want, got) in short.items())
-        log.warning(f"the workers need {what}; Ray Train waits until the cluster provides them "
-                    f"(an autoscaler adds nodes; a fixed cluster never does: lower scaling.num_workers)")
-
-
-def _storage_args(storage_path: str) -> dict:
-    if storage.is_remote(storage_path):
-        fs, path = storage.filesystem_for(storage_path)
-        return {"storage_path": path, "storage_filesystem": fs}
-    return {"storage_path": str(Path(storage.filesystem_for(storage_path)[1]))}
-
-
 def _start_tracking(plan: preflight.Plan) -> tracking.TrackedRun | None:
     job = plan.job
     if not job.tracking.enabled:
@@ -125,7 +102,7 @@ def _run(plan: preflight.Plan) -> dict:
         log.info(f"run {job.run.name} already finished at step {done['step']}: {done['bundle_uri']}")
         return done
     connect_ray(job.ray.address, job.ray.num_cpus)
-    _warn_if_short(job)
+    driver.warn_if_short(job.scaling, "finetune")
     tracked = _start_tracking(plan)
     try:
         latest = plan.latest
@@ -147,7 +124,7 @@ def _run(plan: preflight.Plan) -> dict:
             scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
-                name=job.run.name, **_storage_args(job.run.storage_path),
+                name=job.run.name, **driver.storage_args(job.run.storage_path),
                 failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints)),
             datasets={TRAIN_DATASET: dataset})

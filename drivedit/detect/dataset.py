@@ -1,0 +1,180 @@
+"""BDD100K-format folders as detection data: frames with boxes in the pixels of the resized image.
+
+A folder holds `images/` and a label file read by `drivedit.data.bdd100k` (image labels, det_20 or
+Scalabel). Categories go through the job's category map; boxes of other categories are dropped and
+counted. Images are resized to `image_size` x `image_size` and their boxes scaled with them; a box
+reaching outside the image is clipped to it, and one with nothing left inside is dropped, both
+counted. A frame without boxes stays, as a negative. An image that cannot be decoded is skipped and
+listed. Each frame's scenario comes from its attributes through the scenario vocabulary (frames the
+vocabulary drops still train and are scored; their scenario is `other`).
+"""
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from drivedit import storage
+from drivedit.data.bdd100k import ScenarioVocabulary, load_label_file
+
+OTHER_SCENARIO = "other"
+
+
+@dataclass
+class DetFrame:
+    """One frame: where its image is and its boxes in the image's own pixels (x1, y1, x2, y2)."""
+
+    name: str
+    image_uri: str
+    scenario: str
+    boxes: np.ndarray  # (k, 4) float32, original pixels
+    labels: np.ndarray  # (k,) int64, 1-based category ids
+
+
+@dataclass
+class LabelReport:
+    """What reading a label file kept and dropped."""
+
+    frames: int = 0
+    boxes: int = 0
+    negatives: int = 0  # frames without a box of a known category
+    unknown_categories: Counter = field(default_factory=Counter)
+    broken_boxes: int = 0
+    scenarios: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict:
+        return {"frames": self.frames, "boxes": self.boxes, "negatives": self.negatives,
+                "unknown_categories": dict(self.unknown_categories), "broken_boxes": self.broken_boxes,
+                "scenarios": dict(self.scenarios)}
+
+
+@dataclass
+class BoxReport:
+    """What fitting boxes into decoded images changed (counted as images are decoded)."""
+
+    clipped: int = 0
+    dropped_outside: int = 0
+    corrupt_images: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"clipped_boxes": self.clipped, "dropped_outside_boxes": self.dropped_outside,
+                "corrupt_images": list(self.corrupt_images)}
+
+
+def read_frames(uri: str, labels_file: str, categories: list[str], category_map: dict[str, str],
+                scenarios: list[str]) -> tuple[list[DetFrame], LabelReport]:
+    """Frames of one folder and what was dropped. Raises LabelFileError for an unreadable label file."""
+    index = {c: i + 1 for i, c in enumerate(categories)}
+    vocab = ScenarioVocabulary(scenarios, night="night" if "night" in scenarios else None)
+    report = LabelReport()
+    frames = []
+    for f in load_label_file(storage.join(uri, labels_file)):
+        boxes, labels = [], []
+        for b in f.boxes:
+            name = category_map.get(b.category, b.category)
+            if name not in index:
+                report.unknown_categories[b.category] += 1
+                continue
+            boxes.append((b.x1, b.y1, b.x2, b.y2))
+            labels.append(index[name])
+        report.broken_boxes += len(f.broken_boxes)
+        sid = vocab.scenario_of(f)
+        scenario = OTHER_SCENARIO if sid is None else vocab.names[sid]
+        report.frames += 1
+        report.boxes += len(boxes)
+        report.negatives += not boxes
+        report.scenarios[scenario] += 1
+        frames.append(DetFrame(f.name, storage.join(uri, "images", f.name), scenario,
+                               np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64)))
+    return frames, report
+
+
+def fit_boxes(boxes: np.ndarray, labels: np.ndarray, width: int, height: int, size: int,
+              report: BoxReport) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes of a width x height image -> boxes of its size x size resize, clipped to the image; boxes
+    with less than a pixel inside are dropped. Both are counted in `report`."""
+    clipped = boxes.copy()  # (k, 4)
+    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
+    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
+    changed = (clipped != boxes).any(axis=1)
+    scaled = clipped * np.array([size / width, size / height] * 2, np.float32)
+    keep = ((scaled[:, 2] - scaled[:, 0]) >= 1) & ((scaled[:, 3] - scaled[:, 1]) >= 1)
+    report.clipped += int((changed & keep).sum())
+    report.dropped_outside += int((~keep).sum())
+    return scaled[keep], labels[keep]
+
+
+def decode_image(uri: str, size: int) -> tuple[np.ndarray, int, int]:
+    """(size, size, 3) uint8 RGB and the original width and height. Raises OSError/ValueError if corrupt."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(storage.read_bytes(uri))) as im:
+        im.load()
+        w, h = im.size
+        arr = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+    return arr, w, h
+
+
+class FrameStore:
+    """Decoded, resized frames with fitted boxes, decoded on first use and optionally kept."""
+
+    def __init__(self, frames: list[DetFrame], size: int, cache: bool = True):
+        self.frames, self.size, self.cache = frames, size, cache
+        self.report = BoxReport()
+        self._cache: dict[int, tuple] = {}
+        self.corrupt: set[int] = set()
+
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(image (S, S, 3) uint8, boxes (k, 4), labels (k,)) or None for a corrupt image (listed)."""
+        if i in self._cache:
+            return self._cache[i]
+        if i in self.corrupt:
+            return None
+        f = self.frames[i]
+        try:
+            img, w, h = decode_image(f.image_uri, self.size)
+        except (OSError, ValueError, SyntaxError) as e:
+            self.corrupt.add(i)
+            self.report.corrupt_images.append(f"{f.image_uri}: {type(e).__name__}: {e}"[:300])
+            return None
+        item = (img, *fit_boxes(f.boxes, f.labels, w, h, self.size, self.report))
+        if self.cache:
+            self._cache[i] = item
+        return item
+
+
+def to_batch(items: list[tuple[np.ndarray, np.ndarray, np.ndarray]], flips: np.ndarray | None = None
+             ) -> tuple[torch.Tensor, list[dict]]:
+    """Images (n, 3, S, S) float in [0, 1] and torchvision targets; `flips[i]` mirrors item i and its boxes."""
+    images, targets = [], []
+    for i, (img, boxes, labels) in enumerate(items):
+        boxes = boxes.copy()
+        if flips is not None and flips[i]:
+            img = img[:, ::-1]
+            s = img.shape[1]
+            boxes[:, [0, 2]] = s - boxes[:, [2, 0]]  # x1' = S - x2, x2' = S - x1
+        images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # (3, S, S) uint8
+        targets.append({"boxes": torch.from_numpy(boxes).float().reshape(-1, 4),
+                        "labels": torch.from_numpy(labels).long()})
+    return torch.stack(images).float() / 255.0, targets
+
+
+class WeightedMix:
+    """Draws frame indices over several datasets: dataset d gets weight_d / sum(weights) of the draws,
+    uniformly over its frames; corrupt frames are taken out of the draw as they are found."""
+
+    def __init__(self, sizes: list[int], weights: list[float]):
+        probs = [np.full(n, w / n / sum(weights)) for n, w in zip(sizes, weights) if n]
+        self.probs = np.concatenate(probs) if probs else np.zeros(0)
+
+    def remove(self, index: int) -> None:
+        self.probs[index] = 0.0
+
+    def draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        total = self.probs.sum()
+        if total <= 0:
+            raise RuntimeError("no training frame left to draw: every image is corrupt")
+        return rng.choice(len(self.probs), size=n, p=self.probs / total)
