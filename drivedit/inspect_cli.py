@@ -24,7 +24,7 @@ USAGE = """usage: drivedit inspect <what> ...
 
 
 def _model_parser() -> argparse.ArgumentParser:
-    from drivedit.models.dit import DIT_MODELS
+    from drivedit.models.dit import DIT_MODELS, POSENCS
 
     p = argparse.ArgumentParser(
         prog="drivedit inspect model",
@@ -37,7 +37,7 @@ def _model_parser() -> argparse.ArgumentParser:
                    help="codec downsampling factor: 8 for the SD VAE, 1 for the pixel codec (default 8)")
     p.add_argument("--in-channels", type=int, default=4, help="latent channels (default 4)")
     p.add_argument("--num-classes", type=int, default=1000, help="label table size without the null row")
-    p.add_argument("--posenc", choices=("abs", "rope"), default="abs", help="position encoding (default abs)")
+    p.add_argument("--posenc", choices=POSENCS, default="abs", help="position encoding (default abs)")
     return p
 
 

@@ -26,13 +26,17 @@ def write_new_model(name: str, out: str, *, input_size: int, in_channels: int, n
 
 
 def main(argv: list[str]) -> int:
+    from drivedit.models.dit import POSENCS
+
     p = argparse.ArgumentParser(prog="drivedit new-model", description=__doc__.splitlines()[0])
     p.add_argument("name", help="registry size, e.g. DiT-T/2 (see `drivedit inspect model --all`)")
     p.add_argument("--out", required=True, help="checkpoint to write: .safetensors, or .pt for the official format")
     p.add_argument("--input-size", type=int, required=True, help="side of the latent grid (image size / codec factor)")
     p.add_argument("--in-channels", type=int, default=4, help="latent channels (4 for sd-vae, 3 for the pixel codec)")
     p.add_argument("--num-classes", type=int, required=True, help="number of class labels (a null row is added)")
-    p.add_argument("--posenc", choices=["abs", "rope"], default="abs")
+    p.add_argument("--posenc", choices=POSENCS, default="abs",
+                   help="position encoding: abs (official sin-cos table), rope (rotary q, k) or gta (rotary q, k, v "
+                        "and its inverse on the output); rope and gta need .safetensors to be reloaded without a config")
     p.add_argument("--no-learn-sigma", action="store_true", help="predict eps only (no variance channels)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

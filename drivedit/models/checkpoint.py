@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .diffusers_format import (DiffusersFormatError, config_fields_from_diffusers, diffusers_config,
                                diffusers_to_official, official_to_diffusers)
-from .dit import DIT_SIZES, DiT, DiTConfig, rope_2d_tables, sincos_2d_pos_embed
+from .dit import DIT_SIZES, ROTARY_POSENCS, DiT, DiTConfig, sincos_2d_pos_embed
 from ..storage import atomic_local_dir, atomic_local_file
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -236,14 +236,17 @@ def infer_config(shapes: dict[str, tuple[int, ...]], hints: dict | None = None) 
         grid = int(round(tokens ** 0.5))
         fields_["posenc"], fields_["input_size"] = "abs", grid * patch
     else:
+        # rope and gta hold the same tensors: only metadata or the caller's config can tell them apart
         fields_["posenc"] = "rope"
     heads = next((h for d, w, h in DIT_SIZES.values() if (d, w) == (fields_["depth"], hidden)), None)
     if heads is not None:
         fields_["num_heads"] = heads
     fields_.update(hints)  # what the file states wins: a stated depth makes a missing last block show up
     if "input_size" not in fields_:
-        raise ValueError("cannot infer the latent size: the checkpoint has no pos_embed (a rope model) and no "
-                         "metadata; pass config=DiTConfig(...) with the input_size it was trained at")
+        raise ValueError("cannot infer the latent size or the position encoding: the checkpoint has no pos_embed "
+                         "(a rope or gta model: their tensors are the same) and no metadata; pass "
+                         "config=DiTConfig(...) with the input_size and posenc it was trained with, or save it "
+                         "as .safetensors, which records both")
     if "num_heads" not in fields_:
         if hidden % 64:
             raise ValueError(f"cannot infer the number of heads for hidden size {hidden} (not a registry size, "
@@ -303,11 +306,8 @@ def build_from_state(state: dict[str, torch.Tensor], config: DiTConfig, source: 
     # float32 master weights whatever the file stored (fp16 exports exist); samplers autocast on GPU
     state = {k: (v.float() if v.is_floating_point() else v).to(map_location) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    if config.posenc == "rope":
-        # non-persistent buffers are not in any checkpoint: recompute them on the target device
-        cos, sin = rope_2d_tables(config.hidden_size // config.num_heads, config.input_size // config.patch_size)
-        model.register_buffer("rope_cos", cos.to(map_location), persistent=False)
-        model.register_buffer("rope_sin", sin.to(map_location), persistent=False)
+    if config.posenc in ROTARY_POSENCS:
+        model.set_rotary_tables(map_location)  # non-persistent: in no checkpoint, recomputed on the target device
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not left, f"tensors left unmaterialised: {left}"
     return model.eval()

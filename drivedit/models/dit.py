@@ -2,9 +2,10 @@
 
 Built from timm's PatchEmbed / Attention / Mlp exactly as the official `models.py`, so an
 official checkpoint loads with a strict `load_state_dict`. Additions that leave the official
-keys alone: a size registry with tiny sizes for tests and the demo, an optional 2-D rotary
-position encoding (`posenc="rope"`, no `pos_embed`), a single-batch guided forward, and
-activation checkpointing.
+keys alone: a size registry with tiny sizes for tests and the demo, optional 2-D rotary
+position encodings without `pos_embed` (`posenc="rope"` on q and k; `posenc="gta"`, Geometric
+Transform Attention, on q, k and v with the inverse on the output), a single-batch guided forward,
+and activation checkpointing.
 
 Imports torch and timm only: no Ray, no MLflow, no pydantic.
 """
@@ -21,6 +22,10 @@ from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
 
+POSENCS = ("abs", "rope", "gta")
+ROTARY_POSENCS = ("rope", "gta")  # no pos_embed: positions enter through rotations inside attention
+
+
 @dataclass(frozen=True)
 class DiTConfig:
     """Architecture of a DiT. `input_size` is the side of the latent grid (image_size // codec factor)."""
@@ -35,7 +40,9 @@ class DiTConfig:
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
-    posenc: str = "abs"  # "abs" (official sin-cos pos_embed) | "rope" (2-D rotary on q, k)
+    # "abs" (official sin-cos pos_embed) | "rope" (2-D rotary on q, k) | "gta" (the same rotation on
+    # q, k, v and its transpose on the attention output; arXiv 2310.10375)
+    posenc: str = "abs"
 
     @property
     def out_channels(self) -> int:
@@ -54,10 +61,11 @@ class DiTConfig:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.input_size % self.patch_size:
             problems.append(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
-        if self.posenc not in ("abs", "rope"):
-            problems.append(f"posenc must be 'abs' or 'rope', got {self.posenc!r}")
-        if self.posenc == "rope" and (self.hidden_size // self.num_heads) % 4:
-            problems.append("posenc 'rope' needs a head dim divisible by 4 (two axes, cos/sin pairs)")
+        if self.posenc not in POSENCS:
+            problems.append(f"posenc must be one of {', '.join(map(repr, POSENCS))}, got {self.posenc!r}")
+        if self.posenc in ROTARY_POSENCS and (self.hidden_size // self.num_heads) % 4:
+            problems.append(f"posenc {self.posenc!r} needs a head dim divisible by 4 (two axes, cos/sin pairs); "
+                            f"hidden_size {self.hidden_size} / num_heads {self.num_heads} is not")
         if self.hidden_size % 4:
             problems.append("hidden_size must be divisible by 4 for the 2-D sin-cos position table")
         if problems:
@@ -202,22 +210,38 @@ def _rotate_half_axial(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (N, H, T, hd); cos, sin: (T, hd)
+    # x: (N, H, T, hd); cos, sin: (T, hd). R(theta_n) on token n's pairs; (cos, -sin) applies R^T.
     return x * cos + _rotate_half_axial(x) * sin
 
 
 class RopeAttention(Attention):
-    """timm Attention (same `qkv` / `proj` keys) with 2-D rotary encoding applied to q and k."""
+    """timm Attention (same `qkv` / `proj` keys) with the 2-D rotation R(theta_n) of token n's position.
+
+    v_transform False is RoPE: q and k rotate, so logit(i, j) = q_i^T R(theta_j - theta_i) k_j.
+    v_transform True is GTA (Geometric Transform Attention): v rotates too and the output of query i
+    is rotated back by R(theta_i)^T, so o_i = sum_j a_ij R(theta_j - theta_i) v_j: the values are
+    read in the query's own frame, and outputs as well as logits depend only on relative positions.
+    Both run through the fused `scaled_dot_product_attention`; neither adds parameters.
+    """
+
+    def __init__(self, *args, v_transform: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.v_transform = v_transform
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, T, hd)
         q, k = self.q_norm(q), self.k_norm(k)
+        gta = rope is not None and self.v_transform
         if rope is not None:
             cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, hd)
+        if gta:
+            v = apply_rope(v, cos, sin)  # (B, H, T, hd)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd)
+        if gta:
+            x = apply_rope(x, cos, -sin)  # R(theta_i)^T on query i's output: (B, H, T, hd)
         x = x.transpose(1, 2).reshape(B, T, C)
         return self.proj_drop(self.proj(x))
 
@@ -228,11 +252,14 @@ class RopeAttention(Attention):
 class DiTBlock(nn.Module):
     """adaLN-Zero block. `gamma_*` hooks are identity unless a method (DiffFit) installs scales."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, rope: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, posenc: str = "abs"):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        attn_cls = RopeAttention if rope else Attention
-        self.attn = attn_cls(hidden_size, num_heads=num_heads, qkv_bias=True)
+        rope = posenc in ROTARY_POSENCS
+        if rope:
+            self.attn = RopeAttention(hidden_size, num_heads=num_heads, qkv_bias=True, v_transform=posenc == "gta")
+        else:
+            self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.attn.fused_attn = True  # always F.scaled_dot_product_attention (timm falls back to softmax(QK^T) when
         # TIMM_FUSED_ATTN=0 or when exportable), so CUDA picks the flash / memory-efficient kernel
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -288,21 +315,25 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
         num_patches = self.x_embedder.num_patches
-        grid = int(num_patches**0.5)
-        rope = config.posenc == "rope"
-        if rope:
-            cos, sin = rope_2d_tables(D // config.num_heads, grid)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (T, hd)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        if config.posenc in ROTARY_POSENCS:
+            self.set_rotary_tables()
         else:
             # A frozen Parameter, not a buffer, exactly as the official model: it is in the state
             # dict, the released checkpoints and the official parameter count.
             self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, D), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(D, config.num_heads, mlp_ratio=config.mlp_ratio, rope=rope) for _ in range(config.depth)]
+            [DiTBlock(D, config.num_heads, mlp_ratio=config.mlp_ratio, posenc=config.posenc)
+             for _ in range(config.depth)]
         )
         self.final_layer = FinalLayer(D, config.patch_size, self.out_channels)
         self.initialize_weights()
+
+    def set_rotary_tables(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the rope / gta rotation tables: non-persistent, so in no checkpoint, and fixed by the grid."""
+        cfg = self.config
+        cos, sin = rope_2d_tables(cfg.hidden_size // cfg.num_heads, cfg.input_size // cfg.patch_size)
+        self.register_buffer("rope_cos", cos.to(device) if device is not None else cos, persistent=False)  # (T, hd)
+        self.register_buffer("rope_sin", sin.to(device) if device is not None else sin, persistent=False)
 
     def initialize_weights(self) -> None:
         def _basic_init(module):
