@@ -23,6 +23,7 @@ def export_bundle(bundle_ref: str, *, base: str | None = None, official: str | N
     """Merge `bundle_ref` (a bundle directory, s3:// URI or models:/NAME/VERSION) and write the formats asked for."""
     from drivedit.models.bundle import load_bundle, merge
     from drivedit.models.checkpoint import export_diffusers, export_official, export_safetensors, load_dit
+    from drivedit.models.diffusers_format import diffusers_config
 
     if not (official or safetensors or diffusers or diffusers_pipeline):
         raise ValueError("nothing to write: give at least one of --official, --safetensors, --diffusers, "
@@ -32,7 +33,9 @@ def export_bundle(bundle_ref: str, *, base: str | None = None, official: str | N
         bundle = load_bundle(local)
         base_model = load_dit(base, config=bundle.model_config) if base else None
         model = merge(base_model, bundle)
-    written = {}
+    if diffusers:
+        diffusers_config(model.config)  # refuses what diffusers cannot hold (e.g. rope / gta) before writing anything
+    written, notes = {}, []
     if diffusers_pipeline:
         from drivedit.pipeline_export import write_dit_pipeline
 
@@ -41,11 +44,17 @@ def export_bundle(bundle_ref: str, *, base: str | None = None, official: str | N
             model, diffusers_pipeline, scenarios=bundle.scenarios, betas=bundle.betas, codec_id=bundle.codec))
     if official:
         written["official"] = str(export_official(model, official))
+        if model.config.posenc != "abs":
+            cfg = model.config
+            notes.append(f"the official .pt has no field for posenc {cfg.posenc!r} and no pos_embed to read the grid "
+                         f"from: load it with config posenc={cfg.posenc!r}, input_size={cfg.input_size} "
+                         f"(drivedit: load_dit(path, config=...)), or use the .safetensors, which records both")
     if safetensors:
         written["safetensors"] = str(export_safetensors(model, safetensors))
     if diffusers:
         written["diffusers"] = str(export_diffusers(model, diffusers))
-    return {"scenarios": bundle.scenarios, "num_classes": model.config.num_classes, "written": written}
+    return {"scenarios": bundle.scenarios, "num_classes": model.config.num_classes, "posenc": model.config.posenc,
+            "written": written, "notes": notes}
 
 
 def _local_bundle(ref: str, tmp: Path, tracking_uri: str | None) -> Path:

@@ -226,3 +226,15 @@ def test_lora_on_gta_trains_and_round_trips_through_a_bundle(tmp_path):
         merged = merge(load_dit(base_path), bundle)
         assert merged.config.posenc == "gta"
         torch.testing.assert_close(merged(x, t, y), want, rtol=1e-4, atol=1e-5)
+
+    from drivedit.export import export_bundle
+
+    with pytest.raises(DiffusersFormatError, match="posenc 'gta'"):
+        export_bundle(str(tmp_path / "bundle"), official=str(tmp_path / "out" / "m.pt"),
+                      diffusers=str(tmp_path / "out" / "diffusers"))
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    out = export_bundle(str(tmp_path / "bundle"), official=str(tmp_path / "out" / "m.pt"),
+                        safetensors=str(tmp_path / "out" / "m.safetensors"))
+    assert out["posenc"] == "gta" and "posenc='gta'" in out["notes"][0]
+    with torch.no_grad():
+        torch.testing.assert_close(load_dit(tmp_path / "out" / "m.safetensors")(x, t, y), want, rtol=1e-4, atol=1e-5)
