@@ -53,6 +53,7 @@ bench: install
 	$(PY) bench/serve.py
 	$(PY) bench/methods_fid.py
 	$(PY) bench/detect.py
+	$(PY) bench/posenc.py
 
 # Refresh requirements.lock after changing dependencies in pyproject.toml: resolve them once in a clean
 # venv and freeze it (torch/torchvision pinned without a local +cuXXX tag: the PyPI builds).
