@@ -18,14 +18,7 @@ from drivedit.models.diffusers_format import DiffusersFormatError
 from drivedit.models.diffusion import GaussianDiffusion, linear_betas
 from drivedit.models.dit import build_dit, dit_config, rope_2d_tables
 from drivedit.train.methods import apply_method
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_checkpoint import one_thread  # noqa: F401 (autouse: tiny models run on one thread)
 
 
 def random_dit(posenc: str = "gta", seed: int = 0):
