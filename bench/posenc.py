@@ -179,6 +179,7 @@ def run_one(out: Path, posenc: str, seed: int, args) -> dict:
     torch.set_num_threads(args.threads)
     run_dir = out / "runs" / f"{posenc}-s{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "rows.jsonl").unlink(missing_ok=True)
     init = write_new_model("DiT-T/4", str(run_dir / "init.safetensors"), input_size=32, in_channels=3,
                            num_classes=14, posenc=posenc, seed=seed)
     job = load_config(FinetuneJob, PRETRAIN / "tiny.yaml", [
@@ -207,6 +208,8 @@ def run_one(out: Path, posenc: str, seed: int, args) -> dict:
                 row.update(evaluator.fid(model, loop.schedule.final_betas()))
         row["eval_seconds"] = time.perf_counter() - te
         rows.append(row)
+        with open(run_dir / "rows.jsonl", "a") as f:  # a run stopped early still reports what it measured
+            f.write(json.dumps(row) + "\n")
         print(f"[{posenc} seed {seed}] " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in row.items()), flush=True)
 
@@ -225,6 +228,27 @@ def run_one(out: Path, posenc: str, seed: int, args) -> dict:
 
 
 # ----------------------------------------------------------------------------- the table
+
+
+def _rows_from_log(path: Path, posenc: str, seed: int) -> list[dict]:
+    """The rows a run printed ("[abs seed 0] step 100 train_loss 0.55 ..."), for runs that left no rows.jsonl."""
+    prefix, rows = f"[{posenc} seed {seed}] ", []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if line.startswith(prefix):
+            words = line[len(prefix):].split()
+            rows.append({k: int(v) if k == "step" else float(v) for k, v in zip(words[::2], words[1::2])})
+    return rows
+
+
+def load_result(out: Path, posenc: str, seed: int) -> dict | None:
+    """A finished run's result.json, or the rows a stopped run measured (marked complete: false)."""
+    run_dir = out / "runs" / f"{posenc}-s{seed}"
+    if (run_dir / "result.json").exists():
+        return {**json.loads((run_dir / "result.json").read_text()), "complete": True}
+    jsonl = run_dir / "rows.jsonl"
+    rows = ([json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists()
+            else _rows_from_log(out / f"{posenc}-s{seed}.log", posenc, seed))
+    return {"posenc": posenc, "seed": seed, "rows": rows, "complete": False} if rows else None
 
 
 def _stat(values: list[float]) -> tuple[float, float]:
@@ -249,15 +273,20 @@ def table(results: list[dict], args) -> str:
                     cells.append(f" {'-':>18}")
                     continue
                 means[pe], spread = _stat(vals)
-                cells.append(f" {means[pe]:>10.4g} ± {spread:<5.2g}")
+                cells.append(f" {means[pe]:>10.4g} ± {spread:<5.2g}" if len(vals) == len(args.seeds) else
+                             f" {means[pe]:>10.4g} ({len(vals)} seed)")
             if all(c.strip() == "-" for c in cells):
                 continue
             ratios = [f" {means[pe] / means[BASELINE]:>10.3f}" if pe in means and means.get(BASELINE) else f" {'-':>10}"
                       for pe in by if pe != BASELINE]
             lines.append(f"{step:>6}" + "".join(cells) + "".join(ratios))
-    secs = {pe: _stat([r["train_seconds"] for r in rs])[0] for pe, rs in by.items()}
-    lines.append("\ntraining seconds per run (1 worker, evaluation excluded): " +
-                 ", ".join(f"{pe} {s:.0f}" for pe, s in secs.items()))
+    secs = {pe: _stat(done)[0] for pe, rs in by.items() if (done := [r["train_seconds"] for r in rs if r["complete"]])}
+    if secs:
+        lines.append("\ntraining seconds per finished run (1 worker, evaluation excluded): " +
+                     ", ".join(f"{pe} {s:.0f}" for pe, s in secs.items()))
+    stopped = [f"{r['posenc']} seed {r['seed']} (to step {r['rows'][-1]['step']})" for r in results if not r["complete"]]
+    if stopped:
+        lines.append("stopped before the last step, reported up to where they got: " + ", ".join(stopped))
     return "\n".join(lines)
 
 
@@ -288,9 +317,7 @@ def main(argv=None) -> int:
                     if proc.returncode:
                         raise SystemExit(f"run {proc.args[-1]} failed (exit {proc.returncode}); see {log.name}")
         print(f"all runs done in {time.perf_counter() - t0:.0f}s wall")
-    results = [json.loads((out / "runs" / f"{pe}-s{s}" / "result.json").read_text())
-               for pe in args.posencs for s in args.seeds
-               if (out / "runs" / f"{pe}-s{s}" / "result.json").exists()]
+    results = [r for pe in args.posencs for s in args.seeds if (r := load_result(out, pe, s)) is not None]
     summary = {"command": "python bench/posenc.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "results": results}
     (out / "posenc.json").write_text(json.dumps(summary, indent=1))

@@ -24,7 +24,8 @@ USAGE = """usage: drivedit inspect <what> ...
 
 
 def _model_parser() -> argparse.ArgumentParser:
-    from drivedit.models.dit import DIT_MODELS, POSENCS
+    from drivedit.models.dit import DIT_MODELS
+    from drivedit.models.posenc import POSENCS
 
     p = argparse.ArgumentParser(
         prog="drivedit inspect model",

@@ -26,7 +26,7 @@ def write_new_model(name: str, out: str, *, input_size: int, in_channels: int, n
 
 
 def main(argv: list[str]) -> int:
-    from drivedit.models.dit import POSENCS
+    from drivedit.models.posenc import POSENCS
 
     p = argparse.ArgumentParser(prog="drivedit new-model", description=__doc__.splitlines()[0])
     p.add_argument("name", help="registry size, e.g. DiT-T/2 (see `drivedit inspect model --all`)")

@@ -16,7 +16,8 @@ from drivedit.models.bundle import BundleInfo, apply_bundle, load_bundle, merge,
 from drivedit.models.checkpoint import export_diffusers, export_official, export_safetensors, load_dit, read_dit_config
 from drivedit.models.diffusers_format import DiffusersFormatError
 from drivedit.models.diffusion import GaussianDiffusion, linear_betas
-from drivedit.models.dit import build_dit, dit_config, rope_2d_tables
+from drivedit.models.dit import build_dit, dit_config
+from drivedit.models.posenc import rope_2d_tables
 from drivedit.train.methods import apply_method
 from test_checkpoint import one_thread  # noqa: F401 (autouse: tiny models run on one thread)
 

@@ -28,8 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from .diffusers_format import (DiffusersFormatError, config_fields_from_diffusers, diffusers_config,
                                diffusers_to_official, official_to_diffusers)
-from .dit import DIT_SIZES, ROTARY_POSENCS, DiT, DiTConfig, sincos_2d_pos_embed
 from ..storage import atomic_local_dir, atomic_local_file
+from .dit import DIT_SIZES, DiT, DiTConfig
+from .posenc import ROTARY_POSENCS, sincos_2d_pos_embed
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_PREFIX = "builtin:"
