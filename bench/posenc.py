@@ -16,8 +16,9 @@ The report gives mean and spread (half the range, i.e. |a - b| / 2 for two seeds
 the ratio to `abs`.
 
     python bench/posenc.py                                   # the figures in BENCHMARKS.md
-    python bench/posenc.py --steps 100 --fid-steps 100 --seeds 0 --posencs abs gta      # a quick look
+    python bench/posenc.py --steps 100 --eval-steps 50 100 --fid-steps 100 --seeds 0 --posencs abs gta  # a quick look
     python bench/posenc.py --report                          # re-print the table from what --out holds
+    python bench/posenc.py --cost 20                         # CPU seconds per training step of each encoding
 
 Runs go two at a time in subprocesses (`--parallel`), each with `--threads` torch threads.
 Data: `python -m drivedit.data.objects` (600 per class, 32 px, seed 0) encoded by the encode job with
@@ -70,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time")
     p.add_argument("--report", action="store_true", help="only print the table from the results under --out")
+    p.add_argument("--cost", type=int, metavar="STEPS", default=0,
+                   help="only measure the CPU time of a training step per encoding (STEPS round-robin steps at "
+                        "--batch, after 2 warm-up steps; process time, so other load does not count)")
     p.add_argument("--run", help=argparse.SUPPRESS)  # "POSENC:SEED": one run, in a subprocess
     args = p.parse_args(argv)
     if any(s % min(args.eval_steps) for s in args.eval_steps) or max(args.eval_steps) != args.steps:
@@ -290,9 +294,46 @@ def table(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def step_cost(args) -> str:
+    """CPU seconds per optimizer step (forward, backward, AdamW) of the same DiT-T/4 under each encoding,
+    measured round-robin in this process with time.process_time."""
+    import statistics
+
+    from drivedit.models.diffusion import GaussianDiffusion, linear_betas
+    from drivedit.models.dit import build_dit, dit_config
+
+    torch.set_num_threads(args.threads)
+    diffusion = GaussianDiffusion(linear_betas())
+    runs = {}
+    for pe in args.posencs:
+        torch.manual_seed(0)
+        model = build_dit(dit_config("DiT-T/4", input_size=32, in_channels=3, num_classes=14, posenc=pe)).train()
+        runs[pe] = (model, torch.optim.AdamW(model.parameters(), 1e-4), [])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32, generator=g)
+    t, y = torch.randint(0, 1000, (args.batch,), generator=g), torch.randint(0, 14, (args.batch,), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    for i in range(args.cost + 2):
+        for model, opt, times in runs.values():
+            t0 = time.process_time()
+            diffusion.training_losses(model, x, t, {"y": y}, noise)["loss"].mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= 2:
+                times.append(time.process_time() - t0)
+    med = {pe: statistics.median(times) for pe, (_, _, times) in runs.items()}
+    base = med.get(BASELINE, next(iter(med.values())))
+    return "\n".join([f"step cost, DiT-T/4 at 32x32, batch {args.batch}, {args.threads} thread(s), median of "
+                      f"{args.cost} round-robin steps (CPU seconds)"] +
+                     [f"{pe:>5} {m:.4f} s  {m / base:.2f}x {BASELINE}" for pe, m in med.items()])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = args.out.resolve()
+    if args.cost:
+        print(step_cost(args))
+        return 0
     if args.run:
         posenc, seed = args.run.split(":")
         run_one(out, posenc, int(seed), args)
