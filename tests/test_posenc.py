@@ -19,7 +19,8 @@ from drivedit.models.diffusion import GaussianDiffusion, linear_betas
 from drivedit.models.dit import build_dit, dit_config
 from drivedit.models.posenc import rope_2d_tables
 from drivedit.train.methods import apply_method
-from test_checkpoint import one_thread  # noqa: F401 (autouse: tiny models run on one thread)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run on one thread (conftest)
 
 
 def random_dit(posenc: str = "gta", seed: int = 0):
