@@ -18,7 +18,7 @@ from drivedit.models.diffusers_format import DiffusersFormatError
 from drivedit.models.diffusion import GaussianDiffusion, linear_betas
 from drivedit.models.dit import build_dit, dit_config
 from drivedit.models.posenc import rope_2d_tables
-from drivedit.train.methods import apply_method
+from drivedit.train.method_adapters import apply_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run on one thread (conftest)
 
