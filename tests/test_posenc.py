@@ -239,7 +239,7 @@ def test_lora_on_gta_trains_and_round_trips_through_a_bundle(tmp_path):
 def test_every_method_adapts_a_gta_model(name):
     """Each method's adapters sit around GTA's attention: gradients reach its trainable set, and the folded
     (merged) plain model keeps posenc gta and computes what the adapted one does."""
-    from drivedit.models.adapt import fold
+    from drivedit.models.adapter_spec import fold
 
     cfg = MethodConfig(name=name, scenario_init="random")
     if name == "finediffusion":
