@@ -31,6 +31,12 @@ def export_bundle(bundle_ref: str, *, base: str | None = None, official: str | N
     with tempfile.TemporaryDirectory() as tmp:
         local = _local_bundle(bundle_ref, Path(tmp), tracking_uri)
         bundle = load_bundle(local)
+        if bundle.spec.layout is not None:
+            kind = bundle.spec.layout["kind"]
+            raise ValueError(f"{bundle_ref} carries a {kind} layout branch; the official .pt, safetensors and "
+                             "diffusers DiTTransformer2DModel formats hold a plain DiT only, so an export would "
+                             "silently drop the layout conditioning. Use the bundle itself with drivedit generate "
+                             "and serve (they load the branch)")
         base_model = load_dit(base, config=bundle.model_config) if base else None
         model = merge(base_model, bundle)
     if diffusers:

@@ -61,6 +61,7 @@ class AdapterSpec:
     train_all: bool = False  # full fine-tuning
     train_biases: bool = False  # BitFit, DiffFit, FineDiffusion
     train_table: bool = True  # the new label table
+    layout: dict | None = None  # a layout branch's LayoutSpec (models/control.py) as a dict, or None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,6 +135,10 @@ def apply_spec(model: DiT, spec: AdapterSpec) -> DiT:
         raise ValueError("this DiT already carries adapters; apply a spec to a freshly loaded base model")
     D = model.config.hidden_size
     device = model.pos_embed.device if hasattr(model, "pos_embed") else next(model.parameters()).device
+    if spec.layout is not None:  # first: controlnet copies the plain base blocks, not the adapted ones
+        from drivedit.models.control import LayoutSpec, attach_branch
+
+        attach_branch(model, LayoutSpec.from_dict(spec.layout))
     for name in spec.modulated:
         _set_submodule(model, name, WeightModulatorLinear(_linear(model, name), spec.rank))
     for name in spec.lora:
@@ -171,7 +176,7 @@ def is_trainable(name: str, spec: AdapterSpec) -> bool:
     """The method's published trainable set, by parameter name of the adapted model."""
     if name == "pos_embed":  # a fixed sin-cos table in every DiT, frozen even under full fine-tuning
         return False
-    if spec.train_all:
+    if spec.train_all or name.startswith("layout_branch."):
         return True
     leaf = name.rsplit(".", 1)[-1]
     if name.startswith("y_embedder."):
@@ -238,6 +243,10 @@ def merged_config(model: DiT, spec: AdapterSpec):
 
 def fold(adapted: DiT, spec: AdapterSpec) -> DiT:
     """A plain DiT (official keys, strict load) computing what the adapted model computes."""
+    if spec.layout is not None:
+        raise ValueError(f"this model has a {spec.layout['kind']} layout branch, which no plain DiT (official "
+                         ".pt or diffusers DiTTransformer2DModel) can hold: merging would drop it. Use the adapter "
+                         "bundle itself with drivedit generate / serve")
     work = copy.deepcopy(adapted).cpu()
     for name, mod in list(work.named_modules()):
         if isinstance(mod, _SharedLinear):

@@ -297,8 +297,11 @@ class DiT(nn.Module):
         """c = t_emb + y_emb, the vector every adaLN reads. (N,) ints -> (N, D)."""
         return self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None,
+                layout: torch.Tensor | None = None, layout_keep: torch.Tensor | None = None):
         # x: (N, C, H, W) latents; t: (N,) timesteps; y: (N,) labels
+        # layout: (N, K_in, H, W) for a model with a layout branch (models/control.py); layout_keep: (N,)
+        # bool, False = this item ignores its layout (default: all kept, or dropped at random in training)
         x = self.x_embedder(x)  # (N, T, D)
         rope = None
         if self.config.posenc == "abs":
@@ -306,11 +309,23 @@ class DiT(nn.Module):
         else:
             rope = (self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype))
         c = self.condition(t, y, force_drop_ids)  # (N, D)
-        for block in self.blocks:
+        signal = None
+        if layout is not None:
+            branch = getattr(self, "layout_branch", None)
+            if branch is None:
+                raise ValueError("a layout was given but this DiT has no layout branch; fine-tune one "
+                                 "(layout.kind controlnet or light) or leave the layout out")
+            branch.grad_checkpointing = self.grad_checkpointing
+            signal = branch(x, c, layout, rope, self.training, layout_keep)
+            if signal.tokens is not None:
+                x = x + signal.tokens  # (N, T, D)
+        for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, rope, use_reentrant=False)
             else:
                 x = block(x, c, rope)  # (N, T, D)
+            if signal is not None:
+                x = signal.after_block(i, x)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
 
@@ -359,6 +374,11 @@ def count_macs(config: DiTConfig) -> int:
     freq = 256
     patch = T * p * p * config.in_channels * D
     t_mlp = freq * D + D * D
-    per_block = T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * int(D * config.mlp_ratio) + D * 6 * D
     final = D * 2 * D + T * D * p * p * config.out_channels
-    return patch + t_mlp + config.depth * per_block + final
+    return patch + t_mlp + config.depth * block_macs(config) + final
+
+
+def block_macs(config: DiTConfig) -> int:
+    """MACs of one DiTBlock at batch 1: qkv, attention scores and values, proj, MLP, adaLN."""
+    T, D = config.num_tokens, config.hidden_size
+    return T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * int(D * config.mlp_ratio) + D * 6 * D

@@ -82,6 +82,8 @@ class MethodResult:
 def _group(name: str) -> str:
     leaf = name.rsplit(".", 1)[-1]
     parts = name.split(".")
+    if name.startswith("layout_branch."):
+        return "layout branch"
     if name.startswith("y_embedder."):
         return "scenario table"
     if leaf.startswith("mod_"):
