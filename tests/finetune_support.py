@@ -31,13 +31,18 @@ def write_base_model(path: Path, num_classes: int = 4, seed: int = 0) -> Path:
     return export_safetensors(model, path)
 
 
+BOX_CATEGORIES = ["car", "pedestrian"]
+
+
 def write_shards(directory: Path, rows_per_shard: int = 24, num_shards: int = 2, seed: int = 0,
-                 size: int = SIZE) -> Path:
-    """Pixel-codec shards of `size` px scenario images with one object box each."""
+                 size: int = SIZE, with_layout: bool = False) -> Path:
+    """Pixel-codec shards of `size` px scenario images with one object box each; `with_layout` writes the
+    box as a `car` in a layout map over BOX_CATEGORIES (version 2 label columns)."""
     from drivedit.data.shards import ShardMetadata, build_shard_table, shard_name, write_shard
 
     rng = np.random.default_rng(seed)
-    meta = ShardMetadata("pixel", 1.0, size, (3, size, size), list(SCENARIOS))
+    meta = ShardMetadata("pixel", 1.0, size, (3, size, size), list(SCENARIOS),
+                         box_categories=list(BOX_CATEGORIES) if with_layout else [])
     tone = {0: (0.4, 0.5, 0.7), 1: (-0.8, -0.8, -0.6), 2: (0.9, 0.9, 0.95)}
     directory.mkdir(parents=True, exist_ok=True)
     for s in range(num_shards):
@@ -63,6 +68,10 @@ def write_shards(directory: Path, rows_per_shard: int = 24, num_shards: int = 2,
             rows["moments_flip"].append(np.concatenate([img[..., ::-1], logvar]).reshape(-1))
             rows["object_mask"].append(mask.reshape(-1))
             rows["num_objects"].append(1)
+            if with_layout:
+                layout = np.zeros((len(BOX_CATEGORIES), size, size), np.uint8)
+                layout[0] = mask
+                rows.setdefault("layout", []).append(layout.reshape(-1))
         table = build_shard_table({k: np.asarray(v) for k, v in rows.items()}, meta)
         write_shard(str(directory / shard_name(s)), table)
     return directory

@@ -30,8 +30,9 @@ def material(tmp_path_factory):
 class FakeRay:
     """Deterministic epochs of a shard file and a checkpoint store, as Ray Train would provide them."""
 
-    def __init__(self, shards: Path, micro: int, store: Path):
-        self.table = pq.read_table(shard_files(str(shards))[0], columns=COLUMNS)
+    def __init__(self, shards: Path, micro: int, store: Path, columns: list[str] = COLUMNS):
+        self.columns = columns
+        self.table = pq.read_table(shard_files(str(shards))[0], columns=columns)
         self.micro, self.store, self.reports = micro, store, []
 
     def epoch_batches(self, epoch: int):
@@ -39,7 +40,7 @@ class FakeRay:
         for i in range(0, len(order) - self.micro + 1, self.micro):
             t = self.table.take(order[i:i + self.micro])
             yield {c: t.column(c).to_numpy() if c == "scenario" else np.stack(t.column(c).to_numpy(
-                zero_copy_only=False)) for c in COLUMNS}
+                zero_copy_only=False)) for c in self.columns}
 
     def report(self, metrics, directory, name):
         self.reports.append((name, dict(metrics)))
@@ -126,3 +127,34 @@ def test_gap_selection_publishes_its_report(material, tmp_path):
                               _image(got))  # a step later, other weights: another grid
     chart = run.client.download_artifacts(run.run_id, charts[0], str(tmp_path / "dl"))
     assert np.array_equal(_image(chart), _image(run_dir / "gap" / "gap_report.png"))
+
+def test_layout_branch_trains_and_travels_in_the_bundle(tmp_path, one_thread):
+    """driveditfit + a light layout branch, trained by the loop from the shards' layout column: the
+    branch's tensors leave zero, the bundle records the branch and rebuilds a model that follows the layout."""
+    from drivedit.models.bundle import apply_bundle, load_bundle
+    from drivedit.models.checkpoint import load_dit
+    from finetune_support import BOX_CATEGORIES
+
+    base = write_base_model(tmp_path / "base.safetensors")
+    shards = write_shards(tmp_path / "shards", rows_per_shard=8, num_shards=1, with_layout=True)
+    raw = job_dict(shards, base, str(tmp_path), "layout", scaling={"num_workers": 1},
+                   optim={"total_steps": 4, "global_batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "ema_decay": 0},
+                   method={"name": "driveditfit", "scenario_init": "random"}, run={"checkpoint_every": 4},
+                   sampling={"at_end": False}, layout={"kind": "light", "depth": 1, "drop_prob": 0.5})
+    job = validate_config(FinetuneJob, raw)
+    fake = FakeRay(shards, job.micro_batch_size, tmp_path / "store", COLUMNS + ["layout"])
+    loop = _run(job, base, fake)
+    counts = loop.result.report["counts"]["groups"]
+    assert counts["layout branch"] > 0 and counts["modulators"] > 0
+    assert loop.trainable["layout_branch.to_tokens.weight"].abs().sum() > 0  # left its zero init
+    bundle = load_bundle(fake.store / "step_00000004" / st.BUNDLE_DIR)
+    info = __import__("json").loads((bundle.path / "bundle.json").read_text())
+    assert info["layout"] == {"kind": "light", "depth": 1, "box_categories": BOX_CATEGORIES,
+                              "segmentation_classes": [], "width": None, "drop_prob": 0.5}
+    model = apply_bundle(load_dit(base), bundle)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([500, 900]), torch.tensor([0, 1])
+    layout = torch.zeros(2, 2, 16, 16)
+    layout[:, 0, 4:8, 4:8] = 1
+    with torch.no_grad():
+        assert not torch.equal(model(x, t, y, layout=layout), model(x, t, y))
+        assert torch.equal(model(x, t, y, layout=layout, layout_keep=torch.tensor([False, False])), model(x, t, y))

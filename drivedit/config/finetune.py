@@ -125,6 +125,33 @@ class SamplingSection(StrictModel):
     seed: int = Field(0, ge=0, description="item i of a grid uses seed + i, so grids at different steps compare")
 
 
+class LayoutSection(StrictModel):
+    """An optional layout branch trained beside the method (models/control.py), conditioned on the shards'
+    per-category box layout map and, with use_segmentation, their segmentation."""
+
+    kind: Literal["none", "controlnet", "light"] = Field(
+        "none", description="none | controlnet (PixArt-δ's ControlNet-Transformer: trainable copies of the first "
+                            "`depth` blocks, zero-initialised joins; ~18 D^2 parameters per block) | light (a small "
+                            "conv layout encoder joined to the tokens and, after each of the first `depth` blocks, "
+                            "as a per-token shift and scale; ~3 % of DiT-XL/2's parameters, ~4 % of its MACs)")
+    depth: int | None = Field(
+        None, ge=1, description="blocks the branch reaches: controlnet copies this many (default: 13 of 28, "
+                                "PixArt-δ's share, i.e. depth * 13 // 28, at least 1), light modulates this many "
+                                "(default: all)")
+    width: int | None = Field(None, ge=1, description="light: layout encoder width (default hidden_size // 4)")
+    drop_prob: float = Field(
+        0.1, ge=0, lt=1, description="probability that an item's layout is dropped while training, so sampling can "
+                                     "guide on the layout")
+    use_segmentation: bool = Field(
+        False, description="also feed the shards' segmentation (one-hot on the latent grid) to the branch; the "
+                           "shards must carry segmentation classes")
+
+    def resolved_depth(self, num_blocks: int) -> int:
+        if self.depth is not None:
+            return self.depth
+        return max(1, num_blocks * 13 // 28) if self.kind == "controlnet" else num_blocks
+
+
 class DrillSection(StrictModel):
     """Fault injection for rehearsing recovery. Each drill fires once per run (a marker in the run
     directory records it), so Ray Train's restart or a rerun of the job goes on past it."""
@@ -150,6 +177,7 @@ class FinetuneJob(StrictModel):
     sampling: SamplingSection = Field(default_factory=SamplingSection, description="sample grids")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
     drill: DrillSection = Field(default_factory=DrillSection, description="fault-injection drills (off)")
+    layout: LayoutSection = Field(default_factory=LayoutSection, description="an optional layout branch")
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneJob":

@@ -42,6 +42,7 @@ class SamplerSettings:
     guidance: float = 4.0
     guidance_kind: Literal["cfg", "superclass"] = "cfg"
     guide_channels: int | None = None
+    layout_guidance: float = 1.0  # with a layout: weight of (layout - no layout) on top of the scenario guidance
 
     def validate(self, num_train_timesteps: int = 1000) -> None:
         problems = []
@@ -53,6 +54,8 @@ class SamplerSettings:
             problems.append(f"guidance must be a finite number >= 0 (1 = unguided), got {self.guidance!r}")
         if self.guidance_kind not in GUIDANCE_KINDS:
             problems.append(f"guidance_kind must be one of {', '.join(GUIDANCE_KINDS)}, got {self.guidance_kind!r}")
+        if not np.isfinite(self.layout_guidance) or self.layout_guidance < 0:
+            problems.append(f"layout_guidance must be a finite number >= 0 (1 = unguided), got {self.layout_guidance!r}")
         if self.guide_channels is not None and (not isinstance(self.guide_channels, int) or self.guide_channels < 1):
             problems.append(f"guide_channels must be a positive integer or None, got {self.guide_channels!r}")
         if problems:
@@ -148,17 +151,62 @@ class DiTSampler:
         return self._labels(uncond_labels, "uncond_labels", labels.shape[0])
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, uncond: torch.Tensor | None,
-                settings: SamplerSettings) -> torch.Tensor:
+                settings: SamplerSettings, layout: torch.Tensor | None = None) -> torch.Tensor:
         """Model output (N, C_out, h, w) at timesteps t (N,): guided, or plain conditional when uncond is None."""
+        if layout is not None:
+            return self._predict_with_layout(x, t, labels, uncond, settings, layout)
         if uncond is None:
             return (self._compiled_forward or self.model)(x, t, labels).float()
         guided = self._compiled_guided or self.model.forward_guided
         return guided(x, t, labels, uncond, settings.guidance, settings.guide_channels).float()
 
+    def _predict_with_layout(self, x, t, labels, uncond, settings: SamplerSettings, layout: torch.Tensor):
+        """Guidance on the scenario and on the layout, in one batch (InstructPix2Pix's two-condition form):
+        eps = e(y, L) + (s_y - 1) (e(y, -) - e(null, -)) + (s_L - 1) (e(y, L) - e(y, -)),
+        where "-" is the layout dropped (the branch silent, as in training). Terms whose scale is 1 are skipped.
+        The learned-variance channels come from e(y, L)."""
+        n = x.shape[0]
+        s_y = settings.guidance if uncond is not None else 1.0
+        s_l = settings.layout_guidance
+        ys, keeps = [labels], [torch.ones(n, dtype=torch.bool, device=x.device)]
+        if s_y != 1.0 or s_l != 1.0:  # e(y, -)
+            ys.append(labels)
+            keeps.append(torch.zeros(n, dtype=torch.bool, device=x.device))
+        if s_y != 1.0:  # e(null, -)
+            ys.append(uncond)
+            keeps.append(torch.zeros(n, dtype=torch.bool, device=x.device))
+        m = len(ys)
+        out = self.model(x.repeat(m, 1, 1, 1), t.repeat(m), torch.cat(ys), layout=layout.repeat(m, 1, 1, 1),
+                         layout_keep=torch.cat(keeps)).float()  # (mN, C_out, h, w)
+        parts = out.split(n)
+        if m == 1:
+            return parts[0]
+        k = self.config.in_channels if settings.guide_channels is None else settings.guide_channels
+        full, plain = parts[0][:, :k], parts[1][:, :k]
+        eps = full + (s_l - 1.0) * (full - plain)  # (N, k, h, w)
+        if m == 3:
+            eps = eps + (s_y - 1.0) * (plain - parts[2][:, :k])
+        return torch.cat([eps, parts[0][:, k:]], dim=1)  # (N, C_out, h, w)
+
+    def _layout(self, layout, n: int) -> torch.Tensor | None:
+        if layout is None:
+            return None
+        branch = getattr(self.model, "layout_branch", None)
+        if branch is None:
+            raise ValueError("a layout was given but the model has no layout branch; use a bundle fine-tuned with "
+                             "layout.kind controlnet or light, or leave the layout out")
+        layout = torch.as_tensor(layout, dtype=torch.float32)
+        want = (n, branch.spec.in_channels, self.config.input_size, self.config.input_size)
+        if tuple(layout.shape) != want:
+            raise ValueError(f"layout must have shape {want} (items, layout channels, latent grid), got "
+                             f"{tuple(layout.shape)}")
+        return layout.to(self.device)
+
     @torch.no_grad()  # not inference_mode: under it autocast casts every weight again at every step
     def sample(self, labels: torch.Tensor, seeds: Sequence[int], settings: SamplerSettings,
-               uncond_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Latents (N, C, h, w) on the sampler's device for labels (N,), one seed per item."""
+               uncond_labels: torch.Tensor | None = None, layout: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents (N, C, h, w) on the sampler's device for labels (N,), one seed per item; `layout`
+        (N, K_in, h, w) conditions a model with a layout branch (models/control.layout_input makes it)."""
         settings.validate(self.num_train_timesteps)
         cfg = self.config
         if settings.guide_channels is not None and settings.guide_channels > cfg.in_channels:
@@ -172,6 +220,7 @@ class DiTSampler:
         if any(not 0 <= s <= _MAX_SEED for s in seeds):
             raise ValueError(f"seeds must be integers in [0, 2**63 - 1], got {seeds}")
         uncond = self._uncond(labels, settings, uncond_labels)
+        layout = self._layout(layout, n)
         if n == 0:
             return torch.empty(0, cfg.in_channels, cfg.input_size, cfg.input_size, device=self.device)
 
@@ -196,6 +245,7 @@ class DiTSampler:
                 cached_weight_casts(self.model, casting):
             for i, t in enumerate(scheduler.timesteps):
                 x_in = scheduler.scale_model_input(x, t)
-                out = self.predict(x_in, model_timesteps[i].expand(n), labels, uncond, settings)  # (N, C_out, h, w)
+                out = self.predict(x_in, model_timesteps[i].expand(n), labels, uncond, settings,
+                                   layout)  # (N, C_out, h, w)
                 x = scheduler.step(out[:, :keep], t, x, generator=generators).prev_sample  # (N, C, h, w)
         return x

@@ -3,7 +3,8 @@
 A bundle is a local directory (jobs upload / download it) holding
 - `adapter.safetensors`: only the tensors the method trained, plus the scenario table;
 - `bundle.json`: the base model reference and its sha256, the base DiTConfig, the method (its
-  config and AdapterSpec, the selected modules), the scenario vocabulary (and superclasses), the
+  config and AdapterSpec, the selected modules), the layout branch's kind and settings (`layout`, also in
+  the spec; null without a branch), the scenario vocabulary (and superclasses), the
   betas to sample with, the codec id, and free-form `extra` (step, metrics).
 
 `apply_bundle(base, bundle)` rebuilds the adapted, unmerged model; `merge(base, bundle)` folds it
@@ -53,6 +54,7 @@ class BundleInfo:
                 "selected_modules": list(self.selected_modules), "scenarios": list(self.scenarios),
                 "superclasses": self.superclasses, "betas": [float(b) for b in self.betas],
                 "schedule": self.schedule, "codec": self.codec, "extra": self.extra,
+                "layout": self.spec.layout,  # also inside spec; here so a reader sees the branch at a glance
                 "tensors": {k: list(v.shape) for k, v in sorted(tensors.items())}}
 
 

@@ -77,8 +77,10 @@ def _needs_probe(job: FinetuneJob) -> bool:
 
 
 def adapt_for_training(base: DiT, job: FinetuneJob, scenarios: list[str], rank: int, world_size: int,
-                       restored: st.TrainState | None, device: torch.device | None = None) -> MethodResult:
-    """Adapt `base` in place on this rank. Call `sync_from_rank0` once the model is on its device."""
+                       restored: st.TrainState | None, device: torch.device | None = None,
+                       layout=None) -> MethodResult:
+    """Adapt `base` in place on this rank (with a layout branch when `layout`, a LayoutSpec, is given).
+    Call `sync_from_rank0` once the model is on its device."""
     if restored is not None:
         result = result_from_spec(base, job, AdapterSpec.from_dict(restored.meta["spec"]), scenarios)
         load_adapter_tensors(result, restored.trainable)
@@ -86,7 +88,7 @@ def adapt_for_training(base: DiT, job: FinetuneJob, scenarios: list[str], rank: 
     spec_box: list = [None]
     if rank == 0:
         probe = build_probe(job) if _needs_probe(job) else None
-        result = apply_method(base, job.method, scenarios, probe, job.model.class_names)
+        result = apply_method(base, job.method, scenarios, probe, job.model.class_names, layout)
         spec_box[0] = result.spec.to_dict()
     if world_size > 1:
         dist.broadcast_object_list(spec_box, src=0, device=device)

@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-factor", type=int, default=8, help="codec downsampling factor (default 8; 1 = pixel)")
     p.add_argument("--in-channels", type=int, default=4, help="latent channels (default 4)")
     p.add_argument("--base-classes", type=int, default=1000, help="classes of the pretrained model (default 1000)")
+    p.add_argument("--layout", choices=("none", "controlnet", "light"), default="none",
+                   help="add a layout branch of this kind (default none)")
+    p.add_argument("--layout-depth", type=int, default=None,
+                   help="layout branch depth (default: controlnet 13/28 of the blocks, light all)")
+    p.add_argument("--layout-width", type=int, default=None, help="light branch width (default hidden / 4)")
+    p.add_argument("--box-categories", type=int, default=10, help="layout box categories (default 10, BDD100K's)")
+    p.add_argument("--segmentation-classes", type=int, default=0,
+                   help="segmentation classes the layout branch reads (default 0: boxes only)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -67,7 +75,35 @@ def _format(r: dict) -> str:
     lines.append(f"  {'trainable':<16} {r['trainable']:>15,}  ({100 * r['fraction']:.2f} % of {r['total']:,})")
     if r["adapted_modules"]:
         lines.append(f"  {'adapted modules':<16} {r['adapted_modules']:>15,}")
+    if "layout" in r:
+        lay = r["layout"]
+        lines.append(f"  layout branch: {lay['kind']}, depth {lay['depth']}, {lay['in_channels']} input channels: "
+                     f"{lay['params']:,} parameters ({100 * lay['param_fraction']:.2f} % of the base DiT), "
+                     f"{lay['macs'] / 1e9:.3f} GMACs per forward ({100 * lay['mac_fraction']:.2f} % of the base DiT)")
     return "\n".join(lines)
+
+
+def _layout_spec(args):
+    """(LayoutSpec or None, a problem or None) from the --layout* arguments."""
+    from pydantic import ValidationError
+
+    from drivedit.config.finetune import LayoutSection
+    from drivedit.models.dit import DIT_SIZES
+    from drivedit.train.method_adapters import layout_spec
+
+    if args.layout == "none":
+        return None, None
+    if args.box_categories < 1 or args.segmentation_classes < 0:
+        return None, "--box-categories must be >= 1 and --segmentation-classes >= 0"
+    try:
+        section = LayoutSection(kind=args.layout, depth=args.layout_depth, width=args.layout_width,
+                                use_segmentation=args.segmentation_classes > 0)
+    except ValidationError as e:
+        return None, "; ".join(format_validation_error(e))
+    blocks = DIT_SIZES[args.model.split("/")[0]][0]
+    spec = layout_spec(section, blocks, [f"box {i}" for i in range(args.box_categories)],
+                       [f"class {i}" for i in range(args.segmentation_classes)])
+    return spec, None
 
 
 def main(argv: list[str]) -> int:
@@ -75,6 +111,9 @@ def main(argv: list[str]) -> int:
 
     args = _parser().parse_args(argv)
     problems = []
+    layout, layout_problem = _layout_spec(args)
+    if layout_problem:
+        problems.append(layout_problem)
     if args.all == (args.method is not None):
         problems.append("give either --method NAME or --all")
     if args.scenarios is not None and args.num_classes is not None and args.scenarios != args.num_classes:
@@ -95,7 +134,7 @@ def main(argv: list[str]) -> int:
         results = [count_method(args.model, _method_config(name, args), n, image_size=args.image_size,
                                 num_superclasses=args.superclasses if name == "finediffusion" else None,
                                 base_num_classes=args.base_classes, latent_factor=args.latent_factor,
-                                in_channels=args.in_channels) for name in names]
+                                in_channels=args.in_channels, layout=layout) for name in names]
     except (ConfigError, ValueError) as e:
         print(f"drivedit inspect method: {e}", file=sys.stderr)
         return 2

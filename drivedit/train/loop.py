@@ -153,8 +153,12 @@ class WorkerLoop:
                         "beyond the output bias: pre-train the base first or use method full")
         torch.manual_seed(job.method.probe_seed)
         comm_device = e.device if e.device.type == "cuda" else None  # NCCL moves objects through the GPU
+        from drivedit.train.method_adapters import layout_spec
+
+        self.layout = layout_spec(job.layout, len(base.blocks), list(self.meta.box_categories),
+                                  list(self.meta.segmentation_classes))
         self.result = adapt_for_training(base, job, list(self.meta.scenarios), e.rank, e.world_size, e.restored,
-                                         comm_device)
+                                         comm_device, self.layout)
         self.model = self.result.model.to(e.device).train()
         if e.restored is None:
             sync_from_rank0(self.result, e.world_size)
@@ -225,6 +229,12 @@ class WorkerLoop:
             y = to_device(b["scenario"], e.device)  # (n,)
             t = to_device(torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=gen), e.device)
             noise = to_device(torch.randn(x0.shape, generator=gen), e.device)  # (n, C, h, w)
+            kwargs = {"y": y}
+            if self.layout is not None:  # the branch drops layouts itself (drop_prob), from the seeded global RNG
+                from drivedit.models.control import layout_input
+
+                kwargs["layout"] = to_device(layout_input(b["layout"], b.get("segmentation"), len(
+                    self.layout.segmentation_classes)), e.device)  # (n, K_in, h, w)
             weight = None
             if m.lambda_obj != 1.0 or m.size_aware:
                 weight = object_weight(to_device(b["object_mask"], e.device), m.lambda_obj, m.size_aware,
@@ -234,7 +244,7 @@ class WorkerLoop:
                 else self.ddp.no_sync()
             with sync:
                 with self.autocast():
-                    loss = diffusion.training_losses(self.forward, x0, t, {"y": y}, noise, weight)["loss"].mean()
+                    loss = diffusion.training_losses(self.forward, x0, t, kwargs, noise, weight)["loss"].mean()
                 (loss / accum).backward()
             total += loss.detach()
             self.data["samples_seen"] += x0.shape[0]
@@ -371,6 +381,7 @@ class WorkerLoop:
             meta = {"scenarios": list(self.meta.scenarios), "spec": self.result.spec.to_dict(),
                     "selected_modules": list(self.result.selected_modules), "method": self.job.method.model_dump(
                         mode="json"), "model": self.job.model.model_dump(mode="json"),
+                    "layout": self.job.layout.model_dump(mode="json"),
                     "base_sha256": self.ctx.base_sha256, "world_size": self.e.world_size,
                     "total_steps": self.job.optim.total_steps, "metrics": metrics, "final": final}
             st.save_state(d, st.TrainState(self.step, {k: p.detach() for k, p in adapter_tensors(self.result).items()},

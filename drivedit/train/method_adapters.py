@@ -114,11 +114,25 @@ def _table_rows(superclass_of: list[int] | None, num_scenarios: int, has_null: b
     return num_scenarios + int(has_null)
 
 
+def layout_spec(section, num_blocks: int, box_categories: list[str], segmentation_classes: list[str]):
+    """The LayoutSpec of a config's `layout` section (LayoutSection) for a DiT of `num_blocks` blocks and
+    shards with these vocabularies, or None for kind none."""
+    from drivedit.models.control import LayoutSpec
+
+    if section is None or section.kind == "none":
+        return None
+    return LayoutSpec(kind=section.kind, depth=section.resolved_depth(num_blocks), box_categories=list(box_categories),
+                      segmentation_classes=list(segmentation_classes) if section.use_segmentation else [],
+                      width=section.width, drop_prob=section.drop_prob)
+
+
 def build_spec(model: DiT, method: MethodConfig, num_scenarios: int, superclass_of: list[int] | None = None,
-               modulated: list[str] | None = None) -> AdapterSpec:
-    """The AdapterSpec of a (resolved) method on this DiT; `modulated` overrides driveditfit's paper set."""
+               modulated: list[str] | None = None, layout=None) -> AdapterSpec:
+    """The AdapterSpec of a (resolved) method on this DiT; `modulated` overrides driveditfit's paper set;
+    `layout` (a LayoutSpec) adds a layout branch."""
     name = method.name
-    spec = AdapterSpec(method=name, num_scenarios=num_scenarios, rank=method.rank, lora_alpha=method.lora_alpha)
+    spec = AdapterSpec(method=name, num_scenarios=num_scenarios, rank=method.rank, lora_alpha=method.lora_alpha,
+                       layout=layout.to_dict() if layout is not None else None)
     if name == "full":
         spec.train_all = True
     elif name == "bitfit":
@@ -197,7 +211,7 @@ def _gap_selection(model: DiT, method: MethodConfig, probe: ProbeData | None, ch
 
 
 def apply_method(model: DiT, method: MethodConfig, scenarios: list[str], probe: ProbeData | None = None,
-                 class_names: list[str] | None = None) -> MethodResult:
+                 class_names: list[str] | None = None, layout=None) -> MethodResult:
     """Adapt `model` (a freshly loaded base DiT, changed in place) for `scenarios` with `method`.
 
     class_names: names of the base model's classes for reports and `text` init (default: ImageNet's for a
@@ -227,7 +241,7 @@ def apply_method(model: DiT, method: MethodConfig, scenarios: list[str], probe: 
         modulated, report["gap"] = _gap_selection(model, method, probe, choice, table_params)
 
     source_table = model.y_embedder.embedding_table.weight.detach().clone()
-    spec = build_spec(model, method, len(scenarios), superclass_of, modulated)
+    spec = build_spec(model, method, len(scenarios), superclass_of, modulated, layout)
     apply_spec(model, spec)
     if choice is not None:
         init_rows(model.y_embedder.embedding_table.weight, source_table, choice.rows)
@@ -246,10 +260,11 @@ def apply_method(model: DiT, method: MethodConfig, scenarios: list[str], probe: 
 
 def count_method(model_name: str, method: MethodConfig, num_scenarios: int, image_size: int = 256,
                  num_superclasses: int | None = None, base_num_classes: int = 1000, latent_factor: int = 8,
-                 in_channels: int = 4) -> dict:
+                 in_channels: int = 4, layout=None) -> dict:
     """Trainable parameters per group, total and fraction, on the meta device (no weights allocated).
 
     select=gap is counted as its budget's default, the paper set; the real gap selection needs data.
+    layout: a LayoutSpec; its branch is counted in the groups, and its parameters and MACs beside the DiT's.
     """
     if image_size % latent_factor:
         raise ValueError(f"image size {image_size} is not a multiple of the codec factor {latent_factor}")
@@ -265,9 +280,13 @@ def count_method(model_name: str, method: MethodConfig, num_scenarios: int, imag
         for i, s in enumerate(scenarios):
             groups[f"super {i % num_superclasses}"].append(s)
         m = m.model_copy(update={"superclasses": groups})
-    result = apply_method(model, m, scenarios)
+    result = apply_method(model, m, scenarios, layout=layout)
     out = {"model": model_name, "image_size": image_size, "method": method.name, "num_scenarios": num_scenarios}
     out.update(result.counts())
+    if layout is not None:
+        from drivedit.models.control import branch_cost
+
+        out["layout"] = branch_cost(cfg, layout)
     if method.name in ("driveditfit", "lora"):
         out["rank"] = method.rank
     if result.superclass_names is not None:

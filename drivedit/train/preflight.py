@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from drivedit import storage
 from drivedit.config.base import ConfigError, format_validation_error
 from drivedit.config.common import ScalingConfig, TrackingConfig
-from drivedit.config.finetune import (DataSection, DrillSection, FinetuneJob, ModelSection, OptimSection, RunSection,
-                                      cross_field_problems)
+from drivedit.config.finetune import (DataSection, DrillSection, FinetuneJob, LayoutSection, ModelSection, OptimSection,
+                                      RunSection, cross_field_problems)
 from drivedit.config.method import MethodConfig
 from drivedit.train import state as st
 
@@ -89,6 +89,25 @@ def _check_shards(data: DataSection, optim: OptimSection | None, problems: list[
         except (FileNotFoundError, ValueError, OSError) as e:
             problems.append(f"data.source_shards: {e}")
     return meta
+
+
+def _check_layout(layout: LayoutSection, shards, base_config, problems: list[str]) -> None:
+    """A layout branch needs shards with a layout map (version 2, box categories), segmentation classes when it
+    reads segmentation, and a depth the base has."""
+    if layout.kind == "none":
+        return
+    if shards is not None:
+        if not shards.box_categories:
+            problems.append(f"layout.kind {layout.kind} needs shards with a layout map, but data.shards (format version "
+                            f"{shards.version}) have no box categories; re-encode them with this drivedit "
+                            "(drivedit encode) from a dataset with boxes, or set layout.kind: none")
+        if layout.use_segmentation and not shards.segmentation_classes:
+            problems.append("layout.use_segmentation needs shards with segmentation classes, but data.shards have "
+                            "none; encode from a dataset with masks or set layout.use_segmentation: false")
+    if base_config is not None:
+        depth = layout.resolved_depth(base_config.depth)
+        if depth > base_config.depth:
+            problems.append(f"layout.depth {depth} exceeds the base model's {base_config.depth} blocks")
 
 
 def _check_base(model: ModelSection, shards, problems: list[str]):
@@ -178,6 +197,9 @@ def check(raw: dict, source: str = "(config)") -> Plan:
     model, method, run = get("model", ModelSection), get("method", MethodConfig), get("run", RunSection)
     shards = _check_shards(data, optim, problems) if data is not None else None
     base, base_config = _check_base(model, shards, problems) if model is not None else (None, None)
+    layout = get("layout", LayoutSection)
+    if layout is not None:
+        _check_layout(layout, shards, base_config, problems)
     latest = None
     if run is not None:
         try:
@@ -186,6 +208,11 @@ def check(raw: dict, source: str = "(config)") -> Plan:
             problems.append(f"run.storage_path: cannot read {run_dir_of(run)}: {e}")
         if latest is not None:
             _check_resume(latest, method, model, shards, optim, problems)
+            if layout is not None and latest.get("layout", {"kind": "none"}) != layout.model_dump(mode="json") \
+                    and not (layout.kind == "none" and "layout" not in latest):
+                problems.append(f"the layout section differs from the run being resumed ({latest['uri']}): "
+                                f"{latest.get('layout')} -> {layout.model_dump(mode='json')}; keep it or start a new "
+                                "run.name")
     if job is None:  # the root validator did not run: check across the sections that are valid
         problems += cross_field_problems(model, optim, get("scaling", ScalingConfig), run,
                                          get("tracking", TrackingConfig), get("drill", DrillSection))

@@ -34,6 +34,13 @@ log = logging.getLogger("drivedit.finetune")
 DATA_COLUMNS = ["scenario", "moments", "moments_flip", "object_mask"]
 
 
+def data_columns(job) -> list[str]:
+    """The shard columns the loop reads: the layout branch's inputs too when there is one."""
+    if job.layout.kind == "none":
+        return list(DATA_COLUMNS)
+    return DATA_COLUMNS + ["layout"] + (["segmentation"] if job.layout.use_segmentation else [])
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -113,7 +120,7 @@ def _run(plan: preflight.Plan) -> dict:
                 return _finalize(plan, Path(d), tracked)
         ctx = LoopContext(base_path=str(plan.base_path), base_ref=plan.base_ref, base_sha256=storage.sha256_path(plan.base_path),
                           tracking=tracked.to_dict() if tracked else None, run_dir=plan.run_dir)
-        dataset = read_latent_dataset(job.data.shards, columns=DATA_COLUMNS)
+        dataset = read_latent_dataset(job.data.shards, columns=data_columns(job))
         if job.data.materialize:
             dataset = dataset.materialize()
         s = job.scaling
