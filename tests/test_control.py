@@ -132,3 +132,36 @@ def test_planted_layout_changes_output_only_inside_the_layout(kind, depth, one_t
     inside = layout[:, :1].bool().expand_as(delta)
     assert delta[inside].mean() > 0.6
     assert delta[~inside].abs().mean() < 0.25 * delta[inside].mean()
+
+
+def test_merge_keeps_the_branch_for_sampling(tmp_path):
+    """A bundle with a branch: merge(keep_layout=True) folds the method and keeps the branch, with the same
+    output as the unmerged model; a plain merge refuses."""
+    from drivedit.models.bundle import BundleInfo, apply_bundle, load_bundle, merge, save_bundle
+
+    base_sd = random_tiny_dit().state_dict()
+    spec = AdapterSpec(method="driveditfit", num_scenarios=3, modulated=["blocks.0.attn.qkv"],
+                       layout=LayoutSpec("light", 1, CATS).to_dict())
+    model = apply_spec(random_tiny_dit(), spec)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.startswith(("layout_branch.", "blocks.0.attn.qkv.mod_")):
+                p.add_(0.05 * torch.randn_like(p))
+    info = BundleInfo(base="unused", base_sha256=None, model_config=model.config.to_dict(), spec=spec,
+                      scenarios=["a", "b", "c"], betas=[1e-4, 0.02], codec="pixel")
+    save_bundle(tmp_path / "b", model, info)
+    bundle = load_bundle(tmp_path / "b")
+
+    def fresh():
+        m = random_tiny_dit()
+        m.load_state_dict(base_sd)
+        return m
+
+    x, t, y, layout = _inputs()
+    y = y % 3
+    with torch.no_grad():
+        want = apply_bundle(fresh(), bundle)(x, t, y, layout=layout)
+        got = merge(fresh(), bundle, keep_layout=True)(x, t, y, layout=layout)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="layout branch"):
+        merge(fresh(), bundle)

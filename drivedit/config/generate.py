@@ -47,8 +47,29 @@ class BalanceSection(StrictModel):
         None, description="the scenarios to fill; default: every scenario of the model's vocabulary")
 
 
+class LayoutsSection(StrictModel):
+    """Generate from the layouts of real frames: each source frame's boxes, rendered under every requested
+    scenario, `variants` images each (a model with a layout branch). The dataset's labels.json holds the
+    boxes and the manifest names the source frame."""
+
+    source: str = Field(
+        ..., description="a BDD100K-format label file (.json, its images under `images`) or a directory / URI of "
+                         "latent shards (format 2, with boxes)")
+    images: str | None = Field(
+        None, description="BDD100K source: the folder its image names are relative to (the image sizes place the "
+                          "boxes); default: `images/` beside the label file")
+    resize: Literal["crop", "stretch"] = Field(
+        "crop", description="BDD100K source: how a source image maps to the square output, as `drivedit encode` "
+                            "did for the training shards (`crop`: short side, centre crop; `stretch`)")
+    scenarios: list[str] = Field(..., min_length=1, description="the scenarios each layout is rendered under")
+    variants: int = Field(1, ge=1, description="images per (source frame, scenario), each with its own seed")
+    limit: int | None = Field(None, ge=1, description="use only the first `limit` source frames (in source order)")
+    layout_guidance: float = Field(
+        2.0, ge=1.0, description="guidance on the layout (1: none), on top of sampler.guidance on the scenario")
+
+
 class SpecSection(StrictModel):
-    """What to generate: exactly one of `counts`, `fractions` with `total`, or `balance`."""
+    """What to generate: exactly one of `counts`, `fractions` with `total`, `balance`, or `layouts`."""
 
     counts: dict[str, int] | None = Field(
         None, description="images per scenario, e.g. {rainy: 500, snowy: 500, night: 1000}")
@@ -58,6 +79,8 @@ class SpecSection(StrictModel):
                           "remainder, so they add up to `total` exactly)")
     balance: BalanceSection | None = Field(
         None, description="generate what each scenario of an existing dataset lacks to reach the same count")
+    layouts: LayoutsSection | None = Field(
+        None, description="render the layouts of real frames under chosen scenarios (needs a layout branch)")
     base_seed: int = Field(0, ge=0, description="item i is sampled with seed base_seed + i, so reruns reproduce")
     shard_size: int = Field(
         64, ge=1, le=100_000, description="items per output shard (`images/<shard>/`); a shard is the unit of "
@@ -68,9 +91,10 @@ class SpecSection(StrictModel):
         problems = []
         modes = [name for name, on in (("counts", self.counts is not None),
                                        ("fractions", self.fractions is not None or self.total is not None),
-                                       ("balance", self.balance is not None)) if on]
+                                       ("balance", self.balance is not None),
+                                       ("layouts", self.layouts is not None)) if on]
         if len(modes) != 1:
-            problems.append("give exactly one of `counts`, `fractions` with `total`, or `balance` "
+            problems.append("give exactly one of `counts`, `fractions` with `total`, `balance`, or `layouts` "
                             f"(got {', '.join(modes) or 'none'})")
         if self.counts is not None:
             negative = [f"{k}={v}" for k, v in self.counts.items() if v < 0]

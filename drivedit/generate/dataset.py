@@ -62,6 +62,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("guidance", pa.float64()),
     ("guidance_kind", pa.string()),
     ("guide_channels", pa.int32()),
+    ("source_frame", pa.string()),  # spec.layouts: the real frame whose layout the image renders
+    ("labels", pa.string()),  # spec.layouts: JSON list of BDD100K box2d labels in the image's pixels
 ])
 
 
@@ -245,9 +247,17 @@ def read_manifest(uri: str) -> pa.Table:
 
 
 def label_frames(table: pa.Table) -> list[Frame]:
-    """BDD100K frames of the manifest: name (relative to images/), weather, timeofday; no boxes."""
+    """BDD100K frames of the manifest: name (relative to images/), weather, timeofday, and the box2d labels of
+    frames made from a layout."""
+    from drivedit.data.bdd100k import Box
+
     cols = table.select(["name", "weather", "timeofday"]).to_pydict()
-    return [Frame(name=n, weather=w, timeofday=t) for n, w, t in zip(cols["name"], cols["weather"], cols["timeofday"])]
+    labels = table.column("labels").to_pylist() if "labels" in table.column_names else [None] * table.num_rows
+    frames = []
+    for n, w, t, lab in zip(cols["name"], cols["weather"], cols["timeofday"], labels):
+        boxes = [Box(b["category"], b["x1"], b["y1"], b["x2"], b["y2"]) for b in json.loads(lab)] if lab else []
+        frames.append(Frame(name=n, weather=w, timeofday=t, boxes=boxes))
+    return frames
 
 
 def manifest_row_count(uri: str) -> int | None:

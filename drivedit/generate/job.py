@@ -53,7 +53,8 @@ class Prepared:
     def writer_context(self) -> dict:
         sm = self.model
         return {"spec_hash": self.spec_hash, "model_version": sm.version, "image_size": self.image_size,
-                "codec": sm.codec_info, "class_ids": dict(zip(sm.scenarios, sm.class_ids)), "attempt": self.attempt}
+                "codec": sm.codec_info, "class_ids": dict(zip(sm.scenarios, sm.class_ids)), "attempt": self.attempt,
+                "box_categories": self.document.get("layouts", {}).get("box_categories", [])}
 
 
 def absolute_local_paths(job: GenerateJob) -> GenerateJob:
@@ -69,6 +70,10 @@ def absolute_local_paths(job: GenerateJob) -> GenerateJob:
     job.output.uri = storage.absolute(job.output.uri)
     if job.spec.balance is not None:
         job.spec.balance.source = storage.absolute(job.spec.balance.source)
+    if job.spec.layouts is not None:
+        job.spec.layouts.source = storage.absolute(job.spec.layouts.source)
+        if job.spec.layouts.images:
+            job.spec.layouts.images = storage.absolute(job.spec.layouts.images)
     job.tracking.tracking_uri = tracking.absolute_tracking_uri(job.tracking.tracking_uri)
     return job
 
@@ -98,6 +103,32 @@ def model_tracking_uri(job: GenerateJob) -> str | None:
         or None
 
 
+def _layout_plan(job: GenerateJob, sm) -> tuple[ItemPlan, dict]:
+    """Items of a `spec.layouts` job and what of it enters the spec hash; SpecError lists every problem."""
+    from drivedit.generate.layouts import frames_digest, layout_plan, read_layout_frames
+
+    section = job.spec.layouts
+    branch = getattr(sm.model, "layout_branch", None)
+    problems = []
+    if branch is None:
+        problems.append(f"spec.layouts needs a model with a layout branch, and {sm.version} has none; fine-tune "
+                        "one with layout.kind controlnet or light")
+    elif branch.spec.uses_segmentation:
+        problems.append(f"{sm.version}'s layout branch also reads segmentation, which spec.layouts does not render "
+                        "(boxes only); use a branch trained with layout.use_segmentation: false")
+    unknown = [s for s in section.scenarios if s not in sm.scenarios]
+    if unknown:
+        problems.append(f"spec.layouts.scenarios: unknown scenarios {unknown}; the model's vocabulary is: "
+                        f"{', '.join(sm.scenarios)}")
+    if problems:
+        raise SpecError(problems)
+    categories = list(branch.spec.box_categories)
+    frames = read_layout_frames(section, categories, sm.image_size)
+    plan = layout_plan(frames, section.scenarios, section.variants, job.spec.base_seed, job.spec.shard_size)
+    return plan, {"source_digest": frames_digest(frames), "frames": len(frames), "variants": section.variants,
+                  "layout_guidance": float(section.layout_guidance), "box_categories": categories}
+
+
 def prepare(job: GenerateJob) -> Prepared:
     """Load the model's facts, resolve the counts, plan the items and hash the spec. Raises before any sampling."""
     m = job.model
@@ -115,16 +146,19 @@ def prepare(job: GenerateJob) -> Prepared:
                         f"{sm.model.in_channels} latent channels")
     if problems:
         raise SpecError(problems)
-    existing = None
+    existing, layouts = None, None
     if job.spec.balance is not None:
         existing = existing_scenario_counts(job.spec.balance.source, sm.scenarios)
         log.info("balance source %s has %s", job.spec.balance.source, existing)
-    counts = resolve_counts(job.spec, sm.scenarios, existing)
-    plan = plan_items(counts, job.spec.base_seed, job.spec.shard_size)
+    if job.spec.layouts is not None:
+        plan, layouts = _layout_plan(job, sm)
+    else:
+        counts = resolve_counts(job.spec, sm.scenarios, existing)
+        plan = plan_items(counts, job.spec.base_seed, job.spec.shard_size)
     image_size = job.output.image_size or sm.image_size
     document = spec_document(plan, model_digest=sm.digest,
                              sampler=dataset.manifest_settings(job.sampler),
-                             image_size=image_size, codec=sm.codec_id)
+                             image_size=image_size, codec=sm.codec_id, layouts=layouts)
     sm.model = None  # the driver only plans; actors load their own copy
     return Prepared(job, sm, plan, document, spec_hash(document), image_size, tracking_uri)
 

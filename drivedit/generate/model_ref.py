@@ -32,7 +32,7 @@ BUNDLE_FILE = "bundle.json"
 
 @dataclass
 class SamplingModel:
-    """A merged, eval-mode DiT plus everything a sampler and a dataset writer need to know about it."""
+    """A merged, eval-mode DiT (with its layout branch, when the bundle has one) plus everything a sampler and a dataset writer need to know about it."""
 
     model: DiT
     scenarios: list[str]  # vocabulary, in the order its names were given
@@ -214,7 +214,7 @@ def _from_bundle(path: Path, version: str, device, workdir: Path) -> SamplingMod
     if storage.is_remote(bundle.info.base):
         # the fine-tuning job read its base from object storage; so do we (load_base checks the sha256)
         bundle.info.base = str(_local_copy(bundle.info.base, workdir / "base"))
-    model = merge(None, bundle).to(device).eval().requires_grad_(False)
+    model = merge(None, bundle, keep_layout=True).to(device).eval().requires_grad_(False)
     superclass_of = getattr(model.y_embedder, "superclass_of", None)
     scenarios = list(bundle.scenarios)
     return SamplingModel(model=model, scenarios=scenarios, class_ids=list(range(len(scenarios))),

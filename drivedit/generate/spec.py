@@ -135,6 +135,7 @@ class ItemPlan:
     scenario_pos: np.ndarray  # (N,) int32, position in `scenarios`
     base_seed: int
     shard_size: int
+    extras: tuple = ()  # empty, or per item a dict merged into its item (generate/layouts.py: frame, boxes)
 
     @property
     def num_items(self) -> int:
@@ -150,8 +151,8 @@ class ItemPlan:
 
     def shard_items(self, shard: int) -> list[dict]:
         """The items of one shard as plain dicts {index, seed, scenario}."""
-        return [{"index": i, "seed": self.base_seed + i, "scenario": self.scenarios[self.scenario_pos[i]]}
-                for i in self.shard_range(shard)]
+        return [{"index": i, "seed": self.base_seed + i, "scenario": self.scenarios[self.scenario_pos[i]],
+                 **(self.extras[i] if self.extras else {})} for i in self.shard_range(shard)]
 
     def counts(self) -> dict[str, int]:
         per = np.bincount(self.scenario_pos, minlength=len(self.scenarios))
@@ -175,13 +176,14 @@ def plan_items(counts: dict[str, int], base_seed: int, shard_size: int) -> ItemP
 # ----------------------------------------------------------------------------- spec hash
 
 
-def spec_document(plan: ItemPlan, *, model_digest: str, sampler: dict, image_size: int, codec: str) -> dict:
+def spec_document(plan: ItemPlan, *, model_digest: str, sampler: dict, image_size: int, codec: str,
+                  layouts: dict | None = None) -> dict:
     """The canonical description of a dataset; its hash names the dataset in spec.json.
 
     The model enters by content (its files' digest), not by path or registry name: moving a bundle
     or registering it again does not make its dataset a different one.
     """
-    return {
+    document = {
         "format": SPEC_FORMAT,
         "model_digest": model_digest,
         "counts": plan.counts(),
@@ -193,6 +195,9 @@ def spec_document(plan: ItemPlan, *, model_digest: str, sampler: dict, image_siz
         "image_size": int(image_size),
         "codec": codec,
     }
+    if layouts is not None:  # only then: the hashes of datasets made without layouts stay what they were
+        document["layouts"] = dict(sorted(layouts.items()))
+    return document
 
 
 def spec_hash(document: dict) -> str:

@@ -24,8 +24,10 @@ from drivedit.generate.writer import limit_threads
 
 def sampler_settings(job: GenerateJob) -> SamplerSettings:
     s = job.sampler
+    layouts = job.spec.layouts
     return SamplerSettings(sampler=s.sampler, steps=s.steps, guidance=s.guidance, guidance_kind=s.guidance_kind,
-                           guide_channels=s.guide_channels)
+                           guide_channels=s.guide_channels,
+                           layout_guidance=layouts.layout_guidance if layouts is not None else 1.0)
 
 
 def _device(job: GenerateJob) -> torch.device:
@@ -66,7 +68,14 @@ class ShardSampler:
                                   device=self.device)  # (n,)
             seeds = [int(it["seed"]) for it in chunk]
             uncond = self.sm.superclass_of(labels) if self.settings.guidance_kind == "superclass" else None
-            latents = self.sampler.sample(labels, seeds, self.settings, uncond_labels=uncond)  # (n, C, h, w)
+            layout = None
+            if "boxes" in chunk[0]:  # spec.layouts: the frame's boxes on the latent grid
+                from drivedit.generate.layouts import layout_maps
+
+                spec = self.sm.model.layout_branch.spec
+                layout = layout_maps(chunk, len(spec.box_categories), self.sm.model.config.input_size)  # (n, K, h, w)
+            latents = self.sampler.sample(labels, seeds, self.settings, uncond_labels=uncond,
+                                          layout=layout)  # (n, C, h, w)
             out.append(latents.float())
         return torch.cat(out)
 

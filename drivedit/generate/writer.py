@@ -19,6 +19,7 @@ from drivedit.config.base import validate_config
 from drivedit.config.generate import GenerateJob
 from drivedit.generate import dataset
 from drivedit.generate.images import decode_to_uint8, encode_png
+from drivedit.generate.layouts import pixel_labels
 from drivedit.models.codec import load_codec
 
 def limit_threads(cpus: float) -> None:
@@ -87,10 +88,14 @@ def write_shard(job: GenerateJob, context: dict, shard: int, items: list[dict], 
         image = resize(image, size)
         storage.write_bytes_atomic(storage.join(uri, dataset.IMAGES_DIR, name), encode_png(image))
         weather, timeofday = dataset.scenario_attributes(it["scenario"])
+        labels = None
+        if "boxes" in it:  # made from a layout: its boxes are the image's labels, in output pixels
+            labels = json.dumps(pixel_labels(it["boxes"], context["box_categories"], size))
         rows.append({"index": it["index"], "seed": it["seed"], "scenario": it["scenario"],
                      "class_id": context["class_ids"][it["scenario"]], "shard": shard, "name": name,
                      "weather": weather, "timeofday": timeofday, "width": size, "height": size,
-                     "model_version": context["model_version"], "spec_hash": context["spec_hash"], **settings})
+                     "model_version": context["model_version"], "spec_hash": context["spec_hash"], **settings,
+                     "source_frame": it.get("source_frame"), "labels": labels})
     if attempt:
         dataset.check_attempt(uri, attempt, shard)
     dataset.write_part(uri, shard, rows)

@@ -194,7 +194,18 @@ def apply_bundle(base: DiT | None, bundle: Bundle) -> DiT:
     return model.eval()
 
 
-def merge(base: DiT | None, bundle: Bundle) -> DiT:
-    """A plain DiT (official keys, num_classes = S) whose output equals the adapted model's."""
+def merge(base: DiT | None, bundle: Bundle, keep_layout: bool = False) -> DiT:
+    """A plain DiT (official keys, num_classes = S) whose output equals the adapted model's.
+
+    A bundle with a layout branch: `keep_layout` folds the method's adapters and keeps the branch beside
+    them (`model.layout_branch`, for sampling); without it, folding raises (no plain DiT can hold a branch)."""
     adapted = apply_bundle(base, bundle)
-    return fold(adapted, bundle.spec).eval().requires_grad_(False)
+    if not (keep_layout and bundle.spec.layout is not None):
+        return fold(adapted, bundle.spec).eval().requires_grad_(False)
+    from dataclasses import replace
+
+    branch = adapted.layout_branch
+    del adapted.layout_branch
+    plain = fold(adapted, replace(bundle.spec, layout=None))
+    plain.layout_branch = branch.to(next(plain.parameters()).device)
+    return plain.eval().requires_grad_(False)

@@ -1,0 +1,131 @@
+"""Generation from layouts (spec.layouts): items from a BDD100K-format source, labels that hold for the
+images, and a resumed layout job byte-identical to an unbroken one."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from drivedit.config.base import load_config
+from drivedit.config.generate import GenerateJob
+from drivedit.data.bdd100k import Box, Frame, write_label_file
+from drivedit.generate import dataset
+from drivedit.generate.job import prepare, run_generate
+from drivedit.generate.spec import SpecError
+from drivedit.models.adapter_spec import AdapterSpec, apply_spec
+from drivedit.models.bundle import BundleInfo, save_bundle
+from drivedit.models.checkpoint import export_safetensors, load_dit
+from drivedit.models.control import LayoutSpec
+from drivedit.models.diffusion import linear_betas
+from drivedit.models.dit import build_dit, dit_config
+from drivedit.storage import sha256_file
+
+CATS = ["car", "pedestrian"]
+SCEN = ["clear", "night", "rainy"]
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    torch.manual_seed(0)
+    model = build_dit(dit_config("DiT-N/2", input_size=8, in_channels=3, num_classes=10))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n != "pos_embed":
+                p.add_(0.05 * torch.randn_like(p))
+    base = export_safetensors(model, root / "base.safetensors")
+    spec = AdapterSpec(method="bitfit", num_scenarios=3, train_biases=True,
+                       layout=LayoutSpec("light", 2, CATS).to_dict())
+    adapted = apply_spec(load_dit(base), spec)
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if n.startswith("layout_branch."):
+                p.add_(0.1 * torch.randn_like(p))
+    info = BundleInfo(base=str(base), base_sha256=sha256_file(base), model_config=adapted.config.to_dict(),
+                      spec=spec, scenarios=SCEN, betas=linear_betas().tolist(), codec="pixel")
+    bundle = save_bundle(root / "bundle", adapted, info)
+    # a BDD100K-format source: 32x16 images (centre crop keeps x in [8, 24)), a box the crop cuts, a box
+    # the crop drops, a category the branch does not know
+    (root / "src" / "images").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(root / "src" / "images" / name)
+    write_label_file([
+        Frame("a.png", "clear", "daytime", boxes=[Box("car", 10, 2, 18, 10), Box("pedestrian", 4, 4, 12, 14),
+                                                 Box("truck", 12, 0, 20, 8)]),
+        Frame("b.png", "rainy", "daytime", boxes=[Box("car", 0, 0, 6, 6), Box("pedestrian", 16, 8, 22, 16)]),
+    ], str(root / "src" / "labels.json"))
+    return bundle, root / "src" / "labels.json"
+
+
+def _job(bundle, source, uri, **layouts) -> GenerateJob:
+    data = {"model": {"ref": str(bundle)},
+            "spec": {"layouts": {"source": str(source), "scenarios": ["night", "rainy"], "variants": 1, **layouts},
+                     "shard_size": 2, "base_seed": 3},
+            "sampler": {"steps": 2, "guidance": 2.0, "batch_size": 2}, "output": {"uri": str(uri)},
+            "scaling": {"num_workers": 1}, "tracking": {"enabled": False}}
+    return load_config(GenerateJob, data=data)
+
+
+def test_items_carry_the_placed_boxes_and_bad_specs_are_refused(material, tmp_path):
+    bundle, source = material
+    prep = prepare(_job(bundle, source, tmp_path / "o", variants=2))
+    items = [it for k in range(prep.plan.num_shards) for it in prep.plan.shard_items(k)]
+    assert len(items) == 2 * 2 * 2
+    assert [(it["source_frame"], it["scenario"]) for it in items[:4]] == \
+        [("a.png", "night"), ("a.png", "night"), ("a.png", "rainy"), ("a.png", "rainy")]
+    assert [it["seed"] for it in items] == list(range(3, 11))
+    # a.png: 32x16 -> 8x8 output: scale 0.5, crop left 4 px (of the 16x8 resize); the truck is left out,
+    # the pedestrian is clipped to the crop's left edge
+    assert items[0]["boxes"] == [[0, 0.125, 0.125, 0.625, 0.625], [1, 0.0, 0.25, 0.25, 0.875]]
+    # b.png: the car lies left of the crop and is dropped
+    assert items[-1]["boxes"] == [[1, 0.5, 0.5, 0.875, 1.0]]
+    assert prep.document["layouts"]["box_categories"] == CATS
+    with pytest.raises(SpecError, match="unknown scenarios \\['foggy'\\]"):
+        prepare(_job(bundle, source, tmp_path / "o", scenarios=["foggy"]))
+    plain = load_config(GenerateJob, data={**_job(bundle, source, tmp_path / "o").model_dump(mode="json"),
+                                           "model": {"ref": str(Path(bundle).parent / "base.safetensors"),
+                                                     "class_names": SCEN}})
+    with pytest.raises(SpecError, match="has none"):
+        prepare(plain)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_job_labels_and_resume_byte_identical(material, ray_session, tmp_path):
+    bundle, source = material
+    whole = run_generate(_job(bundle, source, tmp_path / "whole"))
+    assert whole["complete"] and whole["images_written"] == 4
+    labels = json.loads((tmp_path / "whole" / "labels.json").read_text())
+    manifest = pq.read_table(tmp_path / "whole" / "manifest.parquet").to_pylist()
+    assert [f["name"] for f in labels] == [r["name"] for r in manifest] and len(labels) == 4
+    assert [r["source_frame"] for r in manifest] == ["a.png", "a.png", "b.png", "b.png"]
+    for frame in labels:
+        for lab in frame["labels"]:
+            b = lab["box2d"]
+            assert lab["category"] in CATS
+            assert 0 <= b["x1"] < b["x2"] <= 8 and 0 <= b["y1"] < b["y2"] <= 8
+    assert [(lab["category"], lab["box2d"]) for lab in labels[0]["labels"]] == [
+        ("car", {"x1": 1.0, "y1": 1.0, "x2": 5.0, "y2": 5.0}), ("pedestrian", {"x1": 0.0, "y1": 2.0, "x2": 2.0, "y2": 7.0})]
+    assert labels[1]["attributes"]["weather"] == "rainy" and labels[0]["attributes"]["timeofday"] == "night"
+
+    # interrupted after one shard, the other shard's files lost, then resumed: the same bytes
+    part = tmp_path / "part"
+    run_generate(_job(bundle, source, part), stop_after_shards=1)
+    done = dataset.complete_shards(str(part))
+    assert done
+    for name in ("manifest.parquet", "labels.json"):
+        (part / name).unlink(missing_ok=True)
+    for s in {0, 1} - {min(done)}:
+        (part / "manifest" / f"part-{s:05d}.parquet").unlink(missing_ok=True)
+        shutil.rmtree(part / "images" / f"{s:05d}", ignore_errors=True)
+    resumed = run_generate(_job(bundle, source, part))
+    assert resumed["complete"]
+    assert _tree(part) == _tree(tmp_path / "whole")
