@@ -33,14 +33,16 @@ class SampleJob:
     sampler: str
     steps: int
     guidance: float
+    layout: tuple | None = None  # ((category id, x1, y1, x2, y2) in [0, 1], ...) for a model with a layout branch
+    layout_guidance: float = 1.0
 
     @property
     def num_images(self) -> int:
         return len(self.seeds)
 
     @property
-    def settings_key(self) -> tuple[str, int, float]:
-        return (self.sampler, self.steps, self.guidance)
+    def settings_key(self) -> tuple:
+        return (self.sampler, self.steps, self.guidance, self.layout is not None, self.layout_guidance)
 
 
 @dataclass
@@ -90,7 +92,8 @@ class SampleEngine:
 
     def settings(self, job: SampleJob) -> SamplerSettings:
         return SamplerSettings(sampler=job.sampler, steps=job.steps, guidance=job.guidance,
-                               guidance_kind=self.guidance_kind, guide_channels=self.guide_channels)
+                               guidance_kind=self.guidance_kind, guide_channels=self.guide_channels,
+                               layout_guidance=job.layout_guidance)
 
     def run(self, jobs: Sequence[SampleJob]) -> list[SampleResult]:
         """Answer every job, in order, grouped by settings; every image is drawn on its own (see the module doc)."""
@@ -117,8 +120,17 @@ class SampleEngine:
         for job in jobs:
             label = torch.tensor([job.label], dtype=torch.long, device=self.device)  # (1,)
             uncond = self.superclass_of(label) if self.guidance_kind == "superclass" else None  # (1,) or None
+            extra = {"layout": self._layout_map(job)} if job.layout is not None else {}
             for seed in job.seeds:
-                latent = self.sampler.sample(label, [seed], settings, uncond_labels=uncond)  # (1, C, h, w)
+                latent = self.sampler.sample(label, [seed], settings, uncond_labels=uncond, **extra)  # (1, C, h, w)
                 pixels = decode_to_uint8(self.codec, latent)  # (1, H, W, 3) uint8
                 pngs.append(encode_png(pixels[0]))
         return pngs
+
+    def _layout_map(self, job: SampleJob) -> torch.Tensor:
+        """The job's boxes on the latent grid: (1, K, h, w)."""
+        from drivedit.generate.layouts import layout_maps
+
+        model = self.sampler.model
+        return layout_maps([{"boxes": job.layout}], len(model.layout_branch.spec.box_categories),
+                           model.config.input_size)

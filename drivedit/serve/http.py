@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from drivedit.serve.engine import SampleJob
+from drivedit.serve.layout import layout_problems, normalised_boxes, pixel_labels
 from drivedit.serve.schemas import (ErrorResponse, HealthResponse, ImageOut, SamplesResponse, ScenariosResponse,
                                     request_model)
 
@@ -141,20 +142,28 @@ def create_http_app(server) -> FastAPI:
                 "loc": ["num_images"], "type": "compute_budget",
                 "msg": f"num_images x steps = {req.num_images} x {req.steps} = {req.num_images * req.steps} exceeds "
                        f"the per-request compute budget of {budget} image-steps; ask for fewer images or steps"}])
+        layout, labels = None, None
+        if req.layout is not None:
+            categories = list(served.box_categories)
+            problems = layout_problems(req.layout, categories)
+            if problems:
+                return error_response(422, problems)
+            layout, labels = normalised_boxes(req.layout, categories), pixel_labels(req.layout, served.image_size)
         seed = req.seed if req.seed is not None else server.new_seed()
         job = SampleJob(label=served.label_of[req.scenario], seeds=tuple(seed + i for i in range(req.num_images)),
-                        sampler=req.sampler, steps=req.steps, guidance=float(req.guidance))
+                        sampler=req.sampler, steps=req.steps, guidance=float(req.guidance), layout=layout,
+                        layout_guidance=float(req.layout.guidance) if layout is not None else 1.0)
         result = await server.sample(job)
         headers = {"X-Model-Version": served.version, "X-Seed": str(seed),
                    "X-Batch-Size": str(result.batch_images), "X-Batch-Requests": str(result.batch_requests)}
-        if req.num_images == 1:
+        if req.num_images == 1 and layout is None:
             return Response(content=result.pngs[0], media_type="image/png", headers=headers)
         body = SamplesResponse(
             model_version=served.version, scenario=req.scenario, sampler=req.sampler, steps=req.steps,
             guidance=req.guidance, width=served.image_size, height=served.image_size,
             batch_size=result.batch_images,
             images=[ImageOut(seed=s, png_base64=base64.b64encode(p).decode("ascii"))
-                    for s, p in zip(result.seeds, result.pngs)])
+                    for s, p in zip(result.seeds, result.pngs)], labels=labels)
         return JSONResponse(content=body.model_dump(mode="json"), headers=headers)
 
     @app.get("/v1/scenarios", response_model=ScenariosResponse, summary="The model's scenario vocabulary")
@@ -164,7 +173,8 @@ def create_http_app(server) -> FastAPI:
     @app.get("/healthz", response_model=HealthResponse, summary="Liveness, model version and device")
     async def healthz() -> HealthResponse:
         return HealthResponse(model_version=served.version, device=str(served.device),
-                              image_size=served.image_size, num_scenarios=len(served.scenarios))
+                              image_size=served.image_size, num_scenarios=len(served.scenarios),
+                              box_categories=list(served.box_categories))
 
     # SamplesResponse is referenced by the 200 response above; make sure the schema carries it.
     base_openapi = app.openapi

@@ -22,6 +22,7 @@ class ServedModel:
     version: str
     device: torch.device
     image_size: int
+    box_categories: list[str] = ()  # the layout branch's categories; empty: the model takes no layout
 
 
 def pick_device(setting: str) -> torch.device:
@@ -57,5 +58,11 @@ def load_served_model(cfg: ServeApp) -> ServedModel:
                           guidance_kind=s.guidance_kind, guide_channels=s.guide_channels,
                           superclass_of=sm.superclass_of)
     return ServedModel(engine=engine, scenarios=list(sm.scenarios),
-                       label_of={name: sm.label_of(name) for name in sm.scenarios}, version=public_version(str(sm.version), sm.digest),
-                       device=device, image_size=int(sm.image_size))
+                       label_of={name: sm.label_of(name) for name in sm.scenarios},
+                       version=public_version(str(sm.version), sm.digest), device=device,
+                       image_size=int(sm.image_size), box_categories=box_categories(sm.model))
+
+
+def box_categories(model) -> list[str]:
+    branch = getattr(model, "layout_branch", None)
+    return list(branch.spec.box_categories) if branch is not None else []

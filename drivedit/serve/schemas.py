@@ -33,6 +33,24 @@ class SampleRequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class LayoutBox(SampleRequestBase):
+    category: str = Field(..., description="box category, one of the served layout branch's (GET /healthz)")
+    x1: float = Field(..., allow_inf_nan=False, description="left edge in the layout image's pixels")
+    y1: float = Field(..., allow_inf_nan=False, description="top edge")
+    x2: float = Field(..., allow_inf_nan=False, description="right edge (> x1, <= width)")
+    y2: float = Field(..., allow_inf_nan=False, description="bottom edge (> y1, <= height)")
+
+
+class LayoutIn(SampleRequestBase):
+    """Boxes the images must follow (a model with a layout branch); they come back as the images' labels."""
+
+    width: int = Field(..., ge=1, le=65536, description="width of the image the boxes are drawn on, in pixels")
+    height: int = Field(..., ge=1, le=65536, description="height of that image")
+    boxes: list[LayoutBox] = Field(..., max_length=512, description="the boxes (may be empty: a scene without objects)")
+    guidance: float = Field(2.0, ge=1.0, le=20.0, allow_inf_nan=False,
+                            description="guidance on the layout (1 = none), on top of `guidance` on the scenario")
+
+
 def request_model(cfg: ServeApp, scenarios: list[str]) -> type[SampleRequestBase]:
     """`POST /v1/samples` body for this deployment's model and bounds."""
     if not scenarios:
@@ -57,6 +75,9 @@ def request_model(cfg: ServeApp, scenarios: list[str]) -> type[SampleRequestBase
             description="seed of the first image; image i uses seed + i. Omitted: a random seed, returned in the "
                         "response. The same seed and settings give the same bytes, whatever other requests are "
                         "answered at the same time")),
+        "layout": (LayoutIn | None, Field(
+            None, description="boxes to draw the scene around (a model with a layout branch); the answer is then "
+                              "JSON with the images and their labels, whatever num_images")),
     }
     return create_model("SampleRequest", __base__=SampleRequestBase,
                         __doc__="Draw images of one scenario from the served model.", **fields)
@@ -81,6 +102,9 @@ class SamplesResponse(BaseModel):
                                              "the same settings); each image is drawn on its own, so this never "
                                              "changes the bytes")
     images: list[ImageOut] = Field(..., description="the images, image i drawn with seed + i")
+    labels: list[dict] | None = Field(
+        None, description="with a layout: every image's labels, BDD100K-style {category, box2d} in the image's "
+                          "pixels (the layout's boxes scaled to width x height)")
 
 
 class ScenariosResponse(BaseModel):
@@ -94,6 +118,7 @@ class HealthResponse(BaseModel):
     device: str = Field(..., description="device the replica samples on, e.g. cpu or cuda:0")
     image_size: int = Field(..., description="side of the generated images in pixels")
     num_scenarios: int = Field(..., description="size of the scenario vocabulary")
+    box_categories: list[str] = Field([], description="layout box categories the model follows (empty: no layout)")
 
 
 class ErrorItem(BaseModel):
