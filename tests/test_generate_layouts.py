@@ -18,13 +18,9 @@ from drivedit.data.bdd100k import Box, Frame, write_label_file
 from drivedit.generate import dataset
 from drivedit.generate.job import prepare, run_generate
 from drivedit.generate.spec import SpecError
-from drivedit.models.adapter_spec import AdapterSpec, apply_spec
-from drivedit.models.bundle import BundleInfo, save_bundle
-from drivedit.models.checkpoint import export_safetensors, load_dit
-from drivedit.models.control import LayoutSpec
-from drivedit.models.diffusion import linear_betas
+from drivedit.models.checkpoint import export_safetensors
 from drivedit.models.dit import build_dit, dit_config
-from drivedit.storage import sha256_file
+from layout_support import write_layout_bundle
 
 CATS = ["car", "pedestrian"]
 SCEN = ["clear", "night", "rainy"]
@@ -40,16 +36,7 @@ def material(tmp_path_factory):
             if n != "pos_embed":
                 p.add_(0.05 * torch.randn_like(p))
     base = export_safetensors(model, root / "base.safetensors")
-    spec = AdapterSpec(method="bitfit", num_scenarios=3, train_biases=True,
-                       layout=LayoutSpec("light", 2, CATS).to_dict())
-    adapted = apply_spec(load_dit(base), spec)
-    with torch.no_grad():
-        for n, p in adapted.named_parameters():
-            if n.startswith("layout_branch."):
-                p.add_(0.1 * torch.randn_like(p))
-    info = BundleInfo(base=str(base), base_sha256=sha256_file(base), model_config=adapted.config.to_dict(),
-                      spec=spec, scenarios=SCEN, betas=linear_betas().tolist(), codec="pixel")
-    bundle = save_bundle(root / "bundle", adapted, info)
+    bundle = write_layout_bundle(base, root / "bundle", SCEN, CATS, depth=2)
     # a BDD100K-format source: 32x16 images (centre crop keeps x in [8, 24)), a box the crop cuts, a box
     # the crop drops, a category the branch does not know
     (root / "src" / "images").mkdir(parents=True)
@@ -96,7 +83,9 @@ def test_items_carry_the_placed_boxes_and_bad_specs_are_refused(material, tmp_pa
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file of a dataset but attempt.json (which names the execution that wrote it)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "attempt.json"}
 
 
 def test_layout_job_labels_and_resume_byte_identical(material, ray_session, tmp_path):

@@ -2,24 +2,17 @@
 a layout branch. A request with a layout returns labels equal to it; bad layouts get 422 naming the field."""
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from drivedit.config.serve import ServeApp
-from drivedit.models.adapter_spec import AdapterSpec, apply_spec
-from drivedit.models.bundle import BundleInfo, save_bundle
-from drivedit.models.checkpoint import load_dit
-from drivedit.models.control import LayoutSpec
-from drivedit.models.diffusion import linear_betas
 from drivedit.serve.http import create_http_app
 from drivedit.serve.loading import load_served_model
-from drivedit.storage import sha256_file
+from layout_support import write_layout_bundle
 from serve_helpers import IMAGE_SIZE, SCENARIOS, write_tiny_checkpoint
 
 CATS = ["car", "pedestrian"]
@@ -49,16 +42,7 @@ def _client(ref: str, **model) -> TestClient:
 def client(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-layout")
     base = write_tiny_checkpoint(root / "base.safetensors")
-    spec = AdapterSpec(method="bitfit", num_scenarios=len(SCENARIOS), train_biases=True,
-                       layout=LayoutSpec("light", 1, CATS).to_dict())
-    model = apply_spec(load_dit(base), spec)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.startswith("layout_branch."):
-                p.add_(0.1 * torch.randn_like(p))
-    info = BundleInfo(base=str(base), base_sha256=sha256_file(base), model_config=model.config.to_dict(), spec=spec,
-                      scenarios=SCENARIOS, betas=linear_betas().tolist(), codec="pixel")
-    bundle = save_bundle(root / "bundle", model, info)
+    bundle = write_layout_bundle(base, root / "bundle", SCENARIOS, CATS, depth=1)
     return _client(str(bundle)), _client(str(base), class_names=SCENARIOS)
 
 

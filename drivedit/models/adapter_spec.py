@@ -44,6 +44,14 @@ _NORM_CHUNKS = {"norm1": (0, 1), "norm2": (3, 4)}
 _GATE_CHUNKS = {"gamma_attn": 2, "gamma_mlp": 5}
 
 
+def spec_from_dict(cls, d: dict, what: str):
+    """A spec dataclass from its to_dict() form; fields this drivedit does not know are an error, not dropped."""
+    unknown = set(d) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{what} has unknown fields {sorted(unknown)}; was it written by a newer drivedit?")
+    return cls(**d)
+
+
 @dataclass
 class AdapterSpec:
     """Everything needed to rebuild an adapted DiT's structure (not its values)."""
@@ -68,10 +76,7 @@ class AdapterSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> AdapterSpec:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"adapter spec has unknown fields {sorted(unknown)}; was it written by a newer drivedit?")
-        return cls(**d)
+        return spec_from_dict(cls, d, "adapter spec")
 
     @property
     def adapted_modules(self) -> list[str]:

@@ -60,10 +60,9 @@ class LayoutSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> LayoutSpec:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"layout spec has unknown fields {sorted(unknown)}; was it written by a newer drivedit?")
-        return cls(**d)
+        from drivedit.models.adapter_spec import spec_from_dict  # adapter_spec imports this module lazily
+
+        return spec_from_dict(cls, d, "layout spec")
 
     def validate(self, config: DiTConfig) -> None:
         problems = []
