@@ -183,7 +183,7 @@ def test_openapi_documents_every_field_with_bounds(endpoint):
     op = doc["paths"]["/v1/samples"]["post"]
     schema = op["requestBody"]["content"]["application/json"]["schema"]
     p = schema["properties"]
-    assert set(p) == {"scenario", "num_images", "steps", "guidance", "sampler", "seed"}
+    assert set(p) == {"scenario", "num_images", "steps", "guidance", "sampler", "seed", "layout"}
     assert all(p[k].get("description") for k in p)
     assert p["scenario"]["enum"] == SCENARIOS
     assert (p["num_images"]["minimum"], p["num_images"]["maximum"]) == (1, 4)
