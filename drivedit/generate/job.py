@@ -28,6 +28,7 @@ from drivedit.config.generate import GenerateJob
 from drivedit.generate import dataset
 from drivedit.generate.model_ref import SamplingModel, load_sampling_model
 from drivedit.generate.report import log_summary, start_tracking
+from drivedit.generate.transfer import TransferPlan, plan_transfer
 from drivedit.generate.spec import (ItemPlan, SpecError, existing_scenario_counts, plan_items, resolve_counts,
                                     spec_document, spec_hash)
 from drivedit.logs import setup_logging
@@ -42,7 +43,7 @@ class Prepared:
 
     job: GenerateJob
     model: SamplingModel  # its weights are dropped once the facts below are read
-    plan: ItemPlan
+    plan: ItemPlan | TransferPlan
     document: dict
     spec_hash: str
     image_size: int
@@ -53,7 +54,8 @@ class Prepared:
     def writer_context(self) -> dict:
         sm = self.model
         return {"spec_hash": self.spec_hash, "model_version": sm.version, "image_size": self.image_size,
-                "codec": sm.codec_info, "class_ids": dict(zip(sm.scenarios, sm.class_ids)), "attempt": self.attempt}
+                "native_size": sm.image_size, "codec": sm.codec_info,
+                "class_ids": dict(zip(sm.scenarios, sm.class_ids)), "attempt": self.attempt}
 
 
 def absolute_local_paths(job: GenerateJob) -> GenerateJob:
@@ -69,6 +71,9 @@ def absolute_local_paths(job: GenerateJob) -> GenerateJob:
     job.output.uri = storage.absolute(job.output.uri)
     if job.spec.balance is not None:
         job.spec.balance.source = storage.absolute(job.spec.balance.source)
+    if job.spec.transfer is not None:
+        t = job.spec.transfer
+        t.source, t.labels, t.images = (storage.absolute(u) if u else u for u in (t.source, t.labels, t.images))
     job.tracking.tracking_uri = tracking.absolute_tracking_uri(job.tracking.tracking_uri)
     return job
 
@@ -115,16 +120,21 @@ def prepare(job: GenerateJob) -> Prepared:
                         f"{sm.model.in_channels} latent channels")
     if problems:
         raise SpecError(problems)
-    existing = None
-    if job.spec.balance is not None:
-        existing = existing_scenario_counts(job.spec.balance.source, sm.scenarios)
-        log.info("balance source %s has %s", job.spec.balance.source, existing)
-    counts = resolve_counts(job.spec, sm.scenarios, existing)
-    plan = plan_items(counts, job.spec.base_seed, job.spec.shard_size)
+    if job.spec.transfer is not None:
+        plan = plan_transfer(job, sm.scenarios)
+    else:
+        existing = None
+        if job.spec.balance is not None:
+            existing = existing_scenario_counts(job.spec.balance.source, sm.scenarios)
+            log.info("balance source %s has %s", job.spec.balance.source, existing)
+        counts = resolve_counts(job.spec, sm.scenarios, existing)
+        plan = plan_items(counts, job.spec.base_seed, job.spec.shard_size)
     image_size = job.output.image_size or sm.image_size
     document = spec_document(plan, model_digest=sm.digest,
                              sampler=dataset.manifest_settings(job.sampler),
                              image_size=image_size, codec=sm.codec_id)
+    if job.spec.transfer is not None:
+        document["transfer"] = plan.document()
     sm.model = None  # the driver only plans; actors load their own copy
     return Prepared(job, sm, plan, document, spec_hash(document), image_size, tracking_uri)
 
