@@ -25,6 +25,7 @@ from drivedit.data.bdd100k import LabelFileError, SourceFrames
 from drivedit.data.encode_stages import decode_and_crop, read_image_bytes
 from drivedit.data.layout import crop_segmentation, place_boxes
 from drivedit.data.sources import read_source
+from drivedit.generate.spec import ShardedItems, SpecError
 
 MASKS_DIR = "labels/sem_seg/masks"  # BDD100K's place for semantic segmentation, under the dataset root
 NO_MASK = 255  # BDD100K's ignore id: a mask of it everywhere means the source frame had none
@@ -97,7 +98,7 @@ def source_records(section, source: SourceFrames) -> list[dict]:
 
 
 @dataclass(frozen=True)
-class TransferPlan:
+class TransferPlan(ShardedItems):
     """The items of a transfer spec, with ItemPlan's interface: frame f into target j is item f * J + j."""
 
     records: list[dict]
@@ -110,14 +111,6 @@ class TransferPlan:
     @property
     def num_items(self) -> int:
         return len(self.records) * len(self.targets)
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_items // self.shard_size)
-
-    def shard_range(self, shard: int) -> range:
-        start = shard * self.shard_size
-        return range(start, min(start + self.shard_size, self.num_items))
 
     def item(self, i: int) -> dict:
         f, j = divmod(i, len(self.targets))
@@ -139,8 +132,6 @@ class TransferPlan:
 
 def plan_transfer(job, vocabulary: list[str]):
     """Read and check the source, then plan. Raises SpecError listing every problem at once."""
-    from drivedit.generate.spec import SpecError
-
     section = job.spec.transfer
     source, read_error = None, None
     try:

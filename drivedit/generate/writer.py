@@ -77,7 +77,8 @@ def write_shards(batch: dict[str, np.ndarray], job: dict, context: dict) -> dict
 def write_shard(job: GenerateJob, context: dict, shard: int, items: list[dict], pixels: np.ndarray,
                 labels: list[dict | None] | None = None, masks: bytes = b"") -> None:
     """Write one shard's PNGs (each atomically), a transfer's masks, then its manifest part: the part says
-    the shard is complete. `labels` holds each transferred item's boxes in model-resolution pixels."""
+    the shard is complete. `labels` holds each transferred item's boxes in model-resolution pixels (None for
+    a sampled item), `masks` their (N, res, res) uint8 segmentation or b"" when no source had one."""
     uri, size = job.output.uri, context["image_size"]
     settings = dataset.manifest_settings(job.sampler)
     names = [dataset.image_name(shard, it["index"]) for it in items]
@@ -94,7 +95,7 @@ def write_shard(job: GenerateJob, context: dict, shard: int, items: list[dict], 
         storage.write_bytes_atomic(storage.join(uri, dataset.IMAGES_DIR, name), encode_png(image))
         carried = labels[k]
         if carried is not None:
-            carried = {"boxes": transfer.scale_boxes(carried["boxes"], native, size)}
+            carried = {"boxes": transfer.scale_boxes(carried, native, size)}
             if mask_stack is not None and it.get("segmentation"):
                 transfer.write_mask(uri, name, mask_stack[k], size)
         weather, timeofday = dataset.scenario_attributes(it["scenario"])
