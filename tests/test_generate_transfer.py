@@ -162,7 +162,7 @@ def test_transfer_job_carries_labels_and_resumes_byte_identical(models, source, 
     for k in done - {min(done)}:  # leave one shard complete, one to redo
         (broken / f"manifest/part-{k:05d}.parquet").unlink()
     second = run_generate(job)
-    assert second["complete"] and second["resumed"]
+    assert second["complete"] and second["resumed"] and second["shards_written"] == 1
     a, b = _files(str(whole)), _files(str(broken))
     assert _images(a) == _images(b)
     assert a["labels.json"] == b["labels.json"]
