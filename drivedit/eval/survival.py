@@ -4,15 +4,14 @@ A transfer keeps its source's boxes; if the re-rendered picture no longer shows 
 boxes say, a detector trained on real frames finds fewer of them against those labels, and the ratio
 drops below 1. The detector is not run here: it takes its predictions as COCO detection results JSON
 ([{image_id, category_id, bbox: [x, y, w, h], score}], what `drivedit detect` and most detectors write),
-scored against a dataset's BDD100K labels.json with pycocotools' COCOeval (AP at IoU 0.5, all areas).
+scored against a dataset's BDD100K labels.json by the detect job's COCOeval scoring
+(drivedit.detect.evaluate: AP at IoU 0.5, all areas).
 
 `image_id` may be the frame's `name` (as labels.json spells it) or its 0-based position in labels.json;
 `category_id` may be the category name or its position in `categories`.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import numpy as np
@@ -21,18 +20,17 @@ from drivedit import storage
 from drivedit.data.bdd100k import Frame, load_label_file
 
 
-def _coco_ground_truth(frames: list[Frame], categories: list[str]) -> dict:
-    images, annotations = [], []
+def _ground_truth(frames: list[Frame], categories: list[str]) -> dict:
+    """The frames' boxes of `categories` as COCO instances JSON (the detect job's layout: ids are positions + 1)."""
+    from drivedit.detect.evaluate import GroundTruthImage, coco_ground_truth
+
     cat_id = {c: i + 1 for i, c in enumerate(categories)}
-    for i, f in enumerate(frames):
-        images.append({"id": i + 1, "file_name": f.name})
-        for b in f.boxes:
-            if b.category in cat_id:
-                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cat_id[b.category],
-                                    "bbox": [b.x1, b.y1, b.width, b.height], "area": b.width * b.height,
-                                    "iscrowd": 0})
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": cat_id[c], "name": c} for c in categories]}
+    images = []
+    for f in frames:
+        kept = [b for b in f.boxes if b.category in cat_id]
+        images.append(GroundTruthImage(f.name, "all", 0, 0, np.array([[b.x1, b.y1, b.x2, b.y2] for b in kept]),
+                                       np.array([cat_id[b.category] for b in kept], np.int64)))
+    return coco_ground_truth(images, categories)
 
 
 def _coco_results(predictions: list[dict], frames: list[Frame], categories: list[str], where: str) -> list[dict]:
@@ -65,29 +63,16 @@ def _coco_results(predictions: list[dict], frames: list[Frame], categories: list
 
 
 def ap50(frames: list[Frame], predictions: list[dict], categories: list[str], where: str = "predictions") -> float:
-    """COCO AP at IoU 0.5 (101-point, mean over categories that have ground truth) of `predictions` on
-    `frames`' boxes. NaN when the frames hold no box of `categories`."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    """COCO AP at IoU 0.5 (the detect job's COCOeval scoring, over the categories that have ground truth) of
+    `predictions` on `frames`' boxes. NaN when the frames hold no box of `categories`."""
+    from drivedit.detect.evaluate import evaluate
 
-    gt = COCO()
-    gt.dataset = _coco_ground_truth(frames, categories)
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        gt.createIndex()
-        results = _coco_results(predictions, frames, categories, where)
-        if not gt.dataset["annotations"]:
-            return float("nan")
-        if not results:
-            return 0.0
-        dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, iouType="bbox")
-        ev.params.iouThrs = np.array([0.5])
-        ev.evaluate()
-        ev.accumulate()
-    precision = ev.eval["precision"][0, :, :, 0, -1]  # (recall points, categories) at all areas, max dets
-    per_category = [precision[:, k][precision[:, k] > -1] for k in range(precision.shape[1])]
-    scored = [p.mean() for p in per_category if p.size]
-    return float(np.mean(scored)) if scored else float("nan")
+    gt = _ground_truth(frames, categories)
+    results = _coco_results(predictions, frames, categories, where)
+    if not gt["annotations"]:
+        return float("nan")
+    value = evaluate(gt, results, image_size=640)["AP50"]  # the size ranges play no part in AP50 over all areas
+    return float("nan") if value is None else float(value)
 
 
 def _load_predictions(uri: str) -> list[dict]:
