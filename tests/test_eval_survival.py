@@ -53,3 +53,21 @@ def test_label_survival_is_the_ratio(tmp_path):
                          str(tmp_path / "orig.json"), str(tmp_path / "orig_pred.json"))
     assert out["ap50_original"] == pytest.approx(1.0) and out["ap50_transferred"] == pytest.approx(0.5)
     assert out["survival"] == pytest.approx(0.5) and out["categories"] == CATS
+
+
+def test_label_survival_from_detect_score_folders(tmp_path):
+    from drivedit.detect.evaluate import GroundTruthImage, coco_ground_truth
+
+    import numpy as np
+
+    gt = coco_ground_truth([GroundTruthImage("a.png", "clear", 64, 64, np.array([[10, 10, 30, 30], [40, 5, 50, 35]]),
+                                             np.array([1, 2]))], CATS)
+    for name, preds in (("orig", PERFECT[:2]), ("moved", PERFECT[:1])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "gt.json").write_text(json.dumps(gt))
+        ids = [{**p, "image_id": 1, "category_id": CATS.index(p["category_id"]) + 1} for p in preds]
+        (tmp_path / name / "predictions.json").write_text(json.dumps(ids))
+    from drivedit.eval.survival import label_survival_from_scores
+
+    out = label_survival_from_scores(str(tmp_path / "moved"), str(tmp_path / "orig"))
+    assert out["ap50_original"] == pytest.approx(1.0) and out["survival"] == pytest.approx(0.5)

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a detector's COCO results JSON on the --fake (transferred) images")
     sv.add_argument("--original-labels", help="labels.json of the transfer's source frames")
     sv.add_argument("--original-predictions", help="the same detector's COCO results JSON on the source images")
+    sv.add_argument("--transferred-scores", help="instead: `drivedit detect --eval-only` scores folder (gt.json, "
+                                                 "predictions.json) of the transferred dataset")
+    sv.add_argument("--original-scores", help="the same detector's scores folder on the source frames")
     ap.add_argument("--json", dest="json_out", help="also write the full result as JSON to this path or URI")
     mlf = ap.add_mutually_exclusive_group()
     mlf.add_argument("--mlflow-run", metavar="RUN",
@@ -94,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(survival_args) and not all(survival_args):
         parser.error("label survival needs all of --transferred-predictions, --original-labels and "
                      "--original-predictions")
+    score_args = (args.transferred_scores, args.original_scores)
+    if any(score_args) and not all(score_args):
+        parser.error("label survival from score folders needs both --transferred-scores and --original-scores")
+    if all(score_args) and any(survival_args):
+        parser.error("give label survival either as predictions (--transferred-predictions, ...) or as score "
+                     "folders (--transferred-scores, --original-scores), not both")
     from drivedit.eval.evaluate import evaluate_folders  # torch import only once the arguments are good
     from drivedit.eval.mlflow_log import log_result, target_run
 
@@ -113,14 +122,18 @@ def main(argv: list[str] | None = None) -> int:
             result["label_survival"] = label_survival(storage.join(args.fake, "labels.json"),
                                                       args.transferred_predictions, args.original_labels,
                                                       args.original_predictions)
+        elif all(score_args):
+            from drivedit.eval.survival import label_survival_from_scores
+
+            result["label_survival"] = label_survival_from_scores(*score_args)
     except (ValueError, FileNotFoundError) as err:
         print(f"drivedit eval: {err}", file=sys.stderr)
         return 2
     print(format_report(result))
     if "label_survival" in result:
         ls = result["label_survival"]
-        print(f"\nlabel survival: AP50 {ls['ap50_transferred']:.3f} on {ls['num_transferred']} transferred frames / "
-              f"{ls['ap50_original']:.3f} on {ls['num_original']} originals = {ls['survival']:.3f}")
+        print(f"\nlabel survival: AP50 {ls['ap50_transferred']:.3f} on the transferred frames / "
+              f"{ls['ap50_original']:.3f} on their originals = {ls['survival']:.3f}")
     if args.json_out:
         storage.write_text_atomic(args.json_out, json.dumps(result, indent=2))
         print(f"\nwrote {args.json_out}")

@@ -100,3 +100,24 @@ def label_survival(transferred_labels: str, transferred_predictions: str, origin
     survival = a_t / a_o if a_o > 0 and np.isfinite(a_t) else float("nan")
     return {"ap50_transferred": a_t, "ap50_original": a_o, "survival": survival, "categories": categories,
             "num_transferred": len(transferred), "num_original": len(original)}
+
+
+def _scores_ap50(scores_dir: str) -> float:
+    """AP50 of a `drivedit detect --eval-only` scores folder, rescored from its gt.json and predictions.json."""
+    from drivedit.detect.evaluate import evaluate
+
+    gt = json.loads(storage.read_bytes(storage.join(scores_dir, "gt.json")))
+    results = _load_predictions(storage.join(scores_dir, "predictions.json"))
+    if not gt.get("annotations"):
+        return float("nan")
+    value = evaluate(gt, results, image_size=640)["AP50"]
+    return float("nan") if value is None else float(value)
+
+
+def label_survival_from_scores(transferred_scores: str, original_scores: str) -> dict:
+    """Label survival from two score folders of the detect job (`drivedit detect --eval-only --data.val DIR`
+    run once on the transferred dataset and once on its source): each holds gt.json and predictions.json."""
+    a_t, a_o = _scores_ap50(transferred_scores), _scores_ap50(original_scores)
+    survival = a_t / a_o if a_o > 0 and np.isfinite(a_t) else float("nan")
+    return {"ap50_transferred": a_t, "ap50_original": a_o, "survival": survival,
+            "transferred_scores": transferred_scores, "original_scores": original_scores}
