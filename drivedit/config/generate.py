@@ -68,8 +68,27 @@ class LayoutsSection(StrictModel):
         2.0, ge=1.0, description="guidance on the layout (1: none), on top of sampler.guidance on the scenario")
 
 
+class TransferSection(StrictModel):
+    """Condition transfer (SDEdit): real labelled frames re-rendered into target scenarios, labels carried over.
+
+    Checked with the model's vocabulary before sampling (generate/transfer.py), so that a bad strength,
+    an unknown target and a source without labels are reported together.
+    """
+
+    source: str = Field(..., description="a labelled dataset folder (local or s3://) in `format`")
+    format: Literal["bdd100k", "ithaca365", "coco"] = Field(
+        "bdd100k", description="the source's format, read as the encode job reads it (drivedit.data.sources)")
+    labels: str | None = Field(None, description="the label file; default: the format's place under `source`")
+    images: str | None = Field(None, description="the images folder; default: the format's place under `source`")
+    targets: list[str] = Field(..., description="scenarios each source frame is re-rendered into (one image each)")
+    strength: float = Field(
+        0.6, description="SDEdit strength s in (0, 1]: the source latent is noised to t = s * T and denoised "
+                         "under the target; low s keeps the frame (and its labels), high s follows the target")
+    max_frames: int | None = Field(None, ge=1, description="use only the first N labelled source frames")
+
+
 class SpecSection(StrictModel):
-    """What to generate: exactly one of `counts`, `fractions` with `total`, `balance`, or `layouts`."""
+    """What to generate: exactly one of `counts`, `fractions` with `total`, `balance`, `layouts` or `transfer`."""
 
     counts: dict[str, int] | None = Field(
         None, description="images per scenario, e.g. {rainy: 500, snowy: 500, night: 1000}")
@@ -81,6 +100,8 @@ class SpecSection(StrictModel):
         None, description="generate what each scenario of an existing dataset lacks to reach the same count")
     layouts: LayoutsSection | None = Field(
         None, description="render the layouts of real frames under chosen scenarios (needs a layout branch)")
+    transfer: TransferSection | None = Field(
+        None, description="re-render real labelled frames into target scenarios (SDEdit), keeping their labels")
     base_seed: int = Field(0, ge=0, description="item i is sampled with seed base_seed + i, so reruns reproduce")
     shard_size: int = Field(
         64, ge=1, le=100_000, description="items per output shard (`images/<shard>/`); a shard is the unit of "
@@ -92,9 +113,11 @@ class SpecSection(StrictModel):
         modes = [name for name, on in (("counts", self.counts is not None),
                                        ("fractions", self.fractions is not None or self.total is not None),
                                        ("balance", self.balance is not None),
-                                       ("layouts", self.layouts is not None)) if on]
+                                       ("layouts", self.layouts is not None),
+                                       ("transfer", self.transfer is not None)) if on]
         if len(modes) != 1:
-            problems.append("give exactly one of `counts`, `fractions` with `total`, `balance`, or `layouts` "
+            problems.append("give exactly one of `counts`, `fractions` with `total`, `balance`, `layouts` or "
+                            "`transfer` "
                             f"(got {', '.join(modes) or 'none'})")
         if self.counts is not None:
             negative = [f"{k}={v}" for k, v in self.counts.items() if v < 0]

@@ -1,6 +1,7 @@
 """`drivedit eval --real DIR --fake DIR`: print FID, KID, precision and recall overall and per
 scenario, and condition accuracy when both folders carry labels; log them as MLflow metrics of the
-run that made the fake folder (or `--mlflow-run`), see drivedit/eval/mlflow_log.py."""
+run that made the fake folder (or `--mlflow-run`), see drivedit/eval/mlflow_log.py; and a condition
+transfer's label survival when given a detector's predictions on the transferred and the original frames."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--classifier-steps", type=int, default=300, help="training steps of a classifier trained here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    sv = ap.add_argument_group("label survival of a condition transfer (--fake is the transferred dataset)")
+    sv.add_argument("--transferred-predictions",
+                    help="a detector's COCO results JSON on the --fake (transferred) images")
+    sv.add_argument("--original-labels", help="labels.json of the transfer's source frames")
+    sv.add_argument("--original-predictions", help="the same detector's COCO results JSON on the source images")
+    sv.add_argument("--transferred-scores", help="instead: `drivedit detect --eval-only` scores folder (gt.json, "
+                                                 "predictions.json) of the transferred dataset")
+    sv.add_argument("--original-scores", help="the same detector's scores folder on the source frames")
     ap.add_argument("--json", dest="json_out", help="also write the full result as JSON to this path or URI")
     mlf = ap.add_mutually_exclusive_group()
     mlf.add_argument("--mlflow-run", metavar="RUN",
@@ -82,7 +91,18 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    survival_args = (args.transferred_predictions, args.original_labels, args.original_predictions)
+    if any(survival_args) and not all(survival_args):
+        parser.error("label survival needs all of --transferred-predictions, --original-labels and "
+                     "--original-predictions")
+    score_args = (args.transferred_scores, args.original_scores)
+    if any(score_args) and not all(score_args):
+        parser.error("label survival from score folders needs both --transferred-scores and --original-scores")
+    if all(score_args) and any(survival_args):
+        parser.error("give label survival either as predictions (--transferred-predictions, ...) or as score "
+                     "folders (--transferred-scores, --original-scores), not both")
     from drivedit.eval.evaluate import evaluate_folders  # torch import only once the arguments are good
     from drivedit.eval.mlflow_log import log_result, target_run
 
@@ -96,10 +116,24 @@ def main(argv: list[str] | None = None) -> int:
             inception_weights=args.inception_weights, image_size=args.image_size, scenarios=scenarios,
             k=args.k, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
             classifier_steps=args.classifier_steps, seed=args.seed, device=args.device, log=log, progress=True)
+        if all(survival_args):
+            from drivedit.eval.survival import label_survival
+
+            result["label_survival"] = label_survival(storage.join(args.fake, "labels.json"),
+                                                      args.transferred_predictions, args.original_labels,
+                                                      args.original_predictions)
+        elif all(score_args):
+            from drivedit.eval.survival import label_survival_from_scores
+
+            result["label_survival"] = label_survival_from_scores(*score_args)
     except (ValueError, FileNotFoundError) as err:
         print(f"drivedit eval: {err}", file=sys.stderr)
         return 2
     print(format_report(result))
+    if "label_survival" in result:
+        ls = result["label_survival"]
+        print(f"\nlabel survival: AP50 {ls['ap50_transferred']:.3f} on the transferred frames / "
+              f"{ls['ap50_original']:.3f} on their originals = {ls['survival']:.3f}")
     if args.json_out:
         storage.write_text_atomic(args.json_out, json.dumps(result, indent=2))
         print(f"\nwrote {args.json_out}")

@@ -15,6 +15,8 @@ logged as `eval/result-<step>.json` too.
 """
 from __future__ import annotations
 
+import math
+
 import os
 
 from drivedit import storage
@@ -35,6 +37,9 @@ def eval_metrics(result: dict) -> dict[str, float]:
     clf = result.get("classifier") or {}
     if clf.get("heldout_accuracy") is not None:
         out[f"{PREFIX}.classifier_heldout_accuracy"] = float(clf["heldout_accuracy"])
+    for key, value in (result.get("label_survival") or {}).items():  # a condition transfer's, when asked
+        if key in ("ap50_transferred", "ap50_original", "survival") and math.isfinite(value):
+            out[f"{PREFIX}.label_survival.{key}"] = float(value)
     return out
 
 

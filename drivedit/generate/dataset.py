@@ -4,8 +4,10 @@
     <uri>/images/<shard>/<index>.png     one PNG per item (shard 5 digits, index 8 digits)
     <uri>/manifest/part-<shard>.parquet  written last for a shard: it marks the shard complete
     <uri>/manifest.parquet               every item, sorted by index (written when all shards are complete)
-    <uri>/labels.json                    BDD100K frames (name relative to images/, weather, timeofday, scene)
+    <uri>/labels.json                    BDD100K frames (name relative to images/, weather, timeofday, scene;
+                                         a condition transfer's carried box2d labels)
     <uri>/coco.json, labels/, dataset.yaml  COCO / YOLO labels of the same frames, when output.label_formats asks
+    <uri>/labels/sem_seg/masks/<shard>/<index>.png   a transfer's carried segmentation (BDD100K's layout)
     <uri>/mlflow_run.json                the MLflow run of this dataset (when tracking is on), for reruns
     <uri>/attempt.json                   the id of the execution now writing the dataset (see below)
 
@@ -34,7 +36,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from drivedit import storage
-from drivedit.data.bdd100k import Frame, write_label_file
+from drivedit.data.bdd100k import Box, Frame, write_label_file
 
 SPEC_FILE = "spec.json"
 ATTEMPT_FILE = "attempt.json"
@@ -64,6 +66,11 @@ MANIFEST_SCHEMA = pa.schema([
     ("guide_channels", pa.int32()),
     ("source_frame", pa.string()),  # spec.layouts: the real frame whose layout the image renders
     ("labels", pa.string()),  # spec.layouts: JSON list of BDD100K box2d labels in the image's pixels
+    # condition transfer only (null otherwise): the source frame's name, the SDEdit strength, and its
+    # carried boxes in the written image's pixels, JSON [{category, attributes, box2d: [x1, y1, x2, y2]}]
+    ("source", pa.string()),
+    ("strength", pa.float64()),
+    ("boxes", pa.string()),
 ])
 
 
@@ -199,9 +206,17 @@ def write_part(uri: str, shard: int, rows: list[dict]) -> None:
 
 
 def read_parts(uri: str, shards: list[int]) -> pa.Table:
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(part_uri(uri, k)))) for k in shards]
+    # parts written before the transfer columns existed read as nulls in them
+    tables = [_with_schema(pq.read_table(io.BytesIO(storage.read_bytes(part_uri(uri, k))))) for k in shards]
     table = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
     return table.sort_by("index")
+
+
+def _with_schema(table: pa.Table) -> pa.Table:
+    for f in MANIFEST_SCHEMA:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(len(table), f.type))
+    return table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
 
 
 def finalize(uri: str, num_items: int, num_shards: int, label_formats: list[str] | tuple[str, ...] = ()) -> pa.Table:
@@ -248,16 +263,23 @@ def read_manifest(uri: str) -> pa.Table:
 
 def label_frames(table: pa.Table) -> list[Frame]:
     """BDD100K frames of the manifest: name (relative to images/), weather, timeofday, and the box2d labels of
-    frames made from a layout."""
-    from drivedit.data.bdd100k import Box
-
+    frames made from a layout (`labels`) or transferred from a real frame (`boxes`)."""
     cols = table.select(["name", "weather", "timeofday"]).to_pydict()
-    labels = table.column("labels").to_pylist() if "labels" in table.column_names else [None] * table.num_rows
+    empty = [None] * table.num_rows
+    layout_labels = table.column("labels").to_pylist() if "labels" in table.column_names else empty
+    carried = table.column("boxes").to_pylist() if "boxes" in table.column_names else empty
     frames = []
-    for n, w, t, lab in zip(cols["name"], cols["weather"], cols["timeofday"], labels):
-        boxes = [Box(b["category"], b["x1"], b["y1"], b["x2"], b["y2"]) for b in json.loads(lab)] if lab else []
+    for n, w, t, lab, car in zip(cols["name"], cols["weather"], cols["timeofday"], layout_labels, carried):
+        boxes = ([Box(b["category"], b["x1"], b["y1"], b["x2"], b["y2"]) for b in json.loads(lab)] if lab
+                 else _boxes(car))
         frames.append(Frame(name=n, weather=w, timeofday=t, boxes=boxes))
     return frames
+
+
+def _boxes(boxes_json: str | None) -> list[Box]:
+    if not boxes_json:
+        return []
+    return [Box(b["category"], *b["box2d"], attributes=b.get("attributes") or {}) for b in json.loads(boxes_json)]
 
 
 def manifest_row_count(uri: str) -> int | None:

@@ -28,6 +28,7 @@ from drivedit.config.generate import GenerateJob
 from drivedit.generate import dataset
 from drivedit.generate.model_ref import SamplingModel, load_sampling_model
 from drivedit.generate.report import log_summary, start_tracking
+from drivedit.generate.transfer import TransferPlan, plan_transfer
 from drivedit.generate.spec import (ItemPlan, SpecError, existing_scenario_counts, plan_items, resolve_counts,
                                     spec_document, spec_hash)
 from drivedit.logs import setup_logging
@@ -42,7 +43,7 @@ class Prepared:
 
     job: GenerateJob
     model: SamplingModel  # its weights are dropped once the facts below are read
-    plan: ItemPlan
+    plan: ItemPlan | TransferPlan
     document: dict
     spec_hash: str
     image_size: int
@@ -53,7 +54,9 @@ class Prepared:
     def writer_context(self) -> dict:
         sm = self.model
         return {"spec_hash": self.spec_hash, "model_version": sm.version, "image_size": self.image_size,
-                "codec": sm.codec_info, "class_ids": dict(zip(sm.scenarios, sm.class_ids)), "attempt": self.attempt,
+        return {"spec_hash": self.spec_hash, "model_version": sm.version, "image_size": self.image_size,
+                "native_size": sm.image_size, "codec": sm.codec_info,
+                "class_ids": dict(zip(sm.scenarios, sm.class_ids)), "attempt": self.attempt,
                 "box_categories": self.document.get("layouts", {}).get("box_categories", [])}
 
 
@@ -74,6 +77,9 @@ def absolute_local_paths(job: GenerateJob) -> GenerateJob:
         job.spec.layouts.source = storage.absolute(job.spec.layouts.source)
         if job.spec.layouts.images:
             job.spec.layouts.images = storage.absolute(job.spec.layouts.images)
+    if job.spec.transfer is not None:
+        t = job.spec.transfer
+        t.source, t.labels, t.images = (storage.absolute(u) if u else u for u in (t.source, t.labels, t.images))
     job.tracking.tracking_uri = tracking.absolute_tracking_uri(job.tracking.tracking_uri)
     return job
 
@@ -152,6 +158,8 @@ def prepare(job: GenerateJob) -> Prepared:
         log.info("balance source %s has %s", job.spec.balance.source, existing)
     if job.spec.layouts is not None:
         plan, layouts = _layout_plan(job, sm)
+    elif job.spec.transfer is not None:
+        plan = plan_transfer(job, sm.scenarios)
     else:
         counts = resolve_counts(job.spec, sm.scenarios, existing)
         plan = plan_items(counts, job.spec.base_seed, job.spec.shard_size)
@@ -159,6 +167,8 @@ def prepare(job: GenerateJob) -> Prepared:
     document = spec_document(plan, model_digest=sm.digest,
                              sampler=dataset.manifest_settings(job.sampler),
                              image_size=image_size, codec=sm.codec_id, layouts=layouts)
+    if job.spec.transfer is not None:
+        document["transfer"] = plan.document()
     sm.model = None  # the driver only plans; actors load their own copy
     return Prepared(job, sm, plan, document, spec_hash(document), image_size, tracking_uri)
 

@@ -204,9 +204,16 @@ class DiTSampler:
 
     @torch.no_grad()  # not inference_mode: under it autocast casts every weight again at every step
     def sample(self, labels: torch.Tensor, seeds: Sequence[int], settings: SamplerSettings,
-               uncond_labels: torch.Tensor | None = None, layout: torch.Tensor | None = None) -> torch.Tensor:
+               uncond_labels: torch.Tensor | None = None, layout: torch.Tensor | None = None,
+               init_latents: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
         """Latents (N, C, h, w) on the sampler's device for labels (N,), one seed per item; `layout`
-        (N, K_in, h, w) conditions a model with a layout branch (models/control.layout_input makes it)."""
+        (N, K_in, h, w) conditions a model with a layout branch (models/control.layout_input makes it).
+
+        With `init_latents` (N, C, h, w) this is SDEdit: each latent is noised with q_sample to the
+        first of the sampler's timesteps below strength * T (its own seed's noise), and only
+        the steps from there on are run. Strength 0 returns the latents unchanged; strength 1 starts
+        from (almost) pure noise, like plain sampling.
+        """
         settings.validate(self.num_train_timesteps)
         cfg = self.config
         if settings.guide_channels is not None and settings.guide_channels > cfg.in_channels:
@@ -228,12 +235,21 @@ class DiTSampler:
         # timesteps stay on the CPU: the scheduler's table lookups then never wait on the GPU;
         # the model gets a device copy made once
         scheduler.set_timesteps(settings.steps)
-        model_timesteps = scheduler.timesteps.to(self.device)  # (S,)
         # CPU generators: the same seed gives the same noise on every device
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size)
         x = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)  # (N, C, h, w)
-        x = x * scheduler.init_noise_sigma
+        timesteps = scheduler.timesteps
+        if init_latents is not None:
+            timesteps = sdedit_timesteps(timesteps, strength, self.num_train_timesteps)
+            x0 = self._init_latents(init_latents, shape)
+            if len(timesteps) == 0:
+                return x0
+            # q_sample: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at the first step that will run
+            x = scheduler.add_noise(x0, x, timesteps[:1].expand(n))
+        else:
+            x = x * scheduler.init_noise_sigma
+        model_timesteps = timesteps.to(self.device)  # (S',)
         # DDPM consumes the learned variance; DDIM (and fixed-variance DDPM) only eps
         keep = 2 * cfg.in_channels if settings.sampler == "ddpm" and cfg.learn_sigma else cfg.in_channels
         # one autocast region for the whole loop so weight casts are cached across steps; a caller's
@@ -243,9 +259,24 @@ class DiTSampler:
         casting = amp or (self.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(self.device.type))
         with torch.autocast("cuda", dtype=self.amp_dtype) if amp else contextlib.nullcontext(), \
                 cached_weight_casts(self.model, casting):
-            for i, t in enumerate(scheduler.timesteps):
+            for i, t in enumerate(timesteps):
                 x_in = scheduler.scale_model_input(x, t)
                 out = self.predict(x_in, model_timesteps[i].expand(n), labels, uncond, settings,
                                    layout)  # (N, C_out, h, w)
                 x = scheduler.step(out[:, :keep], t, x, generator=generators).prev_sample  # (N, C, h, w)
         return x
+
+    def _init_latents(self, init_latents: torch.Tensor, shape: tuple) -> torch.Tensor:
+        init = torch.as_tensor(init_latents).to(self.device, torch.float32)
+        if tuple(init.shape) != shape:
+            raise ValueError(f"init_latents have shape {tuple(init.shape)}; this model samples {shape}")
+        return init
+
+
+def sdedit_timesteps(timesteps: torch.Tensor, strength: float, num_train_timesteps: int) -> torch.Tensor:
+    """The tail of a scheduler's (descending) timesteps that SDEdit at `strength` runs: those below
+    strength * T, so the start is t = s * T rounded down to the sampler's grid and strength 0 runs none."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must lie in [0, 1], got {strength!r}")
+    return timesteps[timesteps < strength * num_train_timesteps]
+

@@ -127,8 +127,23 @@ def resolve_counts(spec, vocabulary: list[str], existing: dict[str, int] | None 
 # ----------------------------------------------------------------------------- items and shards
 
 
+class ShardedItems:
+    """Items 0..num_items-1 cut into shards of shard_size, in order (ItemPlan, transfer's TransferPlan)."""
+
+    num_items: int
+    shard_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_items // self.shard_size)
+
+    def shard_range(self, shard: int) -> range:
+        start = shard * self.shard_size
+        return range(start, min(start + self.shard_size, self.num_items))
+
+
 @dataclass(frozen=True)
-class ItemPlan:
+class ItemPlan(ShardedItems):
     """Every item of a spec: index i has seed base_seed + i and scenario `scenarios[scenario_pos[i]]`."""
 
     scenarios: list[str]  # the scenarios with a count > 0, in vocabulary order
@@ -140,14 +155,6 @@ class ItemPlan:
     @property
     def num_items(self) -> int:
         return int(self.scenario_pos.shape[0])
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_items // self.shard_size)
-
-    def shard_range(self, shard: int) -> range:
-        start = shard * self.shard_size
-        return range(start, min(start + self.shard_size, self.num_items))
 
     def shard_items(self, shard: int) -> list[dict]:
         """The items of one shard as plain dicts {index, seed, scenario}."""

@@ -56,6 +56,8 @@ class ShardSampler:
                                   clip_x0=sample_clip_range(self.sm.codec_kind))
         self.settings = sampler_settings(self.job)
         self.codec = self.sm.load_codec(self.device) if self.job.output.decode_on == "actor" else None
+        self.source_codec = None  # loaded on the first transfer item
+        self.labels: dict[int, dict] = {}  # transfer items' carried labels, by index, until their shard is sent
 
     @torch.inference_mode()
     def sample_items(self, items: list[dict]) -> torch.Tensor:
@@ -69,21 +71,44 @@ class ShardSampler:
             seeds = [int(it["seed"]) for it in chunk]
             uncond = self.sm.superclass_of(labels) if self.settings.guidance_kind == "superclass" else None
             layout = None
-            if "boxes" in chunk[0]:  # spec.layouts: the frame's boxes on the latent grid
+            if "source_frame" in chunk[0]:  # spec.layouts: the frame's boxes on the latent grid
                 from drivedit.generate.layouts import layout_maps
 
                 spec = self.sm.model.layout_branch.spec
                 layout = layout_maps(chunk, len(spec.box_categories), self.sm.model.config.input_size)  # (n, K, h, w)
-            latents = self.sampler.sample(labels, seeds, self.settings, uncond_labels=uncond,
-                                          layout=layout)  # (n, C, h, w)
+            init, strength = None, 1.0
+            if "source" in chunk[0]:  # condition transfer: SDEdit from the source frames' latents
+                init = self.source_latents(chunk)  # (n, C, h, w)
+                strength = float(chunk[0]["strength"])
+            latents = self.sampler.sample(labels, seeds, self.settings, uncond_labels=uncond, layout=layout,
+                                          init_latents=init, strength=strength)  # (n, C, h, w)
             out.append(latents.float())
         return torch.cat(out)
 
+    def source_latents(self, items: list[dict]) -> torch.Tensor:
+        """Latents (n, C, h, w) of transfer items' source frames; their labels are kept for the writer."""
+        from drivedit.generate.transfer import encode_sources, load_source
+
+        if self.source_codec is None:
+            self.source_codec = self.codec or self.sm.load_codec(self.device)
+        images = []
+        for it in items:
+            image, boxes, mask = load_source(it, self.sm.image_size)
+            images.append(image)
+            self.labels[it["index"]] = {"boxes": boxes, "mask": mask}
+        return encode_sources(self.source_codec, np.stack(images), self.device)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows: dict[str, list] = {"shard": [], "items": [], "kind": [], "payload": [], "shape": [], "sample_s": []}
+        rows: dict[str, list] = {"shard": [], "items": [], "kind": [], "payload": [], "shape": [], "sample_s": [],
+                                 "labels": [], "masks": []}
         for shard, items_json in zip(batch["shard"], batch["items"]):
             t0 = time.perf_counter()
-            latents = self.sample_items(json.loads(items_json))  # (N, C, h, w)
+            items = json.loads(items_json)
+            self.labels.clear()
+            latents = self.sample_items(items)  # (N, C, h, w)
+            labels, masks = self.carried_labels(items)
+            rows["labels"].append(labels)
+            rows["masks"].append(masks)
             if self.codec is not None:
                 array, kind = decode_to_uint8(self.codec, latents), "images"  # (N, H, W, 3) uint8
             else:
@@ -95,3 +120,18 @@ class ShardSampler:
             rows["shape"].append(json.dumps(list(array.shape)))
             rows["sample_s"].append(time.perf_counter() - t0)
         return rows
+
+    def carried_labels(self, items: list[dict]) -> tuple[str, bytes]:
+        """(JSON list of each item's boxes in model-resolution pixels or null, (N, res, res) uint8 masks or b"")."""
+        if not self.labels:
+            return json.dumps([None] * len(items)), b""
+        from drivedit.generate.transfer import NO_MASK
+
+        res = self.sm.image_size
+        boxes = [self.labels[it["index"]]["boxes"] for it in items]
+        masks = [self.labels[it["index"]]["mask"] for it in items]
+        if all(m is None for m in masks):
+            return json.dumps(boxes), b""
+        stack = np.stack([m if m is not None else np.full((res, res), NO_MASK, np.uint8) for m in masks])
+        return json.dumps(boxes), stack.tobytes()  # (N, res, res) uint8
+

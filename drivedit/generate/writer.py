@@ -17,7 +17,7 @@ from PIL import Image
 from drivedit import storage
 from drivedit.config.base import validate_config
 from drivedit.config.generate import GenerateJob
-from drivedit.generate import dataset
+from drivedit.generate import dataset, transfer
 from drivedit.generate.images import decode_to_uint8, encode_png
 from drivedit.generate.layouts import pixel_labels
 from drivedit.models.codec import load_codec
@@ -50,8 +50,9 @@ def write_shards(batch: dict[str, np.ndarray], job: dict, context: dict) -> dict
     cfg = validate_config(GenerateJob, job, "generate job (writer)")
     limit_threads(cfg.scaling.cpus_per_write_task)
     out: dict[str, list] = {"shard": [], "num_images": [], "scenarios": [], "sample_s": [], "write_s": []}
-    for shard, items_json, kind, payload, shape, sample_s in zip(
-            batch["shard"], batch["items"], batch["kind"], batch["payload"], batch["shape"], batch["sample_s"]):
+    for shard, items_json, kind, payload, shape, sample_s, labels, masks in zip(
+            batch["shard"], batch["items"], batch["kind"], batch["payload"], batch["shape"], batch["sample_s"],
+            batch["labels"], batch["masks"]):
         t0 = time.perf_counter()
         items = json.loads(items_json)
         shape = json.loads(shape)
@@ -62,7 +63,7 @@ def write_shards(batch: dict[str, np.ndarray], job: dict, context: dict) -> dict
                 pixels = decode_to_uint8(codec, latents)  # (N, H, W, 3)
         else:
             pixels = np.frombuffer(payload, dtype=np.uint8).reshape(shape)  # (N, H, W, 3)
-        write_shard(cfg, context, int(shard), items, pixels)
+        write_shard(cfg, context, int(shard), items, pixels, json.loads(labels), masks)
         counts: dict[str, int] = {}
         for it in items:
             counts[it["scenario"]] = counts.get(it["scenario"], 0) + 1
@@ -74,8 +75,11 @@ def write_shards(batch: dict[str, np.ndarray], job: dict, context: dict) -> dict
     return out
 
 
-def write_shard(job: GenerateJob, context: dict, shard: int, items: list[dict], pixels: np.ndarray) -> None:
-    """Write one shard's PNGs (each atomically), then its manifest part: the part says the shard is complete."""
+def write_shard(job: GenerateJob, context: dict, shard: int, items: list[dict], pixels: np.ndarray,
+                labels: list[dict | None] | None = None, masks: bytes = b"") -> None:
+    """Write one shard's PNGs (each atomically), a transfer's masks, then its manifest part: the part says
+    the shard is complete. `labels` holds each transferred item's boxes in model-resolution pixels (None for
+    a sampled item), `masks` their (N, res, res) uint8 segmentation or b"" when no source had one."""
     uri, size = job.output.uri, context["image_size"]
     settings = dataset.manifest_settings(job.sampler)
     names = [dataset.image_name(shard, it["index"]) for it in items]
@@ -83,19 +87,28 @@ def write_shard(job: GenerateJob, context: dict, shard: int, items: list[dict], 
     if attempt:
         dataset.check_attempt(uri, attempt, shard)
     dataset.remove_strays(uri, shard, {n.rsplit("/", 1)[-1] for n in names})
+    labels = labels or [None] * len(items)
+    native = context.get("native_size", size)
+    mask_stack = np.frombuffer(masks, np.uint8).reshape(len(items), native, native) if masks else None
     rows = []
-    for it, name, image in zip(items, names, pixels):
+    for k, (it, name, image) in enumerate(zip(items, names, pixels)):
         image = resize(image, size)
         storage.write_bytes_atomic(storage.join(uri, dataset.IMAGES_DIR, name), encode_png(image))
+        carried = labels[k]
+        if carried is not None:
+            carried = {"boxes": transfer.scale_boxes(carried, native, size)}
+            if mask_stack is not None and it.get("segmentation"):
+                transfer.write_mask(uri, name, mask_stack[k], size)
         weather, timeofday = dataset.scenario_attributes(it["scenario"])
-        labels = None
-        if "boxes" in it:  # made from a layout: its boxes are the image's labels, in output pixels
-            labels = json.dumps(pixel_labels(it["boxes"], context["box_categories"], size))
+        layout_labels = None
+        if "source_frame" in it:  # made from a layout: its boxes are the image's labels, in output pixels
+            layout_labels = json.dumps(pixel_labels(it["boxes"], context["box_categories"], size))
         rows.append({"index": it["index"], "seed": it["seed"], "scenario": it["scenario"],
                      "class_id": context["class_ids"][it["scenario"]], "shard": shard, "name": name,
                      "weather": weather, "timeofday": timeofday, "width": size, "height": size,
                      "model_version": context["model_version"], "spec_hash": context["spec_hash"], **settings,
-                     "source_frame": it.get("source_frame"), "labels": labels})
+                     "source_frame": it.get("source_frame"), "labels": layout_labels,
+                     **transfer.manifest_fields(it, carried)})
     if attempt:
         dataset.check_attempt(uri, attempt, shard)
     dataset.write_part(uri, shard, rows)

@@ -1,0 +1,123 @@
+"""Label survival of condition transfer: a detector's AP50 on transferred frames over its AP50 on their originals.
+
+A transfer keeps its source's boxes; if the re-rendered picture no longer shows the objects where the
+boxes say, a detector trained on real frames finds fewer of them against those labels, and the ratio
+drops below 1. The detector is not run here: it takes its predictions as COCO detection results JSON
+([{image_id, category_id, bbox: [x, y, w, h], score}], what `drivedit detect` and most detectors write),
+scored against a dataset's BDD100K labels.json by the detect job's COCOeval scoring
+(drivedit.detect.evaluate: AP at IoU 0.5, all areas).
+
+`image_id` may be the frame's `name` (as labels.json spells it) or its 0-based position in labels.json;
+`category_id` may be the category name or its position in `categories`.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from drivedit import storage
+from drivedit.data.bdd100k import Frame, load_label_file
+
+
+def _ground_truth(frames: list[Frame], categories: list[str]) -> dict:
+    """The frames' boxes of `categories` as COCO instances JSON (the detect job's layout: ids are positions + 1)."""
+    from drivedit.detect.evaluate import GroundTruthImage, coco_ground_truth
+
+    cat_id = {c: i + 1 for i, c in enumerate(categories)}
+    images = []
+    for f in frames:
+        kept = [b for b in f.boxes if b.category in cat_id]
+        images.append(GroundTruthImage(f.name, "all", 0, 0, np.array([[b.x1, b.y1, b.x2, b.y2] for b in kept]),
+                                       np.array([cat_id[b.category] for b in kept], np.int64)))
+    return coco_ground_truth(images, categories)
+
+
+def _coco_results(predictions: list[dict], frames: list[Frame], categories: list[str], where: str) -> list[dict]:
+    """Predictions with image and category ids mapped onto the ground truth's; raises ValueError naming
+    every prediction that refers to an unknown image or category."""
+    by_name = {f.name: i + 1 for i, f in enumerate(frames)}
+    cat_id = {c: i + 1 for i, c in enumerate(categories)}
+    out, problems = [], []
+    for k, p in enumerate(predictions):
+        img, cat = p.get("image_id"), p.get("category_id")
+        image_id = by_name.get(img) if isinstance(img, str) else (img + 1 if isinstance(img, int)
+                                                                   and 0 <= img < len(frames) else None)
+        category = cat_id.get(cat) if isinstance(cat, str) else (cat + 1 if isinstance(cat, int)
+                                                                  and 0 <= cat < len(categories) else None)
+        bbox = p.get("bbox")
+        if image_id is None:
+            problems.append(f"prediction {k}: image_id {img!r} is neither a frame name nor a position in labels.json")
+        if category is None:
+            problems.append(f"prediction {k}: category_id {cat!r} is not one of {', '.join(categories)} "
+                            f"(or a position in that list)")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            problems.append(f"prediction {k}: bbox must be [x, y, width, height], got {bbox!r}")
+        if image_id is not None and category is not None and not problems:
+            out.append({"image_id": image_id, "category_id": category, "bbox": [float(v) for v in bbox],
+                        "score": float(p.get("score", 1.0))})
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ValueError(f"{where}: " + "; ".join(problems[:10]) + more)
+    return out
+
+
+def ap50(frames: list[Frame], predictions: list[dict], categories: list[str], where: str = "predictions") -> float:
+    """COCO AP at IoU 0.5 (the detect job's COCOeval scoring, over the categories that have ground truth) of
+    `predictions` on `frames`' boxes. NaN when the frames hold no box of `categories`."""
+    from drivedit.detect.evaluate import evaluate
+
+    gt = _ground_truth(frames, categories)
+    results = _coco_results(predictions, frames, categories, where)
+    if not gt["annotations"]:
+        return float("nan")
+    value = evaluate(gt, results, image_size=640)["AP50"]  # the size ranges play no part in AP50 over all areas
+    return float("nan") if value is None else float(value)
+
+
+def _load_predictions(uri: str) -> list[dict]:
+    try:
+        data = json.loads(storage.read_bytes(uri))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"detector predictions not found: {uri}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{uri}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{uri}: expected COCO detection results, a JSON list of "
+                         "{image_id, category_id, bbox, score}")
+    return data
+
+
+def label_survival(transferred_labels: str, transferred_predictions: str, original_labels: str,
+                   original_predictions: str, categories: list[str] | None = None) -> dict:
+    """{ap50_transferred, ap50_original, survival = their ratio, categories} from two labels.json and the
+    detector's COCO results on each set of images. `categories` default: those of the originals' boxes."""
+    transferred, original = load_label_file(transferred_labels), load_label_file(original_labels)
+    if categories is None:
+        categories = sorted({b.category for f in original for b in f.boxes})
+    a_t = ap50(transferred, _load_predictions(transferred_predictions), categories, transferred_predictions)
+    a_o = ap50(original, _load_predictions(original_predictions), categories, original_predictions)
+    survival = a_t / a_o if a_o > 0 and np.isfinite(a_t) else float("nan")
+    return {"ap50_transferred": a_t, "ap50_original": a_o, "survival": survival, "categories": categories,
+            "num_transferred": len(transferred), "num_original": len(original)}
+
+
+def _scores_ap50(scores_dir: str) -> float:
+    """AP50 of a `drivedit detect --eval-only` scores folder, rescored from its gt.json and predictions.json."""
+    from drivedit.detect.evaluate import evaluate
+
+    gt = json.loads(storage.read_bytes(storage.join(scores_dir, "gt.json")))
+    results = _load_predictions(storage.join(scores_dir, "predictions.json"))
+    if not gt.get("annotations"):
+        return float("nan")
+    value = evaluate(gt, results, image_size=640)["AP50"]
+    return float("nan") if value is None else float(value)
+
+
+def label_survival_from_scores(transferred_scores: str, original_scores: str) -> dict:
+    """Label survival from two score folders of the detect job (`drivedit detect --eval-only --data.val DIR`
+    run once on the transferred dataset and once on its source): each holds gt.json and predictions.json."""
+    a_t, a_o = _scores_ap50(transferred_scores), _scores_ap50(original_scores)
+    survival = a_t / a_o if a_o > 0 and np.isfinite(a_t) else float("nan")
+    return {"ap50_transferred": a_t, "ap50_original": a_o, "survival": survival,
+            "transferred_scores": transferred_scores, "original_scores": original_scores}

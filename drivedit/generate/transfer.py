@@ -1,0 +1,205 @@
+"""Condition transfer (`spec.transfer`): real labelled frames re-rendered into target scenarios with SDEdit.
+
+    source frame ──decode_and_crop (the encode job's resize + center crop)──▶ (res, res) image + transform
+                 ──codec.encode (mean)──▶ latent ──q_sample to t = s·T, denoise under the target──▶ image
+    its boxes    ──place_boxes (the same transform)──▶ boxes in the output image's pixels
+    its mask     ──crop_segmentation──▶ labels/sem_seg/masks/<shard>/<index>.png (BDD100K's layout)
+
+Items are frame-major: frame f into target j is item f * len(targets) + j, seed base_seed + index,
+so every generation rule (shards, resume, byte-identical reruns) holds unchanged. The plan carries each
+item's source (image URI, boxes in source pixels, mask URI), so sampler actors read nothing but images.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from drivedit import storage
+from drivedit.data.bdd100k import LabelFileError, SourceFrames
+from drivedit.data.encode_stages import decode_and_crop, read_image_bytes
+from drivedit.data.layout import crop_segmentation, place_boxes
+from drivedit.data.sources import read_source
+from drivedit.generate.spec import ShardedItems, SpecError
+
+MASKS_DIR = "labels/sem_seg/masks"  # BDD100K's place for semantic segmentation, under the dataset root
+NO_MASK = 255  # BDD100K's ignore id: a mask of it everywhere means the source frame had none
+MAX_LISTED = 10  # frames named in one problem line
+
+
+# ----------------------------------------------------------------------------- reading and checking
+
+
+def read_transfer_source(section) -> SourceFrames:
+    """The transfer source's frames, read as the encode job reads that format. Raises LabelFileError."""
+    return read_source(section.format, section.source, section.labels, section.images)
+
+
+def _listed(names: list[str]) -> str:
+    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return ", ".join(names[:MAX_LISTED]) + more
+
+
+def transfer_problems(section, vocabulary: list[str], source: SourceFrames | None, read_error: str | None
+                      ) -> list[str]:
+    """Every reason `section` cannot run against a model with `vocabulary`: strength, targets, the source."""
+    problems = []
+    s = section.strength
+    if not (isinstance(s, (int, float)) and 0.0 < s <= 1.0):
+        problems.append(f"spec.transfer.strength must lie in (0, 1] (the fraction of the noise schedule the source "
+                        f"is noised to), got {s!r}")
+    if not section.targets:
+        problems.append("spec.transfer.targets is empty; name at least one scenario to transfer into")
+    unknown = [t for t in section.targets if t not in vocabulary]
+    if unknown:
+        problems.append(f"spec.transfer.targets: unknown scenario{'s' * (len(unknown) > 1)} "
+                        f"{', '.join(map(repr, unknown))}; the model's vocabulary is: {', '.join(vocabulary)}")
+    if len(set(section.targets)) != len(section.targets):
+        problems.append("spec.transfer.targets names a scenario twice")
+    if read_error is not None:
+        problems.append(f"spec.transfer.source: {read_error}")
+        return problems
+    frames = source.frames
+    if not frames:
+        problems.append(f"spec.transfer.source: {source.source} holds no frames")
+    elif not any(f.boxes for f in frames):
+        problems.append(f"spec.transfer.source: {source.source} has no box2d labels on any of its {len(frames)} "
+                        f"frames; transfer carries a frame's labels over, so give a labelled dataset")
+    broken = [f"{f.name} ({'; '.join(f.broken_boxes)})" for f in frames if f.broken_boxes]
+    if broken:
+        problems.append(f"spec.transfer.source: {len(broken)} frame(s) with unusable boxes: {_listed(broken)}; "
+                        f"fix or remove them")
+    if source.problems:
+        problems.append(f"spec.transfer.source: {len(source.problems)} unresolved reference(s): "
+                        f"{_listed([str(p.get('reason')) for p in source.problems])}")
+    return problems
+
+
+def source_records(section, source: SourceFrames) -> list[dict]:
+    """One record per usable source frame (in label-file order, at most max_frames): what an actor needs."""
+    records = []
+    for f in source.frames:
+        if not f.boxes:
+            continue  # nothing to carry over: an unlabelled frame makes no labelled data
+        records.append({"source": f.name, "source_uri": storage.join(source.images, f.name),
+                        "segmentation": f.segmentation or "",
+                        "boxes": [[b.category, b.x1, b.y1, b.x2, b.y2, b.attributes] for b in f.boxes]})
+        if section.max_frames is not None and len(records) >= section.max_frames:
+            break
+    return records
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class TransferPlan(ShardedItems):
+    """The items of a transfer spec, with ItemPlan's interface: frame f into target j is item f * J + j."""
+
+    records: list[dict]
+    targets: list[str]  # in the spec's order
+    scenarios: list[str]  # the targets in vocabulary order (as ItemPlan.scenarios)
+    strength: float
+    base_seed: int
+    shard_size: int
+
+    @property
+    def num_items(self) -> int:
+        return len(self.records) * len(self.targets)
+
+    def item(self, i: int) -> dict:
+        f, j = divmod(i, len(self.targets))
+        return {"index": i, "seed": self.base_seed + i, "scenario": self.targets[j], "strength": self.strength,
+                **self.records[f]}
+
+    def shard_items(self, shard: int) -> list[dict]:
+        return [self.item(i) for i in self.shard_range(shard)]
+
+    def counts(self) -> dict[str, int]:
+        return {s: len(self.records) * self.targets.count(s) for s in self.scenarios}
+
+    def document(self) -> dict:
+        """What of the source decides the dataset: strength, targets, and a digest of the frames' labels."""
+        digest = hashlib.sha256(json.dumps(self.records, sort_keys=True).encode()).hexdigest()
+        return {"strength": float(self.strength), "targets": self.targets, "num_frames": len(self.records),
+                "frames_sha256": digest}
+
+
+def plan_transfer(job, vocabulary: list[str]):
+    """Read and check the source, then plan. Raises SpecError listing every problem at once."""
+    section = job.spec.transfer
+    source, read_error = None, None
+    try:
+        source = read_transfer_source(section)
+    except (LabelFileError, FileNotFoundError, ValueError) as e:
+        read_error = str(e)
+    problems = transfer_problems(section, vocabulary, source, read_error)
+    if problems:
+        raise SpecError(problems)
+    return TransferPlan(records=source_records(section, source), targets=list(section.targets),
+                        scenarios=[s for s in vocabulary if s in section.targets], strength=float(section.strength),
+                        base_seed=job.spec.base_seed, shard_size=job.spec.shard_size)
+
+
+# ----------------------------------------------------------------------------- on the sampler actor
+
+
+def load_source(item: dict, resolution: int) -> tuple[np.ndarray, list[dict], np.ndarray | None]:
+    """A source frame as the model sees it -> ((res, res, 3) uint8, boxes in crop pixels, (res, res) mask or None).
+
+    Boxes the crop cuts are clipped to it, boxes it removes entirely are dropped (as the encode job does).
+    """
+    data = read_image_bytes(item["source_uri"])
+    image, transform, size = decode_and_crop(data, resolution, "crop")
+    boxes = item["boxes"]
+    placed, _, _ = place_boxes([[k, *b[1:5]] for k, b in enumerate(boxes)], transform, resolution)
+    kept = [{"category": boxes[k][0], "attributes": boxes[k][5],
+             "box2d": [v * resolution for v in xy]} for k, *xy in placed]  # crop pixels
+    mask = None
+    if item.get("segmentation"):
+        mask = crop_segmentation(storage.read_bytes(item["segmentation"]), size, transform, resolution)
+    return image, kept, mask
+
+
+@torch.no_grad()
+def encode_sources(codec, images: np.ndarray, device) -> torch.Tensor:
+    """(N, res, res, 3) uint8 -> latents (N, C, h, w): the codec's posterior mean times its scale factor
+    (the mean, not a draw: SDEdit's own noise is the only randomness, drawn from each item's seed)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)  # (N, 3, H, W)
+    moments = codec.encode(x)  # (N, 2C, h, w)
+    mean = moments.float().chunk(2, dim=1)[0]
+    return mean * float(codec.scale_factor)
+
+
+# ----------------------------------------------------------------------------- on the writer
+
+
+def scale_boxes(boxes: list[dict], resolution: int, size: int) -> list[dict]:
+    """Boxes in crop pixels of the model's resolution -> pixels of the written (size, size) image."""
+    f = size / resolution
+    return [{**b, "box2d": [v * f for v in b["box2d"]]} for b in boxes]
+
+
+def mask_name(image_name: str) -> str:
+    return image_name.rsplit(".", 1)[0] + ".png"
+
+
+def write_mask(uri: str, image_name: str, mask: np.ndarray, size: int) -> None:
+    """A (res, res) train-id mask, resized (nearest) to the written image, as BDD100K's masks/<name>.png."""
+    if mask.shape[0] != size:
+        mask = np.asarray(Image.fromarray(mask, mode="L").resize((size, size), Image.Resampling.NEAREST))
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask), mode="L").save(out, format="PNG", compress_level=6)
+    storage.write_bytes_atomic(storage.join(uri, MASKS_DIR, mask_name(image_name)), out.getvalue())
+
+
+def manifest_fields(item: dict, labels: dict | None) -> dict:
+    """The manifest columns a transferred item adds: its source frame, the strength, its boxes (JSON)."""
+    if labels is None:
+        return {"source": None, "strength": None, "boxes": None}
+    return {"source": item["source"], "strength": float(item["strength"]), "boxes": json.dumps(labels["boxes"])}

@@ -1,0 +1,170 @@
+"""Condition transfer (`spec.transfer`): SDEdit from real labelled frames, labels carried over exactly.
+
+A tiny BDD100K-format source (non-square JPEG frames, so the center crop cuts boxes; one frame with a
+segmentation mask) re-rendered by the tiny generation models into two target scenarios.
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from test_generate_job import _files, _images
+from test_generate_models import tiny_models
+
+from drivedit.config.base import load_config
+from drivedit.config.generate import GenerateJob
+from drivedit.generate import dataset
+from drivedit.generate.job import prepare, run_generate
+from drivedit.generate.spec import SpecError
+
+W, H = 40, 24  # source frames; the 8 px model crops the centre 8x8 of a 13x8 resize
+TARGETS = ["snowy", "night"]
+FRAMES = [  # name, weather, boxes (category, x1, y1, x2, y2) in source pixels
+    ("a.jpg", "clear", [("car", 10.0, 4.0, 30.0, 20.0), ("pedestrian", 0.0, 0.0, 4.0, 10.0)]),  # 2nd cropped out
+    ("b.jpg", "rainy", [("truck", 2.0, 2.0, 22.5, 23.0)]),  # clipped on the left
+    ("c.jpg", "clear", [("bus", 12.0, 6.0, 28.0, 18.0)]),
+]
+
+
+def write_source(root, labelled: bool = True) -> None:
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    frames = []
+    for name, weather, boxes in FRAMES:
+        Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(root / "images" / name, quality=95)
+        labels = [{"id": str(i), "category": c, "box2d": {"x1": x1, "y1": y1, "x2": x2, "y2": y2}}
+                  for i, (c, x1, y1, x2, y2) in enumerate(boxes)] if labelled else []
+        frames.append({"name": name, "attributes": {"weather": weather, "timeofday": "daytime"}, "labels": labels})
+    (root / "labels.json").write_text(json.dumps(frames))
+    masks = root / "labels/sem_seg/masks"
+    masks.mkdir(parents=True)
+    mask = np.zeros((H, W), np.uint8)
+    mask[:, W // 2:] = 13  # car on the right half
+    Image.fromarray(mask, mode="L").save(masks / "a.png")
+
+
+def expected_boxes(boxes, out_size: int, res: int = 8) -> list[list]:
+    """The encode job's geometry, recomputed: short side to `res`, centre crop, clip, scale to the output."""
+    scale = res / min(W, H)
+    rw, rh = max(res, round(W * scale)), max(res, round(H * scale))
+    sx, sy, left, top = rw / W, rh / H, (rw - res) // 2, (rh - res) // 2
+    out = []
+    for c, x1, y1, x2, y2 in boxes:
+        a1, a2 = [min(max(v * sx - left, 0), res) * out_size / res for v in (x1, x2)]
+        b1, b2 = [min(max(v * sy - top, 0), res) * out_size / res for v in (y1, y2)]
+        if a2 > a1 and b2 > b1:
+            out.append([c, a1, b1, a2, b2])
+    return out
+
+
+def _job(ref: str, source, uri, **transfer) -> GenerateJob:
+    spec = {"transfer": {"source": str(source), "targets": TARGETS, "strength": 0.5, **transfer},
+            "shard_size": 4, "base_seed": 3}
+    return load_config(GenerateJob, data={
+        "model": {"ref": ref}, "spec": spec, "sampler": {"steps": 4, "guidance": 3.0, "batch_size": 3},
+        "output": {"uri": str(uri), "image_size": 16}, "scaling": {"num_workers": 1}, "tracking": {"enabled": False}})
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bdd")
+    write_source(root)
+    return root
+
+
+def test_bad_transfer_lists_every_problem_before_writing(models, tmp_path):
+    unlabelled = tmp_path / "unlabelled"
+    write_source(unlabelled, labelled=False)
+    out = tmp_path / "out"
+    job = _job(str(models.bundle), unlabelled, out, strength=1.5, targets=["snowy", "tornado"])
+    with pytest.raises(SpecError) as err:
+        prepare(job)
+    text = str(err.value)
+    assert len(err.value.problems) == 3, text
+    assert "strength must lie in (0, 1]" in text and "1.5" in text
+    assert "unknown scenario 'tornado'" in text and "rainy" in text  # the vocabulary is listed
+    assert "no box2d labels on any of its 3 frames" in text
+    assert not out.exists()
+    # zero strength and a missing source are reported too
+    with pytest.raises(SpecError, match=r"(?s)strength must lie in \(0, 1\].*label file not found"):
+        prepare(_job(str(models.bundle), tmp_path / "nowhere", out, strength=0.0))
+
+
+def test_plan_items_frame_major_with_seeds(models, source, tmp_path):
+    prep = prepare(_job(str(models.bundle), source, tmp_path / "out"))
+    plan = prep.plan
+    assert plan.num_items == 6 and plan.num_shards == 2 and plan.counts() == {"snowy": 3, "night": 3}
+    items = plan.shard_items(0) + plan.shard_items(1)
+    assert [(it["index"], it["seed"], it["source"], it["scenario"]) for it in items] == [
+        (i, 3 + i, FRAMES[i // 2][0], TARGETS[i % 2]) for i in range(6)]
+    assert prep.document["transfer"]["strength"] == 0.5
+    other = prepare(_job(str(models.bundle), source, tmp_path / "out", strength=0.7))
+    assert other.spec_hash != prep.spec_hash  # the strength decides the images
+
+
+def test_sdedit_strength_zero_is_the_source_and_more_strength_moves_further():
+    from drivedit.data.objects import render_object
+    from drivedit.generate.sampler import DiTSampler, SamplerSettings
+    from drivedit.models.checkpoint import load_dit
+
+    sampler = DiTSampler(load_dit("builtin:tiny-dit"), amp_dtype=None, clip_x0=1.0)
+    images = np.stack([render_object(c, 32, 20_000 + c) for c in range(4)])  # (4, 32, 32, 3)
+    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (4, 3, 32, 32)
+    labels, seeds = torch.tensor([5, 6, 7, 8]), [0, 1, 2, 3]
+    settings = SamplerSettings(steps=10, guidance=3.0)
+    same = sampler.sample(labels, seeds, settings, init_latents=x0, strength=0.0)
+    assert torch.equal(same, x0)
+    distance = [(sampler.sample(labels, seeds, settings, init_latents=x0, strength=s) - x0).abs().mean().item()
+                for s in (0.2, 0.5, 0.9)]
+    assert 0 < distance[0] < distance[1] < distance[2], distance
+
+
+def test_transfer_job_carries_labels_and_resumes_byte_identical(models, source, ray_session, tmp_path):
+    whole = tmp_path / "whole"
+    summary = run_generate(_job(str(models.bundle), source, whole))
+    assert summary["complete"] and summary["num_items"] == 6
+    labels = json.loads((whole / "labels.json").read_text())
+    assert len(labels) == 6
+    for i, frame in enumerate(labels):
+        name, _, boxes = FRAMES[i // 2]
+        got = [[b["category"], *(b["box2d"][k] for k in ("x1", "y1", "x2", "y2"))] for b in frame["labels"]]
+        want = expected_boxes(boxes, 16)
+        assert [g[0] for g in got] == [w[0] for w in want], name
+        np.testing.assert_allclose([g[1:] for g in got], [w[1:] for w in want], atol=1e-3)
+        assert (frame["attributes"]["weather"], frame["attributes"]["timeofday"]) == \
+            dataset.scenario_attributes(TARGETS[i % 2])
+    assert len(labels[0]["labels"]) == 1  # a's pedestrian lies outside the centre crop
+    manifest = pq.read_table(whole / "manifest.parquet").to_pylist()
+    assert [(r["source"], r["strength"]) for r in manifest] == [(FRAMES[i // 2][0], 0.5) for i in range(6)]
+    # frame a's mask, carried through the same crop and resized to the 16 px output
+    masks = sorted(p.relative_to(whole).as_posix() for p in (whole / "labels/sem_seg/masks").rglob("*.png"))
+    assert masks == ["labels/sem_seg/masks/00000/00000000.png", "labels/sem_seg/masks/00000/00000001.png"]
+    mask = np.asarray(Image.open(whole / masks[0]))
+    assert mask.shape == (16, 16) and set(np.unique(mask)) == {0, 13}
+    assert (mask[:, -1] == 13).all() and (mask[:, 0] == 0).all()
+
+    broken = tmp_path / "broken"
+    job = _job(str(models.bundle), source, broken)
+    run_generate(job, stop_after_shards=1)
+    done = dataset.complete_shards(str(broken))
+    assert done
+    (broken / "labels.json").unlink(missing_ok=True)
+    for k in done - {min(done)}:  # leave one shard complete, one to redo
+        (broken / f"manifest/part-{k:05d}.parquet").unlink()
+    second = run_generate(job)
+    assert second["complete"] and second["resumed"] and second["shards_written"] == 1
+    a, b = _files(str(whole)), _files(str(broken))
+    assert _images(a) == _images(b)
+    assert a["labels.json"] == b["labels.json"]
+    assert {k: v for k, v in a.items() if k.startswith("labels/")} == {k: v for k, v in b.items() if k.startswith("labels/")}
+    assert pq.read_table(io.BytesIO(a["manifest.parquet"])).equals(pq.read_table(io.BytesIO(b["manifest.parquet"])))
