@@ -54,7 +54,6 @@ class Prepared:
     def writer_context(self) -> dict:
         sm = self.model
         return {"spec_hash": self.spec_hash, "model_version": sm.version, "image_size": self.image_size,
-        return {"spec_hash": self.spec_hash, "model_version": sm.version, "image_size": self.image_size,
                 "native_size": sm.image_size, "codec": sm.codec_info,
                 "class_ids": dict(zip(sm.scenarios, sm.class_ids)), "attempt": self.attempt,
                 "box_categories": self.document.get("layouts", {}).get("box_categories", [])}
