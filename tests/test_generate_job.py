@@ -168,14 +168,20 @@ def test_small_job_counts_files_labels_manifest(reference, models):
 def test_rerun_of_a_complete_dataset_samples_nothing(reference, models):
     out, summary = reference
     before = _files(str(out))
+    # attempt.json names the execution now writing the dataset (issue 20, item 9): each rerun claims it anew
+    # with a fresh id; every other byte of the dataset stays as it was
+    first_attempt = json.loads(before.pop(dataset.ATTEMPT_FILE))["attempt"]
     again = run_generate(_job(models.registered, str(out), tracking={"tracking_uri": models.tracking_uri}))
     assert again["complete"] and again["resumed"] and again["shards_skipped"] == 3 and again["images_written"] == 0
-    assert _files(str(out)) == before
+    now = _files(str(out))
+    assert json.loads(now.pop(dataset.ATTEMPT_FILE))["attempt"] != first_attempt
+    assert now == before
     # asked again with label formats: they are written from the manifest, nothing else changes
     third = run_generate(_job(models.registered, str(out), tracking={"tracking_uri": models.tracking_uri},
                               output={"label_formats": ["yolo"]}))
     assert third["images_written"] == 0
     after = _files(str(out))
+    after.pop(dataset.ATTEMPT_FILE)
     added = sorted(set(after) - set(before))
     assert added == ["dataset.yaml"] + [f"labels/{i // 4:05d}/{i:08d}.txt" for i in range(12)]
     assert all(after[k] == b"" for k in added[1:]) and {k: after[k] for k in before} == before

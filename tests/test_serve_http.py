@@ -18,6 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from drivedit import storage
 from drivedit.config.serve import ServeApp
 from serve_helpers import IMAGE_SIZE, SCENARIOS, write_tiny_checkpoint
 
@@ -172,7 +173,10 @@ def test_replica_keeps_serving_after_bad_input(endpoint):
 def test_healthz_and_scenarios(endpoint):
     h = httpx.get(f"{endpoint['base']}/healthz", timeout=30).json()
     assert h["status"] == "ok" and h["device"] == "cpu"
-    assert h["model_version"] == f"checkpoint:{endpoint['ckpt']}"
+    # the model's file name and sha256 prefix, never the operator's path (issue 20)
+    digest = storage.sha256_path(endpoint["ckpt"])[:12]
+    assert h["model_version"] == f"checkpoint:{Path(endpoint['ckpt']).name}@{digest}"
+    assert str(Path(endpoint["ckpt"]).parent) not in json.dumps(h)
     assert (h["image_size"], h["num_scenarios"]) == (IMAGE_SIZE, len(SCENARIOS))
     s = httpx.get(f"{endpoint['base']}/v1/scenarios", timeout=30).json()
     assert s == {"scenarios": SCENARIOS, "model_version": h["model_version"]}
