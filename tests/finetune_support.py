@@ -35,13 +35,15 @@ BOX_CATEGORIES = ["car", "pedestrian"]
 
 
 def write_shards(directory: Path, rows_per_shard: int = 24, num_shards: int = 2, seed: int = 0,
-                 size: int = SIZE, with_layout: bool = False) -> Path:
+                 size: int = SIZE, with_layout: bool = False, codec_id: str = "pixel", resolution: int | None = None,
+                 channels: int = 3) -> Path:
     """Pixel-codec shards of `size` px scenario images with one object box each; `with_layout` writes the
-    box as a `car` in a layout map over BOX_CATEGORIES (version 2 label columns)."""
+    box as a `car` in a layout map over BOX_CATEGORIES (version 2 label columns); `codec_id`, `resolution`
+    and `channels` (extra channels repeat the grey level) let a test stand them in for a VAE's latents."""
     from drivedit.data.shards import ShardMetadata, build_shard_table, shard_name, write_shard
 
     rng = np.random.default_rng(seed)
-    meta = ShardMetadata("pixel", 1.0, size, (3, size, size), list(SCENARIOS),
+    meta = ShardMetadata(codec_id, 1.0, resolution or size, (channels, size, size), list(SCENARIOS),
                          box_categories=list(BOX_CATEGORIES) if with_layout else [])
     tone = {0: (0.4, 0.5, 0.7), 1: (-0.8, -0.8, -0.6), 2: (0.9, 0.9, 0.95)}
     directory.mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,7 @@ def write_shards(directory: Path, rows_per_shard: int = 24, num_shards: int = 2,
             img[0, y0:y0 + 4, x0:x0 + 4] = 0.9  # a red object
             img[1:, y0:y0 + 4, x0:x0 + 4] = -0.9
             img = np.clip(img + rng.normal(0, 0.05, img.shape).astype(np.float32), -1, 1)
+            img = np.concatenate([img] + [img.mean(0, keepdims=True)] * (channels - 3))  # (channels, size, size)
             mask = np.zeros((size, size), np.uint8)
             mask[y0:y0 + 4, x0:x0 + 4] = 1
             logvar = np.full_like(img, -20.0)

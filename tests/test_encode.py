@@ -384,6 +384,7 @@ def test_config_errors_list_every_problem_before_any_work(tmp_path, capsys):
     vae_dir = tmp_path / "vae"
     vae_dir.mkdir()
     (vae_dir / "config.json").write_text(json.dumps({"block_out_channels": [8, 16], "latent_channels": 4}))
+    (vae_dir / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # only the config is read before Ray
     job = make_job(str(tmp_path / "nope"), str(tmp_path / "out"), codec__kind="autoencoder_kl",
                    codec__source=str(vae_dir), data__resolution=33)
     with pytest.raises(ConfigError) as err:

@@ -40,27 +40,23 @@ class CodecInfo:
 
 
 def _vae_config(source: str) -> dict:
-    """The AutoencoderKL config (no weights) from a local dir, an s3:// dir or a cached hub id."""
-    if storage.is_remote(source) or os.path.isdir(source):
+    """The AutoencoderKL config (no weights) from an s3:// dir, or (read_vae_config) a local dir,
+    `builtin:<name>` or a cached hub id."""
+    if storage.is_remote(source):
         for rel in ("config.json", "vae/config.json"):
             uri = storage.join(source, rel)
             if storage.exists(uri):
                 return json.loads(storage.read_text(uri))
         raise ValueError(f"codec.source {source!r} has no config.json (nor vae/config.json); point it at a "
                          "diffusers AutoencoderKL directory")
-    from diffusers import AutoencoderKL
+    from drivedit.models.codec import read_vae_config  # torch: only for VAE codecs (the pixel path stays numpy)
 
-    try:
-        return dict(AutoencoderKL.load_config(source))
-    except (OSError, ValueError) as e:
-        hint = " (offline: put the weights in a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise ValueError(f"codec.source {source!r} is neither a directory nor a hub id in the local cache{hint}: "
-                         f"{str(e).splitlines()[0]}") from None
+    return read_vae_config(source)
 
 
 def describe_codec(codec: dict) -> CodecInfo:
     """What the shards need to know about a codec, without loading its weights."""
-    from drivedit.models.codec import check_codec, codec_id
+    from drivedit.models.codec import check_codec, codec_id, vae_geometry
 
     kind, source = codec.get("kind", "pixel"), codec.get("source")
     check_codec(kind, source)
@@ -68,8 +64,8 @@ def describe_codec(codec: dict) -> CodecInfo:
         return CodecInfo("pixel", 1, 3, 1.0)
     cfg = _vae_config(source)
     scale = codec.get("scale_factor") or cfg.get("scaling_factor", 0.18215)
-    return CodecInfo(codec_id(kind, source), 2 ** (len(cfg["block_out_channels"]) - 1),
-                     int(cfg["latent_channels"]), float(scale))
+    channels, factor = vae_geometry(cfg)
+    return CodecInfo(codec_id(kind, source), factor, channels, float(scale))
 
 
 def local_codec_source(source: str | None) -> str | None:

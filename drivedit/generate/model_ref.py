@@ -22,7 +22,7 @@ import torch
 from drivedit import storage
 from drivedit.models.checkpoint import load_dit, resolve_model_source
 from drivedit.models.codec import codec_id as format_codec_id
-from drivedit.models.codec import load_codec, parse_codec_id
+from drivedit.models.codec import load_codec, parse_codec_id, read_vae_config, vae_geometry
 from drivedit.models.diffusion import linear_betas
 from drivedit.models.dit import DiT
 
@@ -47,6 +47,7 @@ class SamplingModel:
     superclass_of: Callable[[torch.Tensor], torch.Tensor] | None = None
     ref: str = ""
     codec_dtype: str = "float32"
+    trained_image_size: int | None = None  # the image size a bundle's shards were encoded at (None: unknown)
     _label: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,19 +91,10 @@ def codec_geometry(kind: str, source: str | None) -> tuple[int, int]:
     """(latent channels, spatial factor) of a codec, read from its config without loading weights."""
     if kind == "pixel":
         return 3, 1
-    path = Path(source)
-    local = next((p for p in (path / "config.json", path / "vae" / "config.json") if p.is_file()), None)
     try:
-        if local is not None:
-            cfg = json.loads(local.read_text())
-        else:  # a hub id: diffusers finds it in the local cache (or downloads it when online)
-            from diffusers import AutoencoderKL
-
-            cfg = AutoencoderKL.load_config(source)
-        return int(cfg.get("latent_channels", 4)), 2 ** (len(cfg["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot read the AutoencoderKL config of {source!r} ({e}); point model.codec.source at "
-                         f"a local diffusers VAE directory") from None
+        return vae_geometry(read_vae_config(source))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"model.codec: {e}") from None
 
 
 def _default_codec(in_channels: int) -> dict:
@@ -174,7 +166,12 @@ def _check_codec(sm: SamplingModel) -> None:
     if channels != sm.model.in_channels:
         raise ValueError(f"{sm.version} samples {sm.model.in_channels}-channel latents but the codec "
                          f"{sm.codec_id} has {channels}; set model.codec to the codec the model was trained with")
-    sm.image_size = sm.model.config.input_size * factor
+    size = sm.model.config.input_size
+    if sm.trained_image_size and size * factor != sm.trained_image_size:
+        raise ValueError(f"{sm.version} was trained on {sm.trained_image_size} px images as {size}x{size} latents "
+                         f"(factor {sm.trained_image_size // size}) but the codec {sm.codec_id} has factor {factor}; "
+                         f"set model.codec to the codec the model was trained with")
+    sm.image_size = size * factor
 
 
 def _from_checkpoint(path: Path, ref: str, class_names, device) -> SamplingModel:
@@ -217,6 +214,8 @@ def _from_bundle(path: Path, version: str, device, workdir: Path) -> SamplingMod
     model = merge(None, bundle, keep_layout=True).to(device).eval().requires_grad_(False)
     superclass_of = getattr(model.y_embedder, "superclass_of", None)
     scenarios = list(bundle.scenarios)
+    trained = bundle.info.extra.get("image_size")
     return SamplingModel(model=model, scenarios=scenarios, class_ids=list(range(len(scenarios))),
                          betas=bundle.betas, image_size=0, version=version, digest=storage.sha256_path(path),
-                         superclass_of=superclass_of, **_codec_fields(_section_from_codec_id(bundle.codec)))
+                         superclass_of=superclass_of, trained_image_size=int(trained) if trained else None,
+                         **_codec_fields(_section_from_codec_id(bundle.codec)))

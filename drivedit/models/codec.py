@@ -4,12 +4,14 @@
 shard stores them once and training draws a fresh latent every step with `sample`. `decode`
 takes scaled latents back to images. Two codecs:
 
-- `autoencoder_kl`: a diffusers AutoencoderKL (sd-vae-ft-ema / -mse) from a local directory or a
-  hub id; the scale factor comes from its config (0.18215).
+- `autoencoder_kl`: a diffusers AutoencoderKL (sd-vae-ft-ema / -mse) from a local directory, a
+  hub id, or `builtin:tiny-vae` (the factor-4 VAE shipped in drivedit/assets/, loaded by the same
+  `AutoencoderKL.from_pretrained` call); the scale factor comes from its config (0.18215 for sd-vae).
 - `pixel`: the identity on [-1, 1] images, factor 1, for tiny CPU demos and exact round trips.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -131,10 +133,62 @@ def sample_latents(moments: torch.Tensor, scale_factor: float, generator: torch.
     return (mean + std * eps) * scale_factor
 
 
+VAE_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                    "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
+
+
+def resolve_vae_source(source: str) -> str:
+    """`builtin:<name>` -> the shipped diffusers directory; a local directory -> the folder holding its
+    config.json (itself or its `vae/` subfolder); a hub id unchanged. A local directory without weights
+    is refused here, before anything loads it."""
+    from drivedit.models.checkpoint import BUILTIN_PREFIX, resolve_model_source
+
+    text = str(source)
+    if text.startswith(BUILTIN_PREFIX):
+        path = resolve_model_source(text)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{text} is not a VAE (no config.json in {path}); use builtin:tiny-vae")
+        text = str(path)
+    path = Path(text)
+    if not path.is_dir():
+        return text  # a hub id
+    folder = next((d for d in (path, path / "vae") if (d / "config.json").is_file()), None)
+    if folder is None:
+        raise ValueError(f"codec.source {source!r} has no config.json (nor vae/config.json); point it at a "
+                         f"diffusers AutoencoderKL directory")
+    if not any((folder / name).is_file() for name in VAE_WEIGHT_FILES):
+        raise ValueError(f"codec.source {source!r} has a config but no weights: {folder} holds none of "
+                         f"{', '.join(VAE_WEIGHT_FILES[:2])}; copy the whole VAE directory")
+    return str(folder)
+
+
+def read_vae_config(source: str) -> dict:
+    """The AutoencoderKL config.json of a local directory, `builtin:<name>` or cached hub id (no weights read)."""
+    resolved = resolve_vae_source(source)
+    if Path(resolved).is_dir():
+        try:
+            return json.loads((Path(resolved) / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"codec.source {source!r}: config.json is not valid JSON ({e})") from None
+    from diffusers import AutoencoderKL
+
+    try:
+        return dict(AutoencoderKL.load_config(resolved))
+    except (OSError, ValueError) as e:
+        hint = " (offline: put the weights in a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ValueError(f"codec.source {source!r} is neither a directory nor a hub id in the local cache{hint}: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
+def vae_geometry(cfg: dict) -> tuple[int, int]:
+    """(latent channels, spatial downsampling factor) of an AutoencoderKL config."""
+    return int(cfg.get("latent_channels", 4)), 2 ** (len(cfg["block_out_channels"]) - 1)
+
+
 def load_codec(kind: str = "pixel", source: str | None = None, scale_factor: float | None = None,
                dtype: str | torch.dtype = torch.float32):
     """Build a codec. `source` for autoencoder_kl is a local diffusers directory (a `vae/` subfolder of a
-    pipeline works too) or a hub id already in the local cache."""
+    pipeline works too), `builtin:tiny-vae`, or a hub id already in the local cache."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     check_codec(kind, source)
@@ -142,12 +196,8 @@ def load_codec(kind: str = "pixel", source: str | None = None, scale_factor: flo
         return PixelCodec()
     from diffusers import AutoencoderKL
 
-    path = Path(source)
-    kwargs = {}
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
-        kwargs["subfolder"] = "vae"
     try:
-        vae = AutoencoderKL.from_pretrained(source, **kwargs)
+        vae = AutoencoderKL.from_pretrained(resolve_vae_source(source))
     except OSError as e:
         hint = " (HF_HUB_OFFLINE is set: put the weights in a local directory and point codec.source at it)" \
             if os.environ.get("HF_HUB_OFFLINE") else ""

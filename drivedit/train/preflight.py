@@ -77,6 +77,7 @@ def _check_shards(data: DataSection, optim: OptimSection | None, problems: list[
     except (FileNotFoundError, ValueError, OSError) as e:
         problems.append(f"data.shards: {e}")
         return None
+    _check_shard_codec(meta, problems)
     if optim is not None and meta.num_rows < optim.global_batch_size:
         problems.append(f"data.shards: {meta.num_rows} rows cannot fill one step of optim.global_batch_size "
                         f"{optim.global_batch_size}; encode more frames or lower the batch size")
@@ -108,6 +109,27 @@ def _check_layout(layout: LayoutSection, shards, base_config, problems: list[str
         depth = layout.resolved_depth(base_config.depth)
         if depth > base_config.depth:
             problems.append(f"layout.depth {depth} exceeds the base model's {base_config.depth} blocks")
+
+
+def _check_shard_codec(meta, problems: list[str]) -> None:
+    """The VAE the shards were encoded with decodes the sample grids: where it is a built-in or a local
+    directory, it must still hold weights and still have the shards' latent channels and factor."""
+    kind, _, source = meta.codec_id.partition(":")
+    if kind != "autoencoder_kl" or not (source.startswith("builtin:") or Path(source).is_dir()):
+        return  # a hub id or s3:// VAE is resolved where the grids are drawn
+    from drivedit.models.codec import read_vae_config, vae_geometry
+
+    try:
+        channels, factor = vae_geometry(read_vae_config(source))
+    except (ValueError, KeyError) as e:
+        problems.append(f"data.shards were encoded with {meta.codec_id}, which decodes the sample grids: {e}")
+        return
+    c, h, _ = meta.latent_shape
+    shard_factor = meta.resolution // h
+    if (channels, factor) != (c, shard_factor):
+        problems.append(f"data.shards hold {c}-channel latents at factor {shard_factor} ({meta.resolution} px -> "
+                        f"{h}x{h}) but their VAE {source} has {channels} latent channels at factor {factor}; "
+                        f"re-encode the shards with this VAE or restore the one they were written with")
 
 
 def _check_base(model: ModelSection, shards, problems: list[str]):
