@@ -8,9 +8,9 @@ reading (several reads in flight per task) and decoding (CPU tasks) with encodin
 `run_encode` does, codec actor start-up included. Each side runs `--repeats` times, alternating,
 and the best run of each is reported, with the codec alone on preloaded tensors as the ceiling.
 
-    python bench/encode.py                  # CPU defaults: S3 (moto server) in and out, pixel codec at 32 px
+    python bench/encode.py                  # CPU defaults: S3 (moto server) in and out, builtin:tiny-vae at 128 px
     python bench/encode.py --source local --data /tmp/bench-ds   # from and to this disk, dataset kept
-    python bench/encode.py --codec tiny-vae --cpus-per-worker 2 --num 1024   # codec-bound on the CPU
+    python bench/encode.py --codec pixel --resolution 32   # the identity codec (the demo's before the tiny VAE)
     python bench/encode.py --num 64 --size 128 --resolution 32 --codec pixel   # a quick smoke run
     python bench/encode.py --codec sd-vae --resolution 256 --num 2048 --use-gpu   # on a GPU node
 """
@@ -44,7 +44,6 @@ from drivedit.data.scenes import write_scenes_dataset  # noqa: E402
 from drivedit.data.shards import build_shard_table, shard_name, write_shard  # noqa: E402
 
 VAES = {  # random weights: throughput does not depend on the values
-    "tiny-vae": dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=16),
     "sd-vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
 }
 
@@ -52,6 +51,8 @@ VAES = {  # random weights: throughput does not depend on the values
 def make_codec_dir(kind: str, root: str) -> str | None:
     if kind == "pixel":
         return None
+    if kind == "tiny-vae":
+        return "builtin:tiny-vae"  # the shipped VAE, through the same AutoencoderKL path
     from diffusers import AutoencoderKL
 
     cfg = VAES[kind]
@@ -191,9 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--unique", type=int, default=128, help="distinct rendered images (the rest are copies)")
     ap.add_argument("--size", type=int, default=256, help="source image height (width = size * aspect)")
     ap.add_argument("--aspect", type=float, default=16 / 9)
-    ap.add_argument("--resolution", type=int, default=32, help="encode resolution (the CPU demo's is 32)")
-    ap.add_argument("--codec", choices=["pixel", "tiny-vae", "sd-vae"], default="pixel",
-                    help="pixel: the CPU demo's identity codec; tiny-vae: a small random AutoencoderKL (CPU); "
+    ap.add_argument("--resolution", type=int, default=128, help="encode resolution (the CPU demo's is 128)")
+    ap.add_argument("--codec", choices=["pixel", "tiny-vae", "sd-vae"], default="tiny-vae",
+                    help="tiny-vae: the shipped builtin:tiny-vae (the CPU demo's codec); pixel: the identity codec; "
                          "sd-vae: the sd-vae-ft-* architecture with random weights (GPU)")
     ap.add_argument("--source", choices=["local", "s3"], default="s3",
                     help="where frames are read from and shards written: s3 = a local S3 server (moto) in its own "

@@ -7,8 +7,9 @@ their size into memory (uint8); each step draws random square crops (a conv net 
 translation-equivariant, so crops teach it what whole frames would at a fraction of the cost) mirrored
 at random, and minimises L1 + MSE of the reconstruction plus a small KL term (Stable Diffusion's VAE
 recipe without its perceptual and adversarial terms). The learning rate is constant after a warm-up
-and the exported weights are an EMA, so the model at step N does not depend on how many steps were
-planned. `--out` receives `state.pt` (resumable) every `--save-every` steps and, at the end, `vae/`:
+(and decays linearly to 0 from `--decay-from` to `--steps` when given) and the exported weights are
+an EMA, so a run can be stopped at any saved step and finished later with a decay: rerunning with
+the same `--out` resumes from `state.pt`, drawing its crops from (seed, step). `--out` receives `state.pt` (resumable) every `--save-every` steps and, at the end, `vae/`:
 the diffusers directory whose `scaling_factor` is 1 / std of the training latents, as Stable
 Diffusion's was computed.
 """
@@ -126,13 +127,13 @@ def _save_state(path: Path, step: int, vae, ema, opt, args: dict, log: list) -> 
 def train(data: list[str], out: str, steps: int, size: int = 128, crop: int = 48, batch: int = 24,
           lr: float = 1e-3, warmup: int = 50, kl_weight: float = 1e-5, ema_decay: float = 0.995,
           block_out_channels=(16, 32, 64), norm_num_groups: int = 8, seed: int = 0, threads: int = 2,
-          save_every: int = 100, log_every: int = 10, scale_images: int = 512) -> dict:
+          save_every: int = 100, log_every: int = 10, scale_images: int = 512, decay_from: int | None = None) -> dict:
     torch.set_num_threads(threads)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = dict(data=[str(d) for d in data], steps=steps, size=size, crop=crop, batch=batch, lr=lr, warmup=warmup,
                 kl_weight=kl_weight, ema_decay=ema_decay, block_out_channels=list(block_out_channels),
-                norm_num_groups=norm_num_groups, seed=seed)
+                norm_num_groups=norm_num_groups, seed=seed, decay_from=decay_from)
     images = load_training_images(data, size, out_dir / "images.npy")  # (N, 3, size, size) uint8
     print(f"[vae] {len(images)} training images at {size} px from {', '.join(map(str, data))}", flush=True)
     torch.manual_seed(seed)
@@ -157,8 +158,11 @@ def train(data: list[str], out: str, steps: int, size: int = 128, crop: int = 48
         print(f"[vae] resumed from {state_path} at step {step}", flush=True)
     t0, seen = time.perf_counter(), 0
     while step < steps:
+        scale = min(1.0, (step + 1) / max(1, warmup))
+        if decay_from is not None and step >= decay_from:
+            scale *= (steps - step) / max(1, steps - decay_from)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
+            group["lr"] = lr * scale
         x = random_crops(images, batch, crop, gen).contiguous(memory_format=torch.channels_last)  # (B, 3, crop, crop)
         loss, parts = vae_loss(vae, x, kl_weight)
         opt.zero_grad(set_to_none=True)
@@ -218,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop", type=int, default=48, help="training crop side, a multiple of 4 (default 48)")
     ap.add_argument("--batch", type=int, default=24, help="crops per step (default 24)")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--decay-from", type=int, default=None, help="decay the lr linearly to 0 from this step")
     ap.add_argument("--kl-weight", type=float, default=1e-5, help="weight of the per-element KL term")
     ap.add_argument("--ema-decay", type=float, default=0.995)
     ap.add_argument("--channels", type=int, nargs=3, default=[16, 32, 64], help="block_out_channels (3: factor 4)")
@@ -227,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--export-only", action="store_true", help="only write vae/ from an existing state.pt")
     a = ap.parse_args(argv)
+    if a.decay_from is not None and not 0 <= a.decay_from < a.steps:
+        ap.error(f"--decay-from must lie in [0, --steps), got {a.decay_from}")
     if a.crop % 4 or a.crop > a.size:
         ap.error(f"--crop must be a multiple of 4 and at most --size ({a.size}), got {a.crop}")
     if a.export_only:
@@ -234,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     train(a.data, a.out, a.steps, a.size, a.crop, a.batch, a.lr, kl_weight=a.kl_weight, ema_decay=a.ema_decay,
           block_out_channels=tuple(a.channels), norm_num_groups=a.groups, seed=a.seed, threads=a.threads,
-          save_every=a.save_every)
+          save_every=a.save_every, decay_from=a.decay_from)
     return 0
 
 
