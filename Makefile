@@ -46,6 +46,7 @@ demo: install
 
 bench: install
 	$(PY) bench/sampling.py
+	$(PY) bench/vae_codec.py
 	$(PY) bench/encode.py
 	$(PY) bench/finetune_step.py
 	$(PY) bench/finetune_scaling.py
