@@ -153,6 +153,7 @@ def test_codec_must_match_the_latent_channels(models, tmp_path):
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps(
         {"_class_name": "AutoencoderKL", "latent_channels": 4, "block_out_channels": [8, 8, 8, 8]}))
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # present; not read before sampling
     with pytest.raises(ValueError, match="samples 3-channel latents but the codec autoencoder_kl:.* has 4"):
         load_sampling_model(str(models.bundle), codec={"kind": "autoencoder_kl", "source": str(tmp_path / "vae")})
 

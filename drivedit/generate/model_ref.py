@@ -27,6 +27,7 @@ from drivedit.models.diffusion import linear_betas
 from drivedit.models.dit import DiT
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+TINY_DIT, TINY_VAE = "builtin:tiny-dit", "builtin:tiny-vae"
 BUNDLE_FILE = "bundle.json"
 
 
@@ -97,10 +98,12 @@ def codec_geometry(kind: str, source: str | None) -> tuple[int, int]:
         raise ValueError(f"model.codec: {e}") from None
 
 
-def _default_codec(in_channels: int) -> dict:
+def _default_codec(in_channels: int, ref: str = "") -> dict:
     if in_channels == 3:
         return {"kind": "pixel", "source": None, "scale_factor": None, "dtype": "float32"}
-    return {"kind": "autoencoder_kl", "source": DEFAULT_VAE, "scale_factor": None, "dtype": "float32"}
+    # the shipped tiny DiT samples the shipped tiny VAE's latents; other 4-channel DiTs sd-vae-ft-ema's
+    source = TINY_VAE if str(ref).startswith(TINY_DIT) else DEFAULT_VAE
+    return {"kind": "autoencoder_kl", "source": source, "scale_factor": None, "dtype": "float32"}
 
 
 # ----------------------------------------------------------------------------- references
@@ -190,7 +193,7 @@ def _from_checkpoint(path: Path, ref: str, class_names, device) -> SamplingModel
     superclass_of = getattr(model.y_embedder, "superclass_of", None)
     return SamplingModel(model=model, scenarios=[n for _, n in pairs], class_ids=[i for i, _ in pairs],
                          betas=linear_betas(), image_size=0, version=f"checkpoint:{ref}", digest=digest,
-                         superclass_of=superclass_of, **_codec_fields(_default_codec(model.in_channels)))
+                         superclass_of=superclass_of, **_codec_fields(_default_codec(model.in_channels, ref)))
 
 
 def _section_from_codec_id(recorded_id: str) -> dict:
