@@ -41,7 +41,7 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(num_scenes=900, finetune_steps=800, checkpoint_every=400, grid_every=400, per_scenario=40,
+    "full": DemoSize(num_scenes=900, finetune_steps=1600, checkpoint_every=800, grid_every=800, per_scenario=40,
                      sampler_steps=50, eval_classifier_steps=400),
     "small": DemoSize(num_scenes=120, finetune_steps=12, checkpoint_every=6, grid_every=0, per_scenario=3,
                       sampler_steps=5, eval_classifier_steps=60),
@@ -65,7 +65,7 @@ def step_scenes(out: Path, size: DemoSize, seed: int) -> dict:
     if (out / "scenes" / "labels.json").is_file():
         print("already written; reusing it")
         return {"out_dir": str(out / "scenes"), "reused": True}
-    return write_scenes_dataset(str(out / "scenes"), num=size.num_scenes, size=64, seed=seed)
+    return write_scenes_dataset(str(out / "scenes"), num=size.num_scenes, size=128, seed=seed)
 
 
 def step_encode(out: Path) -> dict:

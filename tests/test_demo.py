@@ -56,7 +56,7 @@ def test_small_demo_writes_everything_it_reports(tmp_path, ray_session):
     pngs = sorted((out / "synthetic" / "images").rglob("*.png"))
     assert len(pngs) == total
     with Image.open(pngs[0]) as im:
-        assert im.size == (32, 32)
+        assert im.size == (128, 128)
     gen_labels = json.loads((out / "synthetic" / "labels.json").read_text())
     assert sorted(f["attributes"]["weather"] if f["attributes"]["timeofday"] != "night" else "night"
                   for f in gen_labels) == sorted(s for s in scenarios for _ in range(size.per_scenario))
@@ -67,7 +67,7 @@ def test_small_demo_writes_everything_it_reports(tmp_path, ray_session):
     assert sorted(served) == sorted(scenarios)
     for path in served.values():
         with Image.open(path) as im:
-            assert im.size == (32, 32)
+            assert im.size == (128, 128)
     assert summary["serve"]["health"]["model_version"] == ft["model_uri"]
     # 6. evaluation report per scenario
     report = json.loads((out / "eval" / "report.json").read_text())

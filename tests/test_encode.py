@@ -408,7 +408,7 @@ def test_config_errors_list_every_problem_before_any_work(tmp_path, capsys):
 def test_jobs_entry_point_and_demo_config(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     job = load_config(EncodeJob, repo / "configs" / "demo" / "encode.yaml")
-    assert job.codec.kind == "pixel" and job.data.resolution == 32
+    assert (job.codec.kind, job.codec.source, job.data.resolution) == ("autoencoder_kl", "builtin:tiny-vae", 128)
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  input: /nonexistent/ds\n  output: /tmp/x\n  resolution: 30\ncodec:\n  kind: pixel\n")
     proc = subprocess.run([sys.executable, str(repo / "jobs" / "encode.py"), "--config", str(bad)],

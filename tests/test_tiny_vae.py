@@ -146,6 +146,9 @@ def test_vae_disagreeing_with_the_dit_is_refused_before_ray(tmp_path):
                                          r"codec autoencoder_kl:.*vae-f8 has factor 8"):
         load_sampling_model(str(bundle), codec={"kind": "autoencoder_kl", "source": wrong_factor})
     assert load_sampling_model(str(bundle)).image_size == 128
+    # the shipped DiT as a plain checkpoint samples through the shipped VAE unless told otherwise
+    plain = load_sampling_model("builtin:tiny-dit", class_names=["car", "truck"])
+    assert (plain.codec_source, plain.image_size) == ("builtin:tiny-vae", 128)
     assert not ray.is_initialized()
 
 
