@@ -123,7 +123,7 @@ def test_vae_disagreeing_with_the_shards_is_refused_before_ray(tmp_path, monkeyp
 
 def _bundle_at(out, image_size: int):
     """A bitfit bundle on the shipped tiny DiT, as the fine-tuning job writes it for 128 px shards."""
-    from drivedit.models.adapt import AdapterSpec, apply_spec
+    from drivedit.models.adapter_spec import AdapterSpec, apply_spec
     from drivedit.models.bundle import BundleInfo, save_bundle
     from drivedit.models.checkpoint import load_dit
     from drivedit.models.diffusion import linear_betas
