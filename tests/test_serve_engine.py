@@ -63,7 +63,7 @@ def test_an_image_does_not_depend_on_what_shares_its_batch(served, monkeypatch):
 
 
 def test_sixteen_requests_answered_together_get_their_solo_bytes():
-    """The shipped 32 px model on two threads: drawn as one (16, ...) batch, 6 of these 16 images differed from
+    """The shipped tiny model on two threads: drawn as one (16, ...) batch, 6 of these 16 images differed from
     their solo bytes by a level in a pixel (a batched matmul rounds by its shape). Drawn each on its own, none."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

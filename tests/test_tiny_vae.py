@@ -17,7 +17,6 @@ from drivedit.models.checkpoint import ASSETS_DIR
 from drivedit.models.codec import load_codec, read_vae_config, vae_geometry
 from drivedit.models.tiny_vae import build_tiny_vae
 
-pytestmark = pytest.mark.unit
 
 # Measured on these 42 frames of seed 7 (6 per scenario; the VAE trained on seed 1): 29.14 dB overall,
 # 24.86 (clear) to 36.42 (foggy) per scenario, 20.54 inside the 217 boxes under 16x16 px. README "The
