@@ -108,7 +108,7 @@ def test_ray_job_submit_demo_config(local_cluster, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert f"job '{sid}' succeeded" in (status.stdout + status.stderr).lower(), output[-6000:]
     assert proc.returncode == 0, output[-6000:]
-    assert "[finetune] step 4/4" in output and "registered as models:/drivedit-demo/1" in output
+    assert "drivedit.finetune: step 4/4" in output and "registered as models:/drivedit-demo/1" in output
 
     result = json.loads((storage / "demo" / "result.json").read_text())
     assert result["step"] == 4 and result["model_uri"] == "models:/drivedit-demo/1"
