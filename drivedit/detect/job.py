@@ -100,18 +100,10 @@ def _log_scores(tracked: tracking.TrackedRun, scores_dir: Path, metrics: dict, s
 
 
 def _completed(plan: preflight.Plan) -> dict | None:
-    uri = storage.join(plan.run_dir, RESULT_FILE)
-    if not storage.exists(uri):
-        return None
-    done = json.loads(storage.read_bytes(uri))
-    if done.get("step") == plan.job.optim.total_steps and storage.exists(storage.join(done["detector_uri"],
-                                                                                     "detector.json")):
-        return {**done, "already_complete": True}
-    return None
+    return driver.completed_run(plan.run_dir, RESULT_FILE, plan.job.optim.total_steps, "detector_uri", "detector.json")
 
 
 def run(plan: preflight.Plan) -> dict:
-    import ray.train
     from ray.train.torch import TorchTrainer
 
     from drivedit.detect.loop import DetectContext, train_loop_per_worker
@@ -125,39 +117,15 @@ def run(plan: preflight.Plan) -> dict:
     connect_ray(job.ray.address, job.ray.num_cpus)
     driver.warn_if_short(job.scaling, "detect")
     tracked = _start_tracking(plan, "detect", keep_run=True)
-    try:
-        latest = plan.latest
-        if latest is not None and latest.get("final") and int(latest.get("step", -1)) == job.optim.total_steps:
-            with tempfile.TemporaryDirectory() as d:  # trained to the end before: only publishing is left
-                storage.download_dir(latest["uri"], d)
-                return _finalize(plan, Path(d), tracked)
-        ctx = DetectContext(tracking=tracked.to_dict() if tracked else None, run_dir=plan.run_dir)
-        s = job.scaling
-        trainer = TorchTrainer(
+    ctx = DetectContext(tracking=tracked.to_dict() if tracked else None, run_dir=plan.run_dir)
+
+    def make_trainer():
+        return TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"job": job.model_dump(mode="json"), "context": ctx.model_dump(mode="json")},
-            scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                                   resources_per_worker={"CPU": s.cpus_per_worker,
-                                                                         **s.resources_per_worker}),
-            run_config=ray.train.RunConfig(
-                name=job.run.name, **driver.storage_args(job.run.storage_path),
-                failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints)))
-        try:
-            result = trainer.fit()
-        except Exception as e:
-            latest = preflight.latest_checkpoint(plan.run_dir)
-            where = f"step {latest['step']}" if latest else "the start (no checkpoint was written)"
-            raise RuntimeError(f"detection run {job.run.name} failed: {e}\nrerun with the same run.name and "
-                               f"storage to resume from {where}") from e
-        if result.checkpoint is None:
-            raise RuntimeError(f"detection run {job.run.name} ended without a checkpoint")
-        with result.checkpoint.as_directory() as d:
-            return _finalize(plan, Path(d), tracked)
-    except BaseException:
-        if tracked is not None:
-            tracked.end("FAILED")
-        raise
+            scaling_config=driver.scaling_config(job.scaling), run_config=driver.run_config(job))
+
+    return driver.train_or_publish(plan, tracked, make_trainer, _finalize, "detection")
 
 
 def _finalize(plan: preflight.Plan, checkpoint: Path, tracked: tracking.TrackedRun | None) -> dict:

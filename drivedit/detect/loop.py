@@ -56,31 +56,11 @@ class Edges:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry: {"job": DetectJob as JSON, "context": DetectContext as JSON}."""
-    import ray.train
-    import ray.train.torch
+    from drivedit.train.driver import worker_edges
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    restored = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            restored = st.load_state(d)
-
-    def report(metrics: dict, directory: str | None, name: str) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if directory else None)
-
-    def wrap(model: torch.nn.Module, ignore: list[str]) -> torch.nn.Module:
-        if world == 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp")
-
+    rank, world, device, restored, report, wrap = worker_edges()
     job = validate_config(DetectJob, config["job"], "train_loop_config.job")
-    edges = Edges(rank, world, ray.train.torch.get_device(), restored, report, wrap)
+    edges = Edges(rank, world, device, restored, report, wrap)
     DetectLoop(job, DetectContext.model_validate(config["context"]), edges).run()
 
 

@@ -74,15 +74,11 @@ class Edges:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry: {"job": FinetuneJob as JSON, "context": LoopContext as JSON}."""
     import ray.train
-    import ray.train.torch
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    restored = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            restored = st.load_state(d)
+    from drivedit.train.driver import worker_edges
+
+    rank, world, device, restored, report, wrap = worker_edges(forward_sync_buffers=False,
+                                                               gradient_as_bucket_view=True)
     job = validate_config(FinetuneJob, config["job"], "train_loop_config.job")
     shard = ray.train.get_dataset_shard(TRAIN_DATASET)
 
@@ -92,21 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
                                   local_shuffle_seed=st.step_seed(job.optim.seed, rank, epoch) % 2**31
                                   if job.data.shuffle_buffer_rows else None)
 
-    def report(metrics: dict, directory: str | None, name: str) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if directory else None)
-
-    def wrap(model: torch.nn.Module, ignore: list[str]) -> torch.nn.Module:
-        if world == 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
-                                             parallel_strategy_kwargs={"forward_sync_buffers": False,
-                                                                       "gradient_as_bucket_view": True})
-
-    edges = Edges(rank, world, ray.train.torch.get_device(), restored, epoch_batches, report, wrap)
+    edges = Edges(rank, world, device, restored, epoch_batches, report, wrap)
     WorkerLoop(job, LoopContext.model_validate(config["context"]), edges).run()
 
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 from drivedit import storage, tracking
@@ -86,14 +85,7 @@ def _start_tracking(plan: preflight.Plan) -> tracking.TrackedRun | None:
 
 
 def _completed(plan: preflight.Plan) -> dict | None:
-    uri = storage.join(plan.run_dir, RESULT_FILE)
-    if not storage.exists(uri):
-        return None
-    done = json.loads(storage.read_bytes(uri))
-    if done.get("step") == plan.job.optim.total_steps and storage.exists(storage.join(done["bundle_uri"],
-                                                                                     "bundle.json")):
-        return {**done, "already_complete": True}
-    return None
+    return driver.completed_run(plan.run_dir, RESULT_FILE, plan.job.optim.total_steps, "bundle_uri", "bundle.json")
 
 
 def _run(plan: preflight.Plan) -> dict:
@@ -111,45 +103,20 @@ def _run(plan: preflight.Plan) -> dict:
     connect_ray(job.ray.address, job.ray.num_cpus)
     driver.warn_if_short(job.scaling, "finetune")
     tracked = _start_tracking(plan)
-    try:
-        latest = plan.latest
-        if latest is not None and latest.get("final") and int(latest.get("step", -1)) == job.optim.total_steps:
-            # trained to the end before; only the publishing step is left
-            with tempfile.TemporaryDirectory() as d:
-                storage.download_dir(latest["uri"], d)
-                return _finalize(plan, Path(d), tracked)
-        ctx = LoopContext(base_path=str(plan.base_path), base_ref=plan.base_ref, base_sha256=storage.sha256_path(plan.base_path),
-                          tracking=tracked.to_dict() if tracked else None, run_dir=plan.run_dir)
+    ctx = LoopContext(base_path=str(plan.base_path), base_ref=plan.base_ref, base_sha256=storage.sha256_path(plan.base_path),
+                      tracking=tracked.to_dict() if tracked else None, run_dir=plan.run_dir)
+
+    def make_trainer():
         dataset = read_latent_dataset(job.data.shards, columns=data_columns(job))
         if job.data.materialize:
             dataset = dataset.materialize()
-        s = job.scaling
-        resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
-        trainer = TorchTrainer(
+        return TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"job": job.model_dump(mode="json"), "context": ctx.model_dump(mode="json")},
-            scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                                   resources_per_worker=resources),
-            run_config=ray.train.RunConfig(
-                name=job.run.name, **driver.storage_args(job.run.storage_path),
-                failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints)),
+            scaling_config=driver.scaling_config(job.scaling), run_config=driver.run_config(job),
             datasets={TRAIN_DATASET: dataset})
-        try:
-            result = trainer.fit()
-        except Exception as e:
-            latest = preflight.latest_checkpoint(plan.run_dir)
-            where = f"step {latest['step']}" if latest else "the start (no checkpoint was written)"
-            raise RuntimeError(f"fine-tuning run {job.run.name} failed: {e}\nrerun with the same run.name and "
-                               f"storage to resume from {where}") from e
-        if result.checkpoint is None:
-            raise RuntimeError(f"fine-tuning run {job.run.name} ended without a checkpoint")
-        with result.checkpoint.as_directory() as d:
-            return _finalize(plan, Path(d), tracked)
-    except BaseException:
-        if tracked is not None:
-            tracked.end("FAILED")
-        raise
+
+    return driver.train_or_publish(plan, tracked, make_trainer, _finalize, "fine-tuning")
 
 
 def _finalize(plan: preflight.Plan, checkpoint: Path, tracked: tracking.TrackedRun | None) -> dict:
