@@ -117,9 +117,15 @@ def test_sdedit_strength_zero_is_the_source_and_more_strength_moves_further():
     from drivedit.generate.sampler import DiTSampler, SamplerSettings
     from drivedit.models.checkpoint import load_dit
 
-    sampler = DiTSampler(load_dit("builtin:tiny-dit"), amp_dtype=None, clip_x0=1.0)
-    images = np.stack([render_object(c, 32, 20_000 + c) for c in range(4)])  # (4, 32, 32, 3)
-    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (4, 3, 32, 32)
+    from drivedit.models.codec import load_codec
+
+    # the shipped tiny DiT works on tiny-VAE latents of 128 px images: unclipped, as every latent model
+    sampler = DiTSampler(load_dit("builtin:tiny-dit"), amp_dtype=None)
+    codec = load_codec("autoencoder_kl", "builtin:tiny-vae")
+    images = np.stack([render_object(c, 128, 20_000 + c) for c in range(4)])  # (4, 128, 128, 3)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (4, 3, 128, 128)
+    moments = codec.encode(pixels)  # (4, 8, 32, 32)
+    x0 = moments[:, :codec.latent_channels] * codec.scale_factor  # posterior mean, scaled: (4, 4, 32, 32)
     labels, seeds = torch.tensor([5, 6, 7, 8]), [0, 1, 2, 3]
     settings = SamplerSettings(steps=10, guidance=3.0)
     same = sampler.sample(labels, seeds, settings, init_latents=x0, strength=0.0)
