@@ -210,16 +210,26 @@ def test_suite_stopped_with_sigterm_stops_its_part_and_keeps_the_results(tmp_pat
     import os
     import signal
 
+    # encode: the dry-run part that runs longest (it starts a local Ray), so the suite is stopped mid-part
+    # whatever the machine's speed (a quiet machine finished the sampling part before the first tick)
     proc = subprocess.Popen([sys.executable, "bench/gpu_suite.py", "--out", str(tmp_path), "--dry-run", "--parts",
-                             "sampling"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "encode"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def running() -> bool:  # the first 10 s tick has written the part as running
+        try:
+            return json.loads((tmp_path / "results.json").read_text())["parts"][0]["status"] == "running"
+        except (OSError, ValueError, KeyError, IndexError):
+            return False
+
     deadline = time.time() + 120
-    while not (tmp_path / "results.json").exists() and time.time() < deadline:  # the first 10 s tick
+    while not running() and time.time() < deadline:
         time.sleep(0.5)
+    assert running(), "the encode part finished before the suite could be stopped mid-part"
     proc.send_signal(signal.SIGTERM)  # what a device run's time limit does
-    assert proc.wait(timeout=60) == 143
+    assert proc.wait(timeout=90) == 143
     res = json.loads((tmp_path / "results.json").read_text())
-    assert [(p["part"], p["status"]) for p in res["parts"]] == [("sampling", "stopped with the suite")]
-    parts = subprocess.run(["pgrep", "-f", f"gpu_parts sampling --rows {tmp_path}"], capture_output=True, text=True)
+    assert [(p["part"], p["status"]) for p in res["parts"]] == [("encode", "stopped with the suite")]
+    parts = subprocess.run(["pgrep", "-f", f"gpu_parts encode --rows {tmp_path}"], capture_output=True, text=True)
     assert parts.stdout.strip() == ""  # the part's process group went with it
     assert os.path.exists(tmp_path / "results.md")
 
