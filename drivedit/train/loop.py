@@ -116,6 +116,12 @@ class WorkerLoop:
             from drivedit.tracking import TrackedRun
 
             self.tracked = TrackedRun.from_dict(ctx.tracking)
+        # steps an earlier attempt already logged: Ray can restart a killed worker from an older checkpoint than
+        # the last one it reported (the controller had not registered it yet), and those steps must not be
+        # logged a second time
+        self.logged_steps: set[int] = set()
+        if self.tracked is not None:
+            self.logged_steps = {m.step for m in self.tracked.client.get_metric_history(self.tracked.run_id, "loss")}
 
     # ------------------------------------------------------------------ setup
 
@@ -287,7 +293,9 @@ class WorkerLoop:
     def _flush_metrics(self) -> None:
         """Log the metrics of the steps a saved checkpoint covers (see `pending_metrics`)."""
         for metrics, step in self.pending_metrics:
-            self.tracked.log_metrics(metrics, step)
+            if step not in self.logged_steps:
+                self.tracked.log_metrics(metrics, step)
+                self.logged_steps.add(step)
         self.pending_metrics.clear()
 
     def _log_start(self, fresh: bool) -> None:
