@@ -179,3 +179,27 @@ def test_bad_inputs_are_named(base, probe):
     few = ProbeData(probe.latents[:2], torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="no probe latents for scenario 'night'"):
         apply_method(copy.deepcopy(base), MethodConfig(name="bitfit"), SCENARIOS, few)
+
+
+def test_train_table_overrides_the_method_default(base, probe):
+    """bitfit keeps its published set (table frozen) unless told to train the table; any method can freeze it."""
+    table = "y_embedder.embedding_table.weight"
+    assert table not in _adapt(base, probe, "bitfit").trainable
+    assert table in _adapt(base, probe, "bitfit", train_table=True).trainable
+    assert table not in _adapt(base, probe, "lora", train_table=False).trainable
+    assert table in _adapt(base, probe, "lora").trainable
+
+
+def test_random_selection_spends_the_paper_budget(base, probe):
+    """select=random: the control for gap selection fills the same budget (the paper set's cost by default)
+    with modules drawn by probe_seed: reproducible, another draw for another seed, never over budget."""
+    paper = _adapt(base, probe, "driveditfit")
+    drawn = [_adapt(base, probe, "driveditfit", select="random", probe_seed=s) for s in (0, 0, 1)]
+    assert drawn[0].selected_modules == drawn[1].selected_modules
+    assert drawn[0].selected_modules != drawn[2].selected_modules
+    budget = paper.counts()["trainable"]
+    for r in drawn:
+        assert r.report["random_selection"]["budget"] == budget
+        assert 0.5 * budget < r.counts()["trainable"] <= budget
+    with pytest.raises(ValueError, match="select: random places weight modulators"):
+        MethodConfig(name="lora", select="random")

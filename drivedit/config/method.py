@@ -15,12 +15,13 @@ MethodName = Literal["full", "bitfit", "difffit", "finediffusion", "lora", "driv
 
 # what `None` means per method: the settings each paper used
 METHOD_DEFAULTS: dict[str, dict] = {
-    "full": {"lr_multiplier": 1.0, "schedule": "linear"},
-    "bitfit": {"lr_multiplier": 1.0, "schedule": "linear"},
-    "difffit": {"lr_multiplier": 10.0, "schedule": "linear"},  # "10x the pre-training lr"
-    "finediffusion": {"lr_multiplier": 1.0, "schedule": "linear"},
-    "lora": {"lr_multiplier": 1.0, "schedule": "linear"},
-    "driveditfit": {"lr_multiplier": 1.0, "schedule": "progressive"},  # the "spoon" schedule
+    "full": {"lr_multiplier": 1.0, "schedule": "linear", "train_table": True},
+    # BitFit's published set is the biases alone: its scenario rows stay at their semantic init
+    "bitfit": {"lr_multiplier": 1.0, "schedule": "linear", "train_table": False},
+    "difffit": {"lr_multiplier": 10.0, "schedule": "linear", "train_table": True},  # "10x the pre-training lr"
+    "finediffusion": {"lr_multiplier": 1.0, "schedule": "linear", "train_table": True},
+    "lora": {"lr_multiplier": 1.0, "schedule": "linear", "train_table": True},
+    "driveditfit": {"lr_multiplier": 1.0, "schedule": "progressive", "train_table": True},  # the "spoon" schedule
 }
 
 
@@ -33,12 +34,16 @@ class MethodConfig(StrictModel):
     rank: int = Field(4, description="rank of the weight modulators (driveditfit) or of LoRA")
     lora_alpha: float | None = Field(None, description="LoRA scale numerator (update = alpha/rank * B A); "
                                                        "default: rank (scale 1)")
-    select: Literal["paper", "gap"] = Field(
+    select: Literal["paper", "gap", "random"] = Field(
         "paper", description="driveditfit: `paper` modulates DriveDiTFit's fixed set (attention qkv/proj, adaLN, "
                              "timestep MLP, final layer); `gap` measures the source/target gap per module and "
-                             "modulates the largest-gap modules until `budget` is spent")
+                             "modulates the largest-gap modules until `budget` is spent; `random` spends the same "
+                             "budget on modules drawn at random (seed probe_seed): the control for `gap`")
+    train_table: bool | None = Field(
+        None, description="train the scenario table (rows start at their semantic init either way); default: "
+                          "false for bitfit (its published set is the biases alone), true for the others")
     budget: float | None = Field(
-        None, description="select=gap: trainable-parameter budget, a count (> 1) or a fraction of the model "
+        None, description="select=gap or random: trainable-parameter budget, a count (> 1) or a fraction of the model "
                           "(0 < f <= 1); default: what the paper set costs at this rank")
     gap_timesteps: list[int] = Field(
         [50, 200, 400, 600, 800], description="diffusion steps at which the gap is measured")
@@ -85,11 +90,12 @@ class MethodConfig(StrictModel):
             problems.append(f"method.top_k must be >= 1, got {self.top_k}")
         if self.lora_alpha is not None and self.name != "lora":
             problems.append("method.lora_alpha only applies to method.name: lora")
-        if self.select == "gap" and self.name != "driveditfit":
-            problems.append("method.select: gap places weight modulators, so it needs method.name: driveditfit")
+        if self.select != "paper" and self.name != "driveditfit":
+            problems.append(f"method.select: {self.select} places weight modulators, so it needs method.name: "
+                            "driveditfit")
         if self.budget is not None:
-            if self.select != "gap":
-                problems.append("method.budget only applies with method.select: gap")
+            if self.select == "paper":
+                problems.append("method.budget only applies with method.select: gap or random")
             if self.budget <= 0 or (self.budget > 1 and self.budget != int(self.budget)):
                 problems.append(f"method.budget must be a fraction in (0, 1] or a whole count > 1, got {self.budget}")
         for key in ("gap_timesteps", "init_timesteps"):

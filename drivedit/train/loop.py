@@ -42,6 +42,7 @@ from drivedit.logs import setup_logging
 from drivedit.train import state as st
 
 TRAIN_DATASET = "train"
+DATA_COLUMNS = ["scenario", "moments", "moments_flip", "object_mask"]
 # MLflow image keys: the UI shows each key's images with a step slider
 SAMPLES_IMAGE_KEY = "samples"
 GAP_IMAGE_KEY = "gap_report"
@@ -69,6 +70,13 @@ class Edges:
     epoch_batches: Callable[[int], Iterable[dict]]  # epoch -> numpy micro-batches of this worker
     report: Callable[[dict, str | None, str], None]  # (metrics, checkpoint dir or None, dir name)
     wrap: Callable[[torch.nn.Module, list[str]], torch.nn.Module]  # (model, names to ignore) -> DDP
+
+
+def data_columns(job: FinetuneJob) -> list[str]:
+    """The shard columns the loop reads: the layout branch's inputs too when there is one."""
+    if job.layout.kind == "none":
+        return list(DATA_COLUMNS)
+    return DATA_COLUMNS + ["layout"] + (["segmentation"] if job.layout.use_segmentation else [])
 
 
 def train_loop_per_worker(config: dict) -> None:

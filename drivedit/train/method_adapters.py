@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from drivedit.config.method import MethodConfig
+from drivedit.config.method import METHOD_DEFAULTS, MethodConfig
 from drivedit.models.adapter_spec import (
     AdapterSpec,
     apply_spec,
@@ -136,7 +136,7 @@ def build_spec(model: DiT, method: MethodConfig, num_scenarios: int, superclass_
     if name == "full":
         spec.train_all = True
     elif name == "bitfit":
-        spec.train_biases, spec.train_table = True, False
+        spec.train_biases = True
     elif name == "difffit":
         n = len(model.blocks) // 2 if method.difffit_blocks is None else min(method.difffit_blocks, len(model.blocks))
         spec.train_biases = True
@@ -149,6 +149,8 @@ def build_spec(model: DiT, method: MethodConfig, num_scenarios: int, superclass_
         spec.lora = attention_linears(model)
     elif name == "driveditfit":
         spec.modulated = list(modulated) if modulated is not None else paper_modulated(model)
+    spec.train_table = (method.train_table if method.train_table is not None
+                        else METHOD_DEFAULTS[name]["train_table"])
     return spec
 
 
@@ -210,6 +212,20 @@ def _gap_selection(model: DiT, method: MethodConfig, probe: ProbeData | None, ch
     return sorted(selected, key=order.__getitem__), report
 
 
+def _random_selection(model: DiT, method: MethodConfig, table_params: int) -> tuple[list[str], dict]:
+    """Modules drawn at random (seed probe_seed) until the gap budget is spent, by the same greedy fill as
+    gap selection with random scores in place of gaps: the control that says whether measuring helps."""
+    candidates = linear_names(model)
+    costs = {n: modulator_cost(model, n, method.rank) for n in candidates}
+    budget = budget_params(method, model, table_params)
+    g = torch.Generator().manual_seed(method.probe_seed)
+    scores = dict(zip(candidates, torch.rand(len(candidates), generator=g).tolist()))
+    selected, spent = gap_mod.select_by_gap(scores, costs, budget - table_params)
+    order = {n: i for i, n in enumerate(candidates)}
+    return sorted(selected, key=order.__getitem__), {"budget": budget, "spent": spent + table_params,
+                                                     "seed": method.probe_seed, "selected": sorted(selected)}
+
+
 def apply_method(model: DiT, method: MethodConfig, scenarios: list[str], probe: ProbeData | None = None,
                  class_names: list[str] | None = None, layout=None) -> MethodResult:
     """Adapt `model` (a freshly loaded base DiT, changed in place) for `scenarios` with `method`.
@@ -239,6 +255,8 @@ def apply_method(model: DiT, method: MethodConfig, scenarios: list[str], probe: 
     modulated = None
     if method.name == "driveditfit" and method.select == "gap":
         modulated, report["gap"] = _gap_selection(model, method, probe, choice, table_params)
+    elif method.name == "driveditfit" and method.select == "random":
+        modulated, report["random_selection"] = _random_selection(model, method, table_params)
 
     source_table = model.y_embedder.embedding_table.weight.detach().clone()
     spec = build_spec(model, method, len(scenarios), superclass_of, modulated, layout)

@@ -27,17 +27,10 @@ from drivedit.logs import setup_logging
 from drivedit.raylocal import connect_ray
 from drivedit.train import driver, preflight
 from drivedit.train import state as st
+from drivedit.train.loop import data_columns
 
 RESULT_FILE = "result.json"
 log = logging.getLogger("drivedit.finetune")
-DATA_COLUMNS = ["scenario", "moments", "moments_flip", "object_mask"]
-
-
-def data_columns(job) -> list[str]:
-    """The shard columns the loop reads: the layout branch's inputs too when there is one."""
-    if job.layout.kind == "none":
-        return list(DATA_COLUMNS)
-    return DATA_COLUMNS + ["layout"] + (["segmentation"] if job.layout.use_segmentation else [])
 
 
 # ----------------------------------------------------------------------------- entry points
