@@ -71,3 +71,33 @@ def test_classes_differ_in_simple_statistics():
     names = list(table)
     gaps = [np.abs(table[a] - table[b]).max() for i, a in enumerate(names) for b in names[i + 1:]]
     assert min(gaps) > 0.02
+
+
+def test_backdrop_and_figure_split_draws_the_same_pixels():
+    # objects.py paints each class as a backdrop plus a figure (objects_in_context.py reuses both); the
+    # split left the shipped source domain pixel for pixel as it was (hash measured before the split)
+    import hashlib
+
+    images = np.stack([render_object(c, 128, 7) for c in range(len(CLASS_NAMES))])
+    assert hashlib.sha256(images.tobytes()).hexdigest() == \
+        "afa90f24fe127c3713fead0050122f8974046c9c216df88fd54417fc9fee02d9"
+
+
+def test_objects_in_context_stand_under_a_sky(tmp_path):
+    from drivedit.data.objects_in_context import render_in_context
+
+    a = render_in_context(0, 64, seed=3)
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, render_in_context(0, 64, seed=3)) and not np.array_equal(a, render_in_context(0, 64, 4))
+    with pytest.raises(ValueError, match="class_id"):
+        render_in_context(len(CLASS_NAMES), 64, 0)
+    # daylight classes: a blue sky on top, the ground (grass or road) below the horizon, in every image
+    for c in (CLASS_NAMES.index("car"), CLASS_NAMES.index("tree"), CLASS_NAMES.index("house")):
+        for seed in range(4):
+            img = render_in_context(c, 64, seed).astype(np.float64)
+            top, bottom = img[:6].mean((0, 1)), img[-6:].mean((0, 1))  # (3,) mean colours of the first / last rows
+            assert top[2] > top[0] + 20 and top[2] > bottom[2] + 20, (CLASS_NAMES[c], seed, top, bottom)
+    summary = write_objects_dataset(tmp_path / "ctx", num_per_class=1, size=32, seed=0, in_context=True)
+    assert summary["in_context"] and summary["num_images"] == len(CLASS_NAMES)
+    first = np.asarray(Image.open(tmp_path / "ctx" / "images" / "00" / "00000.png"))
+    assert np.array_equal(first, render_in_context(0, 32, 0))

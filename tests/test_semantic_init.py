@@ -72,3 +72,23 @@ def test_text_init_uses_the_shipped_sentence_model():
     assert choice.rows == [[1], [2]] and choice.method == "text"
     with pytest.raises(ValueError, match="class names"):
         choose_by_text(["snowy"], None)
+
+
+def test_name_init_keeps_each_class_its_own_row():
+    # continued pre-training on the base's own classes: every scenario starts at the row of its namesake
+    from drivedit.train.semantic_init import choose_by_name
+
+    torch.manual_seed(0)
+    base = build_dit(dit_config("DiT-N/2", input_size=8, num_classes=5))
+    with torch.no_grad():
+        base.y_embedder.embedding_table.weight.normal_(0, 0.1)
+    table = base.y_embedder.embedding_table.weight.detach().clone()
+    names = ["car", "tree", "sun", "moon", "owl"]
+    r = apply_method(copy.deepcopy(base), MethodConfig(name="full", scenario_init="name"), ["moon", "car", "owl"],
+                     class_names=names)
+    torch.testing.assert_close(r.model.y_embedder.embedding_table.weight[:3], table[[3, 0, 4]])
+    assert r.report["semantic_init"]["summary"] == ["moon <- moon", "car <- car", "owl <- owl"]
+    with pytest.raises(ValueError, match=r"no source class is named \['rainy'\]"):
+        choose_by_name(["car", "rainy"], names)
+    with pytest.raises(ValueError, match="class names"):
+        choose_by_name(["car"], None)

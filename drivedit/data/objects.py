@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -142,7 +143,7 @@ GRASS, ROAD, SNOW = (0.3, 0.55, 0.22), (0.35, 0.35, 0.37), (0.95, 0.96, 0.98)
 PAINT = [(0.8, 0.1, 0.1), (0.1, 0.25, 0.8), (0.95, 0.8, 0.1), (0.1, 0.6, 0.25), (0.9, 0.9, 0.9), (0.1, 0.1, 0.1)]
 
 
-# ---------------------------------------------------------------- the classes: (rng, size, cx, cy, s) -> canvas
+# ---------------------------------------------------------------- the classes' figures: (painter, rng, cx, cy, s)
 
 def _wheels(p, xs, y, r):
     for x in xs:
@@ -150,48 +151,39 @@ def _wheels(p, xs, y, r):
         p.fill(p.ellipse(x, y, r * 0.45, r * 0.45), (0.6, 0.6, 0.6))
 
 
-def draw_car(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, *DAY_SKY, ground=ROAD))
+def paint_car(p: Painter, rng, cx, cy, s) -> None:
     body = _jitter(rng, PAINT[rng.integers(len(PAINT))], 0.08)
     p.fill(p.box(cx - 0.3 * s, cy - 0.38 * s, cx + 0.3 * s, cy - 0.08 * s) - 0.06 * s, body)  # cabin
     p.fill(p.box(cx - 0.26 * s, cy - 0.33 * s, cx + 0.26 * s, cy - 0.12 * s), (0.6, 0.8, 0.95))  # windows
     p.fill(p.box(cx - 0.6 * s, cy - 0.12 * s, cx + 0.6 * s, cy + 0.18 * s) - 0.05 * s, body)
     _wheels(p, (cx - 0.35 * s, cx + 0.35 * s), cy + 0.2 * s, 0.13 * s)
-    return p.img
 
 
-def draw_truck(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, *DAY_SKY, ground=ROAD))
+def paint_truck(p: Painter, rng, cx, cy, s) -> None:
     p.fill(p.box(cx - 0.7 * s, cy - 0.45 * s, cx + 0.25 * s, cy + 0.15 * s), _jitter(rng, (0.85, 0.85, 0.8)))
     cab = _jitter(rng, PAINT[rng.integers(4)], 0.08)
     p.fill(p.box(cx + 0.28 * s, cy - 0.25 * s, cx + 0.68 * s, cy + 0.15 * s) - 0.03 * s, cab)
     p.fill(p.box(cx + 0.42 * s, cy - 0.2 * s, cx + 0.62 * s, cy - 0.05 * s), (0.6, 0.8, 0.95))
     _wheels(p, (cx - 0.5 * s, cx - 0.25 * s, cx + 0.45 * s), cy + 0.2 * s, 0.12 * s)
-    return p.img
 
 
-def draw_traffic_light(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, *DAY_SKY, ground=GRASS))
+def paint_traffic_light(p: Painter, rng, cx, cy, s) -> None:
     p.fill(p.box(cx - 0.04 * s, cy + 0.3 * s, cx + 0.04 * s, cy + 1.2 * s), (0.25, 0.25, 0.25))  # pole
     p.fill(p.box(cx - 0.18 * s, cy - 0.6 * s, cx + 0.18 * s, cy + 0.35 * s) - 0.04 * s, (0.08, 0.08, 0.08))
     lit = rng.integers(3)
     for i, color in enumerate([(0.95, 0.1, 0.1), (0.95, 0.75, 0.1), (0.1, 0.9, 0.3)]):
         dim = 1.0 if i == lit else 0.3
         p.fill(p.ellipse(cx, cy + (-0.38 + 0.3 * i) * s, 0.11 * s, 0.11 * s), np.asarray(color) * dim)
-    return p.img
 
 
-def draw_tree(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, *DAY_SKY, ground=GRASS))
+def paint_tree(p: Painter, rng, cx, cy, s) -> None:
     p.fill(p.box(cx - 0.07 * s, cy, cx + 0.07 * s, cy + 0.7 * s), _jitter(rng, (0.4, 0.25, 0.1)))
     leaf = _jitter(rng, (0.12, 0.45, 0.12), 0.08)
     for dx, dy, r in ((0, -0.35, 0.4), (-0.25, -0.1, 0.3), (0.25, -0.1, 0.3)):
         p.fill(p.ellipse(cx + dx * s, cy + dy * s, r * s, r * s), leaf)
-    return p.img
 
 
-def draw_house(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, *DAY_SKY, ground=GRASS))
+def paint_house(p: Painter, rng, cx, cy, s) -> None:
     wall = _jitter(rng, ((0.9, 0.8, 0.6), (0.8, 0.5, 0.4), (0.85, 0.85, 0.8))[rng.integers(3)])
     p.fill(p.box(cx - 0.45 * s, cy - 0.15 * s, cx + 0.45 * s, cy + 0.5 * s), wall)
     p.fill(p.polygon([(cx - 0.58 * s, cy - 0.13 * s), (cx + 0.58 * s, cy - 0.13 * s), (cx, cy - 0.62 * s)]),
@@ -199,40 +191,32 @@ def draw_house(rng, size, cx, cy, s):
     p.fill(p.box(cx - 0.08 * s, cy + 0.15 * s, cx + 0.08 * s, cy + 0.5 * s), (0.35, 0.2, 0.1))
     for dx in (-0.28, 0.28):
         p.fill(p.box(cx + (dx - 0.09) * s, cy, cx + (dx + 0.09) * s, cy + 0.17 * s), (0.55, 0.75, 0.95))
-    return p.img
 
 
-def draw_sun(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, (0.2, 0.5, 0.95), (0.55, 0.8, 1.0), texture=0.02))
+def paint_sun(p: Painter, rng, cx, cy, s) -> None:
     color = _jitter(rng, (1.0, 0.85, 0.2), 0.05)
     for a in np.linspace(0, 2 * np.pi, 12, endpoint=False) + rng.uniform(0, 0.5):
         p.fill(p.segment(cx + 0.38 * s * np.cos(a), cy + 0.38 * s * np.sin(a),
                          cx + 0.6 * s * np.cos(a), cy + 0.6 * s * np.sin(a), 0.06 * s), color)
     p.fill(p.ellipse(cx, cy, 0.3 * s, 0.3 * s), color)
-    return p.img
 
 
-def draw_cloud(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, (0.45, 0.55, 0.7), (0.65, 0.7, 0.78), texture=0.06))
+def paint_cloud(p: Painter, rng, cx, cy, s) -> None:
     color = _jitter(rng, (0.92, 0.92, 0.94), 0.05)
     p.fill(p.ellipse(cx, cy + 0.08 * s, 0.6 * s, 0.2 * s), color * 0.92)
     for dx, dy, r in ((-0.3, 0.0, 0.24), (0.0, -0.15, 0.32), (0.3, -0.02, 0.25)):
         p.fill(p.ellipse(cx + dx * s, cy + dy * s, r * s, r * s), color)
-    return p.img
 
 
-def draw_umbrella(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, *RAIN_SKY, ground=(0.25, 0.26, 0.28)))
+def paint_umbrella(p: Painter, rng, cx, cy, s) -> None:
     _rain(p, rng)
     canopy = _jitter(rng, PAINT[rng.integers(4)], 0.08)
     p.fill(np.maximum(p.ellipse(cx, cy - 0.05 * s, 0.6 * s, 0.45 * s), p.y - (cy - 0.05 * s)), canopy)
     p.fill(p.segment(cx, cy - 0.05 * s, cx, cy + 0.5 * s, 0.05 * s), (0.15, 0.15, 0.15))
     p.fill(p.segment(cx, cy + 0.5 * s, cx + 0.12 * s, cy + 0.5 * s, 0.05 * s), (0.15, 0.15, 0.15))
-    return p.img
 
 
-def draw_raincoat(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, *RAIN_SKY, ground=(0.25, 0.26, 0.28)))
+def paint_raincoat(p: Painter, rng, cx, cy, s) -> None:
     _rain(p, rng)
     coat = _jitter(rng, ((0.95, 0.8, 0.1), (0.9, 0.3, 0.1), (0.2, 0.5, 0.85))[rng.integers(3)], 0.05)
     p.fill(p.polygon([(cx - 0.22 * s, cy - 0.35 * s), (cx - 0.42 * s, cy + 0.6 * s),
@@ -240,11 +224,9 @@ def draw_raincoat(rng, size, cx, cy, s):
     p.fill(p.ellipse(cx, cy - 0.45 * s, 0.2 * s, 0.2 * s), coat * 0.9)
     for i in range(3):
         p.fill(p.ellipse(cx, cy + (-0.15 + 0.2 * i) * s, 0.035 * s, 0.035 * s), (0.15, 0.15, 0.15))
-    return p.img
 
 
-def draw_snowman(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, *SNOW_SKY, ground=SNOW, texture=0.03))
+def paint_snowman(p: Painter, rng, cx, cy, s) -> None:
     _flakes(p, rng)
     white = _jitter(rng, (0.99, 0.99, 1.0), 0.02)
     for dy, r in ((0.38, 0.3), (0.0, 0.22), (-0.32, 0.16)):
@@ -253,11 +235,9 @@ def draw_snowman(rng, size, cx, cy, s):
     for dx in (-0.06, 0.06):
         p.fill(p.ellipse(cx + dx * s, cy - 0.36 * s, 0.025 * s, 0.025 * s), (0.05, 0.05, 0.05))
     p.fill(p.polygon([(cx, cy - 0.33 * s), (cx, cy - 0.28 * s), (cx + 0.15 * s, cy - 0.3 * s)]), (1.0, 0.5, 0.1))
-    return p.img
 
 
-def draw_snowplow(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, *SNOW_SKY, ground=SNOW, texture=0.03))
+def paint_snowplow(p: Painter, rng, cx, cy, s) -> None:
     _flakes(p, rng)
     body = _jitter(rng, (0.95, 0.6, 0.05), 0.05)
     p.fill(p.box(cx - 0.55 * s, cy - 0.15 * s, cx + 0.3 * s, cy + 0.18 * s), body)
@@ -266,31 +246,25 @@ def draw_snowplow(rng, size, cx, cy, s):
     p.fill(p.polygon([(cx + 0.35 * s, cy - 0.2 * s), (cx + 0.35 * s, cy + 0.3 * s),
                       (cx + 0.7 * s, cy + 0.3 * s), (cx + 0.55 * s, cy - 0.2 * s)]), (0.3, 0.3, 0.32))  # blade
     _wheels(p, (cx - 0.38 * s, cx + 0.12 * s), cy + 0.22 * s, 0.12 * s)
-    return p.img
 
 
-def draw_moon(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, *NIGHT_SKY, texture=0.02))
+def paint_moon(p: Painter, rng, cx, cy, s) -> None:
     _stars(p, rng)
     r = 0.35 * s
     off = rng.uniform(0.12, 0.22) * s
     crescent = np.maximum(p.ellipse(cx, cy, r, r), -p.ellipse(cx + off, cy - off * 0.5, r * 0.9, r * 0.9))
     p.fill(crescent, _jitter(rng, (0.95, 0.93, 0.75), 0.04))
-    return p.img
 
 
-def draw_streetlamp(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, *NIGHT_SKY, ground=(0.04, 0.04, 0.06), texture=0.02))
+def paint_streetlamp(p: Painter, rng, cx, cy, s) -> None:
     glow = np.clip(1.0 - np.hypot(p.x - cx, p.y - (cy - 0.4 * s)) / (0.7 * s), 0.0, 1.0) ** 2  # (S, S)
     p.img[:] = np.clip(p.img + 0.45 * glow[..., None] * np.array([1.0, 0.85, 0.5], np.float32), 0, 1)
     p.fill(p.box(cx - 0.035 * s, cy - 0.4 * s, cx + 0.035 * s, cy + 0.9 * s), (0.15, 0.15, 0.17))
     p.fill(p.box(cx - 0.16 * s, cy - 0.5 * s, cx + 0.16 * s, cy - 0.4 * s), (0.15, 0.15, 0.17))
     p.fill(p.ellipse(cx, cy - 0.36 * s, 0.12 * s, 0.07 * s), (1.0, 0.92, 0.6))
-    return p.img
 
 
-def draw_owl(rng, size, cx, cy, s):
-    p = Painter(_background(rng, size, *NIGHT_SKY, texture=0.02))
+def paint_owl(p: Painter, rng, cx, cy, s) -> None:
     _stars(p, rng, 12)
     p.fill(p.segment(-1.0, cy + 0.5 * s, 1.0, cy + 0.45 * s, 0.08 * s), (0.2, 0.12, 0.06))  # branch
     body = _jitter(rng, (0.35, 0.25, 0.15), 0.05)
@@ -300,16 +274,39 @@ def draw_owl(rng, size, cx, cy, s):
                           (cx + side * 0.26 * s, cy - 0.5 * s)]), body)
         p.fill(p.ellipse(cx + side * 0.13 * s, cy - 0.12 * s, 0.11 * s, 0.11 * s), (0.95, 0.8, 0.2))
         p.fill(p.ellipse(cx + side * 0.13 * s, cy - 0.12 * s, 0.05 * s, 0.05 * s), (0.02, 0.02, 0.02))
-    return p.img
 
 
-DRAWERS: dict[str, Callable] = {
-    "car": draw_car, "truck": draw_truck, "traffic light": draw_traffic_light, "tree": draw_tree,
-    "house": draw_house, "sun": draw_sun, "cloud": draw_cloud, "umbrella": draw_umbrella,
-    "raincoat": draw_raincoat, "snowman": draw_snowman, "snowplow": draw_snowplow, "moon": draw_moon,
-    "streetlamp": draw_streetlamp, "owl": draw_owl,
+@dataclass(frozen=True)
+class Backdrop:
+    """A class's surroundings: the sky gradient from `top` to `bottom`, an optional `ground` colour below
+    the horizon, and how much smooth texture lies over them. objects_in_context.py reuses the palettes."""
+
+    top: tuple
+    bottom: tuple
+    ground: tuple | None = None
+    texture: float = 0.05
+
+
+NIGHT_GROUND = (0.04, 0.04, 0.06)
+WET_ROAD = (0.25, 0.26, 0.28)
+# class name -> (its backdrop, the painter of its figure onto a canvas: (painter, rng, cx, cy, s) -> None)
+CLASSES: dict[str, tuple[Backdrop, Callable]] = {
+    "car": (Backdrop(*DAY_SKY, ground=ROAD), paint_car),
+    "truck": (Backdrop(*DAY_SKY, ground=ROAD), paint_truck),
+    "traffic light": (Backdrop(*DAY_SKY, ground=GRASS), paint_traffic_light),
+    "tree": (Backdrop(*DAY_SKY, ground=GRASS), paint_tree),
+    "house": (Backdrop(*DAY_SKY, ground=GRASS), paint_house),
+    "sun": (Backdrop((0.2, 0.5, 0.95), (0.55, 0.8, 1.0), texture=0.02), paint_sun),
+    "cloud": (Backdrop((0.45, 0.55, 0.7), (0.65, 0.7, 0.78), texture=0.06), paint_cloud),
+    "umbrella": (Backdrop(*RAIN_SKY, ground=WET_ROAD), paint_umbrella),
+    "raincoat": (Backdrop(*RAIN_SKY, ground=WET_ROAD), paint_raincoat),
+    "snowman": (Backdrop(*SNOW_SKY, ground=SNOW, texture=0.03), paint_snowman),
+    "snowplow": (Backdrop(*SNOW_SKY, ground=SNOW, texture=0.03), paint_snowplow),
+    "moon": (Backdrop(*NIGHT_SKY, texture=0.02), paint_moon),
+    "streetlamp": (Backdrop(*NIGHT_SKY, ground=NIGHT_GROUND, texture=0.02), paint_streetlamp),
+    "owl": (Backdrop(*NIGHT_SKY, texture=0.02), paint_owl),
 }
-assert list(DRAWERS) == CLASS_NAMES
+assert list(CLASSES) == CLASS_NAMES
 
 
 def render_object(class_id: int, size: int, seed: int) -> np.ndarray:
@@ -322,16 +319,21 @@ def render_object(class_id: int, size: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, class_id])
     cx, cy = rng.uniform(-0.08, 0.08, 2)
     s = rng.uniform(1.0, 1.3)
-    img = DRAWERS[CLASS_NAMES[class_id]](rng, size, cx, cy, s)
+    backdrop, paint = CLASSES[CLASS_NAMES[class_id]]
+    p = Painter(_background(rng, size, backdrop.top, backdrop.bottom, backdrop.ground, backdrop.texture))
+    paint(p, rng, cx, cy, s)
+    img = p.img
     if rng.random() < 0.5:  # mirror half of them: orientation is not part of a class
         img = img[:, ::-1]
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def write_objects_dataset(out_dir: str | Path, num_per_class: int, size: int = 32, seed: int = 0) -> dict:
+def write_objects_dataset(out_dir: str | Path, num_per_class: int, size: int = 32, seed: int = 0,
+                          in_context: bool = False) -> dict:
     """Write `num_per_class` images of every class to `out_dir` (see the module docstring for the layout).
 
-    Image i of class c is `render_object(c, size, seed * 1_000_003 + i)`, so a dataset is reproducible
+    Image i of class c is `render_object(c, size, seed * 1_000_003 + i)` (`render_in_context` with
+    `in_context`: objects_in_context.py), so a dataset is reproducible
     from (num_per_class, size, seed). Everything is written to a temporary folder first and moved into
     place at the end, so an interrupted run leaves no half-written dataset. Returns a summary dict.
     """
@@ -340,6 +342,10 @@ def write_objects_dataset(out_dir: str | Path, num_per_class: int, size: int = 3
         raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder or delete it")
+    if in_context:
+        from drivedit.data.objects_in_context import render_in_context as render
+    else:
+        render = render_object
     t0 = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -349,7 +355,7 @@ def write_objects_dataset(out_dir: str | Path, num_per_class: int, size: int = 3
             (tmp / "images" / f"{c:02d}").mkdir(parents=True)
             for i in range(num_per_class):
                 rel = f"{c:02d}/{i:05d}.png"
-                Image.fromarray(render_object(c, size, seed * 1_000_003 + i)).save(tmp / "images" / rel)
+                Image.fromarray(render(c, size, seed * 1_000_003 + i)).save(tmp / "images" / rel)
                 frames.append({"name": rel, "attributes": {
                     "class": name, "class_id": c, "weather": name, "timeofday": "daytime", "scene": "object"},
                     "labels": []})
@@ -363,7 +369,7 @@ def write_objects_dataset(out_dir: str | Path, num_per_class: int, size: int = 3
         raise
     seconds = time.perf_counter() - t0
     return {"out_dir": str(out_dir), "num_images": len(frames), "num_classes": len(CLASS_NAMES),
-            "num_per_class": num_per_class, "size": size, "seed": seed, "classes": list(CLASS_NAMES),
+            "num_per_class": num_per_class, "size": size, "seed": seed, "in_context": in_context, "classes": list(CLASS_NAMES),
             "seconds": round(seconds, 3), "images_per_s": round(len(frames) / max(seconds, 1e-9), 1)}
 
 
@@ -374,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-per-class", type=int, default=200)
     ap.add_argument("--size", type=int, default=32, help="image side in pixels")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--in-context", action="store_true",
+                    help="the objects on a ground plane under a sky with a horizon (objects_in_context.py)")
     args = ap.parse_args(argv)
-    print(json.dumps(write_objects_dataset(args.out, args.num_per_class, args.size, args.seed), indent=2))
+    print(json.dumps(write_objects_dataset(args.out, args.num_per_class, args.size, args.seed, args.in_context),
+                     indent=2))
     return 0
 
 

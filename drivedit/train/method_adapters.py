@@ -165,6 +165,8 @@ def _semantic_choice(model: DiT, method: MethodConfig, scenarios: list[str], pro
         return None
     if method.scenario_init == "text":
         return semantic_init.choose_by_text(scenarios, class_names, method.top_k)
+    if method.scenario_init == "name":
+        return semantic_init.choose_by_name(scenarios, class_names)
     if probe is None:
         raise ValueError("method.scenario_init 'denoise' needs probe latents (ProbeData); pass them, or set "
                          "method.scenario_init to text or random")

@@ -112,6 +112,18 @@ def choose_by_denoising(model, latents_per_scenario: list[torch.Tensor], scenari
     return InitChoice("denoise", rows, scores)
 
 
+def choose_by_name(scenarios: list[str], class_names: list[str] | None) -> InitChoice:
+    """Each scenario takes the row of the source class with the same name (e.g. pre-training continued on
+    the base's own classes); every scenario must name one."""
+    if class_names is None:
+        raise ValueError("scenario_init 'name' needs the base model's class names (model.class_names)")
+    missing = [s for s in scenarios if s not in class_names]
+    if missing:
+        raise ValueError(f"scenario_init 'name': no source class is named {missing}; the classes are "
+                         f"{list(class_names)[:20]}{' ...' if len(class_names) > 20 else ''}; use denoise or text")
+    return InitChoice("name", [[list(class_names).index(s)] for s in scenarios], [[1.0] for _ in scenarios])
+
+
 def choose_by_text(scenarios: list[str], class_names: list[str] | None, top_k: int = 1) -> InitChoice:
     """Top-k source classes per scenario by cosine similarity of name embeddings (offline MiniLM)."""
     if class_names is None:
