@@ -156,6 +156,9 @@ def render_in_context(class_id: int, size: int, seed: int) -> np.ndarray:
     return (img * 255.0 + 0.5).astype(np.uint8)
 
 
-def render_many(items: list[tuple[int, int]], size: int) -> np.ndarray:
-    """[(class_id, seed)] -> uint8 (N, size, size, 3): one task for a process pool."""
-    return np.stack([render_in_context(c, size, seed) for c, seed in items])
+def render_many(items: list[tuple[int, int]], size: int, in_context: bool = True) -> np.ndarray:
+    """[(class_id, seed)] -> uint8 (N, size, size, 3), in context or alone (objects.py): one pool task."""
+    from drivedit.data.objects import render_object
+
+    render = render_in_context if in_context else render_object
+    return np.stack([render(c, size, seed) for c, seed in items])
