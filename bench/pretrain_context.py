@@ -12,7 +12,7 @@ Writes into --out, progressively (a killed run keeps every figure it measured):
   result.json   settings, step time, the loss curve, held-out loss and class accuracy per checkpoint
   table.md      the same as a short table, ratios to the baseline
   tiny-dit.pt   the EMA weights in the official DiT format (`drivedit export --official`), latest checkpoint
-  samples.png   class-conditional DDIM samples, one row per class, decoded by the tiny VAE (at the end)
+  samples.jpg   class-conditional DDIM samples, one row per class, decoded by the tiny VAE (at the end)
   loss.png      the training loss curve (at the end)
 
   python bench/pretrain_context.py --out runs/pretrain-context --budget-s 150            # the device run
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--initial-images", type=int, default=2800, help="drawn before training starts")
     p.add_argument("--max-images", type=int, default=42000, help="the pool stops drawing here")
     p.add_argument("--chunk", type=int, default=112, help="images per pool task (a multiple of 14 keeps classes even)")
-    p.add_argument("--workers", type=int, default=0, help="drawing processes (0: CPUs - 2)")
+    p.add_argument("--workers", type=int, default=0, help="drawing processes (0: usable CPUs - 2, at most 14)")
     p.add_argument("--heldout-per-class", type=int, default=8)
     p.add_argument("--grid-per-class", type=int, default=8)
     p.add_argument("--sampler-steps", type=int, default=50)
@@ -112,7 +112,9 @@ class Drawing:
     def __init__(self, args, num_classes: int):
         from drivedit.data.objects_in_context import render_many
 
-        workers = args.workers or max(1, (os.cpu_count() or 2) - 2)
+        # the cores this process may use (a container's cpu_count can be the host's), two left for the loop
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+        workers = args.workers or max(1, min(cores, 16) - 2)
         items = [(i % num_classes, i // num_classes) for i in range(args.max_images)]  # seeds 0.. per class
         self.pool = multiprocessing.get_context("spawn").Pool(workers)
         # first the held-out images (seeds from 10,000; training uses 0..), in context and alone
@@ -343,7 +345,10 @@ def main(argv=None) -> int:
         sampling = SamplingSection(num_per_scenario=args.grid_per_class, sampler="ddim", steps=args.sampler_steps,
                                    guidance=args.guidance)
         with loop._bundle_weights() as model:
-            draw_grid(model, loop.meta, sampling, loop.schedule.final_betas(), device, out / "samples.png")
+            png = draw_grid(model, loop.meta, sampling, loop.schedule.final_betas(), device, scratch / "samples.png")
+        from PIL import Image
+
+        Image.open(png).convert("RGB").save(out / "samples.jpg", quality=90)  # a fraction of the PNG's size
         result["seconds"] = time.perf_counter() - t_start
         result["pool_wait_seconds"] = drawing.seconds_waited
         write_table(out, result)

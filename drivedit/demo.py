@@ -171,12 +171,14 @@ def _fmt(v, spec: str = ".3f") -> str:
 
 
 def scenario_table(report: dict, scenarios: list[str]) -> str:
-    rows = [f"{'scenario':<14} {'generated':>9} {'cond. acc':>9} {'FID':>9}"]
+    rows = [f"{'scenario':<14} {'generated':>9} {'cond. acc':>9} {'FID':>9} {'layout agr':>10} {'layout FD':>9}"]
     for s in scenarios:
         m = report["per_scenario"].get(s, {})
-        rows.append(f"{s:<14} {m.get('num_fake', 0):>9} {_fmt(m.get('condition_accuracy')):>9} {_fmt(m.get('fid'), '.2f'):>9}")
-    o = report["overall"]
-    rows.append(f"{'overall':<14} {o.get('num_fake', 0):>9} {_fmt(o.get('condition_accuracy')):>9} {_fmt(o.get('fid'), '.2f'):>9}")
+        rows.append(f"{s:<14} {m.get('num_fake', 0):>9} {_fmt(m.get('condition_accuracy')):>9} "
+                    f"{_fmt(m.get('fid'), '.2f'):>9} {_fmt(m.get('layout_agreement')):>10} {_fmt(m.get('layout_fd'), '.2f'):>9}")
+    o, scene = report["overall"], report.get("scene") or {}
+    rows.append(f"{'overall':<14} {o.get('num_fake', 0):>9} {_fmt(o.get('condition_accuracy')):>9} "
+                f"{_fmt(o.get('fid'), '.2f'):>9} {_fmt(scene.get('layout_agreement')):>10} {_fmt(scene.get('layout_fd'), '.2f'):>9}")
     return "\n".join(rows)
 
 
@@ -233,7 +235,9 @@ def _print_where(summary: dict, scenarios: list[str]) -> None:
     print(f"  evaluation         {summary['out']}/eval/report.json")
     acc = clf.get("heldout_accuracy")
     chance = 1.0 / len(scenarios)
-    print(f"\nScenario classifier held-out accuracy on real frames: {_fmt(acc)} (chance {chance:.3f})\n")
+    print(f"\nScenario classifier held-out accuracy on real frames: {_fmt(acc)} (chance {chance:.3f})")
+    print("Scene check (no classifier): layout agreement of the generated images' luminance mean / std maps with "
+          "the real frames' (1 = the same layout, ~0 = none) and layout FD (0 = the same per-image layout)\n")
     print(scenario_table(ev, scenarios))
 
 

@@ -114,6 +114,10 @@ def test_cli_reports_every_scenario(cli_run, trained):
     for name in ["overall", *DEFAULT_SCENARIOS]:
         assert any(line.startswith(name) for line in printed.splitlines()), name
     assert "held-out accuracy" in printed
+    # the classifier-free scene check: another draw of the same world has the real frames' layout
+    assert result["scene"]["layout_agreement"] > 0.8 and result["scene"]["num_fake"] == overall["num_fake"]
+    assert all(m["layout_agreement"] > 0.5 for m in result["per_scenario"].values())
+    assert "scene check" in printed
 
 
 def test_shifted_sets_score_worse(data, trained):
@@ -129,6 +133,35 @@ def test_shifted_sets_score_worse(data, trained):
         precisions.append(metrics.precision_recall(feats_a, feats_b)[0])
     assert all(x < y for x, y in zip(fids, fids[1:])), fids
     assert precisions[-1] < precisions[0] - 0.2, precisions
+
+
+def test_scene_check_sees_layout_not_colour(data):
+    # the same pixels without the layout (patches shuffled), or the right colours in a patchwork, or the
+    # real frames' mean image every time: all far from the real frames; another draw of the world is close
+    from drivedit.eval.mlflow_log import eval_metrics
+    from drivedit.eval.scene_check import scene_likeness, shuffle_patches
+
+    real = index_folder(str(data / "real"), vocabulary_for(DEFAULT_SCENARIOS)).load(32)
+    a, b = real[::2], real[1::2]
+    rng = np.random.default_rng(0)
+    colours = b.reshape(-1, 3)[rng.integers(0, len(b) * 32 * 32, (len(b), 4, 4))]  # (n, 4, 4, 3) real pixels
+    patchwork = np.repeat(np.repeat(colours, 8, axis=1), 8, axis=2)                  # (n, 32, 32, 3) blocks
+    mean_image = np.repeat(b.mean(0, keepdims=True).round().astype(np.uint8), len(b), 0)
+    # measured at 32 px, ~100 frames a side: layout FD 2.5 (same world), 6.0 (shuffled), larger for the others;
+    # layout agreement 0.92 (same world), 0.27 (shuffled)
+    same = scene_likeness(a, b)
+    others = {"shuffled": scene_likeness(a, shuffle_patches(b, 4)), "patchwork": scene_likeness(a, patchwork),
+              "mean image": scene_likeness(a, mean_image)}
+    assert same["layout_agreement"] > 0.85, same
+    for name, m in others.items():
+        assert m["layout_fd"] > 1.8 * same["layout_fd"], (name, m, same)
+    assert others["shuffled"]["layout_agreement"] < 0.3 and others["patchwork"]["layout_agreement"] < 0.3, others
+    assert others["mean image"]["std_map_corr"] < 0.3  # its mean map is perfect; nothing varies
+    assert sorted(np.unique(shuffle_patches(b, 4))) == sorted(np.unique(b))  # the control keeps the pixels
+    with pytest.raises(ValueError, match="at least 2"):
+        scene_likeness(a, b[:1])
+    logged = eval_metrics({"overall": {}, "per_scenario": {}, "scene": same})
+    assert logged["eval.scene.layout_agreement"] == pytest.approx(same["layout_agreement"])
 
 
 class MeanColour:

@@ -85,6 +85,12 @@ def format_report(result: dict) -> str:
         lines.append(f"{name:<16}{m['num_real']:>7}{m['num_fake']:>7}{_fmt(m['fid']):>10}"
                      f"{_fmt(m['kid'], '.4f'):>10}{_fmt(m['kid_std'], '.4f'):>9}{_fmt(m['precision']):>7}"
                      f"{_fmt(m['recall']):>8}{_fmt(m['condition_accuracy'], '.3f'):>10}")
+    scene = result.get("scene")
+    if scene is not None:
+        lines += ["", f"scene check (no classifier; eval/scene_check.py): layout agreement "
+                      f"{scene['layout_agreement']:.3f} (mean map {scene['mean_map_corr']:.3f}, std map "
+                      f"{scene['std_map_corr']:.3f}; real frames of one world agree near 1, shuffled patches "
+                      f"near 0), layout FD {scene['layout_fd']:.2f}"]
     notes = sorted({n for _, m in rows for n in m["notes"]})
     lines += [f"note: {n} (shown as -)" for n in notes]
     return "\n".join(lines)

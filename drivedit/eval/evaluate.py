@@ -20,6 +20,7 @@ from drivedit.eval import metrics
 from drivedit.eval.classifier import ScenarioClassifier, train_scenario_classifier
 from drivedit.eval.folders import ImageFolder, index_folder, vocabulary_for
 from drivedit.eval.inception import InceptionFeatures
+from drivedit.eval.scene_check import LayoutFeatures, scene_likeness_of_features
 
 
 def _features(folder: ImageFolder, extractor, size: int, batch_size: int, progress: bool = False,
@@ -93,6 +94,7 @@ def evaluate_folders(
     batch_size: int = 256,
     log: Callable[[str], None] = print,
     progress: bool = False,
+    scene_check: bool = True,
 ) -> dict:
     """Compare a generated folder with a real one. Returns a JSON-ready dict:
 
@@ -102,7 +104,9 @@ def evaluate_folders(
     - `classifier` (source, held-out accuracy and per-scenario held-out accuracy; None if none is used),
     - `overall` and `per_scenario[name]`: num_real, num_fake, fid, kid, kid_std, precision, recall,
       condition_accuracy (None where it cannot be computed, with `notes`),
-    - `confusion`: rows = requested scenario, columns = the classifier's verdict, on generated images.
+    - `confusion`: rows = requested scenario, columns = the classifier's verdict, on generated images,
+    - `scene` (with `scene_check`): the classifier-free scene check (eval/scene_check.py) overall; each
+      `per_scenario` entry then also has `layout_agreement` and `layout_fd`.
 
     `train_classifier=None` means: train one on the real frames when no classifier is given and the
     real folder is labelled. `progress` shows a progress bar on stderr while features are extracted.
@@ -168,6 +172,12 @@ def evaluate_folders(
         np.add.at(confusion, (fake_f.scenarios, predictions), 1)
         result["confusion"] = confusion.tolist()
 
+    scene_real = scene_fake = None
+    if scene_check:
+        layout = LayoutFeatures()
+        scene_real = _features(real_f, layout, layout.image_size, batch_size, progress, "real layout")
+        scene_fake = _features(fake_f, layout, layout.image_size, batch_size, progress, "generated layout")
+        result["scene"] = scene_likeness_of_features(scene_real, scene_fake)
     if real_f.labelled and fake_f.labelled:
         for sid, name in enumerate(names):
             r, f = real_f.scenarios == sid, fake_f.scenarios == sid
@@ -176,6 +186,9 @@ def evaluate_folders(
             entry = distribution_metrics(real_x[r], fake_x[f], k, kid_subsets, kid_subset_size, seed)
             entry["condition_accuracy"] = (
                 None if predictions is None or not f.any() else float((predictions[f] == sid).mean()))
+            if scene_real is not None and r.sum() >= 2 and f.sum() >= 2:
+                scene = scene_likeness_of_features(scene_real[r], scene_fake[f])
+                entry["layout_agreement"], entry["layout_fd"] = scene["layout_agreement"], scene["layout_fd"]
             result["per_scenario"][name] = entry
     return result
 

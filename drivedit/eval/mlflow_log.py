@@ -23,7 +23,9 @@ from drivedit import storage
 from drivedit.tracking import RUN_ID_FILE, TrackedRun, absolute_tracking_uri, stored_run
 
 PREFIX = "eval"
-_PER_SET = ("fid", "kid", "kid_std", "precision", "recall", "condition_accuracy", "num_real", "num_fake")
+_PER_SET = ("fid", "kid", "kid_std", "precision", "recall", "condition_accuracy", "num_real", "num_fake",
+            "layout_agreement", "layout_fd")
+_SCENE = ("layout_agreement", "mean_map_corr", "std_map_corr", "layout_fd")
 
 
 def eval_metrics(result: dict) -> dict[str, float]:
@@ -34,6 +36,9 @@ def eval_metrics(result: dict) -> dict[str, float]:
         for key in _PER_SET:
             if metrics.get(key) is not None:
                 out[f"{prefix}.{key}"] = float(metrics[key])
+    for key in _SCENE:  # the classifier-free scene check (eval/scene_check.py)
+        if (result.get("scene") or {}).get(key) is not None:
+            out[f"{PREFIX}.scene.{key}"] = float(result["scene"][key])
     clf = result.get("classifier") or {}
     if clf.get("heldout_accuracy") is not None:
         out[f"{PREFIX}.classifier_heldout_accuracy"] = float(clf["heldout_accuracy"])
