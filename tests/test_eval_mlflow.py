@@ -76,6 +76,9 @@ def test_eval_logs_into_the_run_that_generated_the_fake_folder(folders, tmp_path
             else:
                 assert f"eval.{name}.{key}" not in logged  # too few images: not logged as a number
     assert set(logged) == set(eval_metrics(result))
+    # the classifier-free scene check (eval/scene_check.py) goes to the run as well
+    assert logged["eval.scene.layout_agreement"][0] == pytest.approx(result["scene"]["layout_agreement"])
+    assert logged["eval.scene.layout_fd"][0] == pytest.approx(result["scene"]["layout_fd"])
     kept, _ = vocabulary_for(DEFAULT_SCENARIOS).split(load_label_file(str(folders / "fake" / "labels.json")))
     assert logged["eval.rainy.num_fake"][0] == sum(sid == DEFAULT_SCENARIOS.index("rainy") for _, sid in kept) > 0
     client = MlflowClient(uri)
