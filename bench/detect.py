@@ -68,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="images per step")
     p.add_argument("--steps", type=int, help="optimizer steps per variant")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the job's)")
+    p.add_argument("--fpn-channels", type=int, default=None, help="pyramid channels (default: the job's)")
+    p.add_argument("--anchor-sizes", type=int, nargs=5, default=None,
+                   help="anchor side per pyramid level at 128 px (default: drivedit.detect.models.ANCHOR_SIZES)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="the job's optim.precision")
     p.add_argument("--frames", type=int, help="procedural training frames (without --train)")
     p.add_argument("--val-frames", type=int, help="procedural validation frames (without --val)")
     p.add_argument("--train", help="BDD100K-format training folder (default: procedural scenes)")
@@ -106,11 +110,12 @@ def variants(args, work: Path) -> dict[str, dict]:
     archs = args.archs or [DetectorSection().arch]
     defaults = DiTBackboneSection()
     out = {}
+    width = {"fpn_channels": args.fpn_channels} if args.fpn_channels else {}
     for backbone in args.backbones:
         for arch in archs:
             name = f"{backbone}/{arch}" if len(archs) > 1 else backbone
             if backbone != "dit":
-                out[name] = {"arch": arch, "backbone": backbone}
+                out[name] = {"arch": arch, "backbone": backbone, **width}
                 continue
             base = dit_section(args.dit_source, work, args.dit, args.full_vae, args.dit_codec)
             if args.train_from_block is not None:
@@ -119,7 +124,7 @@ def variants(args, work: Path) -> dict[str, dict]:
                 for blocks in args.block_sets or [",".join(map(str, defaults.feature_blocks))]:
                     tag = ("" if args.timesteps is None else f" t={t}") + \
                           ("" if args.block_sets is None else f" blocks={blocks}")
-                    out[name + tag] = {"arch": arch, "backbone": "dit",
+                    out[name + tag] = {"arch": arch, "backbone": "dit", **width,
                                        "dit": {**base, "timestep": t,
                                                "feature_blocks": [int(b) for b in blocks.split(",")]}}
     return out
@@ -129,13 +134,12 @@ def variants(args, work: Path) -> dict[str, dict]:
 
 
 def detect_job(model: dict, train: str, val: str, categories: list[str], steps: int, batch: int, work: Path,
-               lr: float | None = None):
-    from drivedit.config.detect import DetectJob
-
-    from drivedit.config.detect import DetectOptimSection
+               lr: float | None = None, precision: str = "auto"):
+    from drivedit.config.detect import DetectJob, DetectOptimSection
 
     warmup = min(DetectOptimSection().warmup_steps, steps // 5)  # the job's warm-up, shortened for short runs
-    optim = {"total_steps": steps, "global_batch_size": batch, "warmup_steps": warmup, **({"lr": lr} if lr else {})}
+    optim = {"total_steps": steps, "global_batch_size": batch, "warmup_steps": warmup, "precision": precision,
+             **({"lr": lr} if lr else {})}
     return DetectJob.model_validate({
         "model": model, "data": {"train": [{"uri": train}], "val": val, "categories": categories},
         "optim": optim, "run": {"name": "bench", "storage_path": str(work / "runs")},
@@ -162,13 +166,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(loop, n: int) -> float:
-    """Seconds for the next `n` training steps."""
+def timed_steps(loop, n: int, cpu: list | None = None) -> float:
+    """Seconds for the next `n` training steps; appends the process's CPU seconds for them to `cpu` (on a
+    shared machine the wall time depends on the load, the CPU time much less)."""
     _sync(loop.e.device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         loop.train_step()
     _sync(loop.e.device)
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
     return time.perf_counter() - t0
 
 
@@ -179,10 +186,11 @@ def train_and_score(loop, work: Path) -> dict:
     job = loop.job
     t_start = time.perf_counter()
     timed_steps(loop, min(WARMUP_STEPS, job.optim.total_steps))
-    timed = job.optim.total_steps - loop.step
-    seconds = timed_steps(loop, timed) if timed else float("nan")
+    timed, cpu = job.optim.total_steps - loop.step, []
+    seconds = timed_steps(loop, timed, cpu) if timed else float("nan")
     train_s = time.perf_counter() - t_start
     result = {"steps": loop.step, "images_per_s_per_worker": timed * job.micro_batch_size / seconds if timed else None,
+              "cpu_s_per_image": cpu[0] / (timed * job.micro_batch_size) if timed else None,
               "train_s": train_s, "trainable": sum(p.numel() for p in loop.params),
               "peak_mem_gib": peak_memory_gib(loop.e.device)}
     if importlib.util.find_spec("pycocotools") is None:
@@ -207,13 +215,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.anchor_sizes:
+        from drivedit.detect import models
+
+        models.ANCHOR_SIZES = tuple(args.anchor_sizes)  # read by build_head when each detector is built
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-detect-") as tmp:
         work = Path(tmp)
         train, val = (args.train, args.val) if args.train and args.val else scenes(work, args.frames, args.val_frames)
         stores = None
         for name, model in variants(args, work).items():
-            job = detect_job(model, train, val, args.categories, args.steps, args.batch, work, args.lr)
+            job = detect_job(model, train, val, args.categories, args.steps, args.batch, work, args.lr, args.precision)
             loop = build_loop(job, device, stores)
             stores = loop.train_store, loop.mix, loop.val_store
             results[name] = train_and_score(loop, work / name.replace("/", "-").replace(" ", "_"))
@@ -228,7 +240,8 @@ def main(argv=None) -> int:
     for name, r in results.items():
         ap = "-" if r["AP50"] is None else f"{r['AP50']:.4f}"
         print(f"  {name:28s} {r['images_per_s_per_worker']:7.2f} img/s/worker "
-              f"({r['images_per_s_per_worker'] / base['images_per_s_per_worker']:.2f}x) | AP50 {ap} | "
+              f"({r['images_per_s_per_worker'] / base['images_per_s_per_worker']:.2f}x) | "
+              f"{r['cpu_s_per_image']:.3f} CPU-s/img ({r['cpu_s_per_image'] / base['cpu_s_per_image']:.2f}x) | AP50 {ap} | "
               f"{r['trainable']:,} trainable | {r['train_s']:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"},
