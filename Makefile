@@ -79,10 +79,11 @@ bench-gpu:
 bench-gpu-dry:
 	$(BENCH_PY) bench/gpu_suite.py --out runs/bench-gpu-dry --dry-run
 
-# what the GPU image lacks of the sampling, fine-tuning and check parts' imports (Python 3.12 wheels);
+# what the GPU image lacks of the sampling, fine-tuning, check and detect parts' imports (Python 3.12 wheels;
+# pycocotools: the detect part's AP50, an abi3 wheel with a compiled extension);
 # ray's wheel (79 MB) is over the device tool's 64 MiB carry, so encode and serve skip there
 GPU_WHEELS := diffusers==0.42.1 importlib_metadata==9.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
-	annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
+	annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 pycocotools==2.0.11
 bench-gpu-wheels: install
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

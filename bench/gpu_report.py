@@ -98,6 +98,9 @@ def summarise(parts: list[dict], env: dict) -> dict:
             off = [r for r in rows if r["mode"] == "unbatched" and r["concurrency"] == top]
             if on and off:
                 goal("serve_ratio", on[0]["img_per_s"] / off[0]["img_per_s"])
+    if "detect" in by:
+        figures["detect"] = {"throughput": _rows(by["detect"], "throughput"), "ap": _rows(by["detect"], "ap"),
+                             "plan": next(iter(_rows(by["detect"], "plan")), None)}
     if "checks" in by:
         figures["checks"] = {"attention": _rows(by["checks"], "attention"),
                              "host_sync": _rows(by["checks"], "host_sync")}
@@ -163,6 +166,18 @@ def markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['mode']} | {r['concurrency']} | {r['img_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
                   f"| {r['mean_batch']:.1f} |" for r in figs["serve"]]
+    if figs.get("detect") and figs["detect"]["throughput"]:
+        d, ap = figs["detect"], {r["backbone"]: r for r in figs["detect"]["ap"]}
+        base = d["throughput"][0]["images_per_s_per_worker"]
+        steps = d["plan"]["steps"] if d["plan"] else None
+        lines += ["", "## Detector training", "", f"Training images/s per worker (batch {d['throughput'][0]['batch']}) "
+                  f"and validation AP50 after {_f(steps, '{}')} steps each, vs {d['throughput'][0]['backbone']}.", "",
+                  "| backbone | images/s | vs first | peak GiB | trainable | AP50 | mAP |", "|---|---|---|---|---|---|---|"]
+        for r in d["throughput"]:
+            a = ap.get(r["backbone"], {})
+            lines.append(f"| {r['backbone']} | {r['images_per_s_per_worker']:.1f} | "
+                         f"{r['images_per_s_per_worker'] / base:.2f}× | {r['peak_mem_gib']:.1f} | {r['trainable']:,} | "
+                         f"{_f(a.get('AP50'), '{:.3f}')} | {_f(a.get('mAP'), '{:.3f}')} |")
     if "checks" in figs:
         c = figs["checks"]
         lines += ["", "## Checks", "", "| check | result | detail |", "|---|---|---|"]

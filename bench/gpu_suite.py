@@ -101,7 +101,8 @@ def run_part(part: str, cap: float, rows_path: Path, dry_run: bool, on_tick=None
     """Run one part in its own process group under `cap` seconds; its rows are its lines of `rows_path`.
     `on_tick(partial)` gets the part's state every TICK_S seconds while it runs."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")]
-                                                                      if p]), PYTHONUNBUFFERED="1")
+                                                                      if p]), PYTHONUNBUFFERED="1",
+               DRIVEDIT_PART_CAP_S=str(cap))  # a part may size itself to its cap
     env.pop("RAY_ADDRESS", None)  # a part starts its own local Ray, never joins another one
     cmd = [sys.executable, "-m", "bench.gpu_parts", part, "--rows", str(rows_path)] + (["--dry-run"] * dry_run)
     t0 = time.perf_counter()

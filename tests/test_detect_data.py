@@ -110,6 +110,42 @@ def test_torchvision_weights_file_loads_by_path(tmp_path):
         load_torchvision_weights(det2, read_weights_file(tmp_path / "unrelated.pth"), "unrelated.pth")
 
 
+def test_unknown_categories_and_boxes_outside_the_image_are_reported_and_training_goes_on(tmp_path):
+    """Each folder's frame (64x32) holds a car, a box of an unknown category, a car reaching out of the image
+    and one wholly right of it: preflight reports the unknown category per folder, two training steps run,
+    and the checkpoint's training report and the scores count the clipped and the dropped box."""
+    from pathlib import Path
+
+    from drivedit.detect import preflight
+    from drivedit.detect.loop import DetectContext, DetectLoop, Edges
+    from drivedit.train import state as st
+
+    labels = [box("car", 4, 4, 30, 20), box("tram", 1, 1, 9, 9), box("car", 50, 10, 80, 30), box("car", 70, 0, 90, 10)]
+    train = write_folder(tmp_path / "train", [{"name": "a.png", "labels": labels}])
+    val = write_folder(tmp_path / "val", [{"name": "v.png", "labels": labels}])
+    cfg = job_dict(train, val, tmp_path / "runs", "outside", data={"image_size": 64},
+                   optim={"total_steps": 2, "global_batch_size": 2, "warmup_steps": 0},
+                   run={"checkpoint_every": 2, "log_every": 2})
+    plan = preflight.check(cfg, "test")
+    for folder in (train, val):
+        r = plan.reports[str(folder)]
+        assert (r["frames"], r["boxes"], r["unknown_categories"]) == (1, 3, {"tram": 1})
+        assert "dropped boxes of unknown categories: tram 1" in preflight.describe(str(folder), r)
+    seen = {}
+
+    def report(metrics, directory, name):
+        if directory:
+            seen["meta"] = st.read_meta(directory)
+            seen["scores"] = json.loads((Path(directory) / "scores" / "metrics.json").read_text())
+
+    torch.set_num_threads(2)
+    DetectLoop(plan.job, DetectContext(run_dir=plan.run_dir),
+               Edges(0, 1, torch.device("cpu"), None, report, lambda m, ignore: m)).run()
+    counted = {"clipped_boxes": 1, "dropped_outside_boxes": 1, "corrupt_images": []}
+    assert seen["meta"]["step"] == 2 and seen["meta"]["train_report"] == counted
+    assert seen["scores"]["skipped"] == counted and seen["scores"]["num_boxes"]["all"] == 2  # the kept two
+
+
 def test_empty_training_set_and_val_without_boxes_fail_before_ray(tmp_path, monkeypatch):
     from drivedit.detect import job as detect_job
 

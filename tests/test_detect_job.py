@@ -1,5 +1,5 @@
-"""The detection job on the shared local Ray: a run stopped after step 3 resumes to the same step count in
-the same MLflow run; the detector is registered, its scores and figures logged, its saved predictions
+"""The detection job on the shared local Ray: a run stopped after step 3, its rerun's worker killed after step 5,
+resumes to the same step count in the same MLflow run; the detector is registered, its scores and figures logged, its saved predictions
 rescore to the job's mAP with pycocotools' defaults, and --eval-only on the registered version reproduces
 the job's validation scores."""
 from __future__ import annotations
@@ -42,11 +42,19 @@ def test_stopped_run_resumes_registers_and_eval_only_reproduces(folders, ray_ses
     with pytest.raises(ConfigError, match="built differently"):
         run_detect(DetectJob.model_validate({**cfg, "model": {**cfg["model"], "arch": "fcos"}}))
 
-    summary = run_detect(job)
+    # the rerun's only worker is killed (SIGKILL) after step 5: Ray Train restarts it from the step-3 checkpoint
+    rerun = DetectJob.model_validate({**cfg, "drill": {"kill_rank_at_step": 5, "kill_rank": 0},
+                                      "run": {**cfg["run"], "max_failures": 1}})
+    summary = run_detect(rerun)
     assert summary["step"] == 6 and summary["mlflow_run_id"] == run_id
+    assert (run_dir / "drills" / "kill-5").is_file() and (run_dir / "drills" / "stop-3").is_file()
+    # boxes of the scenes' other categories are dropped and counted per folder (the job is cars only)
+    dropped = summary["label_reports"][str(train)]["unknown_categories"]
+    assert set(dropped) <= {"truck", "bus", "pedestrian", "traffic light", "traffic sign"} and sum(dropped.values()) > 0
     assert summary["model_uri"] == "models:/drivedit-detect-resume/1"
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'runs' / 'mlflow.db'}")
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [3, 6]  # step 3 was not trained twice
+    # step 3 was not trained twice; steps 4-5, trained before the kill and again after it, logged nothing
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [3, 6]
     logged = {f.path for f in client.list_artifacts(run_id, "scores")}
     assert {"scores/per_scenario.csv", "scores/pr_curve.png", "scores/predictions.json"} <= logged
     assert client.get_run(run_id).data.metrics["val/AP50"] == pytest.approx(summary["val"]["AP50"])

@@ -154,6 +154,10 @@ def test_vae_disagreeing_with_the_dit_is_refused_before_ray(tmp_path, monkeypatc
     # the shipped DiT as a plain checkpoint samples through the shipped VAE unless told otherwise
     plain = load_sampling_model("builtin:tiny-dit", class_names=["car", "truck"])
     assert (plain.codec_source, plain.image_size) == ("builtin:tiny-vae", 128)
+    # ... and names its 14 source classes itself (configs/pretrain/tiny.yaml's class_names) when not told
+    own = load_sampling_model("builtin:tiny-dit")
+    assert own.scenarios[:3] == ["car", "truck", "traffic light"] and own.class_ids == list(range(14))
+    assert own.model.config.num_classes == 14
 
 
 def test_quality_report_counts_small_boxes_and_scores_psnr():

@@ -28,6 +28,9 @@ from drivedit.models.dit import DiT
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 TINY_DIT, TINY_VAE = "builtin:tiny-dit", "builtin:tiny-vae"
+# the shipped tiny DiT's 14 source classes (configs/pretrain/tiny.yaml): its vocabulary when none is given
+TINY_DIT_CLASSES = ["car", "truck", "traffic light", "tree", "house", "sun", "cloud", "umbrella", "raincoat", "snowman",
+                    "snowplow", "moon", "streetlamp", "owl"]
 BUNDLE_FILE = "bundle.json"
 
 
@@ -178,6 +181,8 @@ def _check_codec(sm: SamplingModel) -> None:
 
 
 def _from_checkpoint(path: Path, ref: str, class_names, device) -> SamplingModel:
+    if class_names is None and ref == TINY_DIT:
+        class_names = TINY_DIT_CLASSES
     if class_names is None:
         raise ValueError(f"{ref} is a plain DiT checkpoint without a scenario vocabulary; set model.class_names "
                          f"to name its class ids (a list for ids 0..n-1, or a mapping such as {{snowplow: 803}})")
