@@ -76,7 +76,7 @@ def recipe(method: str) -> list[str]:
 # ----------------------------------------------------------------------------- data, once
 
 
-def prepare(data: Path, num_scenes: int, classifier_steps: int, seed: int = 0) -> dict:
+def prepare(data: Path, num_scenes: int, classifier_steps: int, seed: int = 0, device: str = "cpu") -> dict:
     """Scenes -> shards (the encode job's stages in this process) split into train / heldout folders,
     the scenario classifier trained on the real frames, and the real frames' features in both spaces."""
     import pyarrow.parquet as pq
@@ -115,9 +115,9 @@ def prepare(data: Path, num_scenes: int, classifier_steps: int, seed: int = 0) -
     real = index_folder(str(data / "scenes"), vocabulary_for(_scenarios(data)))
     images = real.load(128)  # (N, 128, 128, 3) uint8
     clf, acc = train_scenario_classifier(images, real.scenarios, real.vocabulary, image_size=128,
-                                         steps=classifier_steps, seed=seed, log=print)
+                                         steps=classifier_steps, seed=seed, device=device, log=print)
     clf.save(data / "classifier")
-    np.savez(data / "real_features.npz", classifier=clf(images), vae=vae_features(images),
+    np.savez(data / "real_features.npz", classifier=clf(images), vae=vae_features(images, device),
              scenario=real.scenarios)
     info = {"scenes": num_scenes, "encoded": rows, **counts, "classifier_heldout_accuracy": acc,
             "classifier_chance": 1 / len(real.vocabulary), "seconds": round(time.perf_counter() - t0, 1)}
@@ -409,8 +409,9 @@ def run(args) -> int:
     data, out = args.data.resolve(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    info = prepare(data, args.num_scenes, args.classifier_steps)
+    info = prepare(data, args.num_scenes, args.classifier_steps, device=args.device)
     print(f"data: {info}", flush=True)
+    (out / "data.json").write_text(json.dumps(info, indent=1))
     results_path = out / "results.jsonl"
     done = [json.loads(x) for x in results_path.read_text().splitlines()] if results_path.exists() else []
     if args.timing_steps and not (out / "timing.json").exists():
@@ -582,7 +583,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.stage == "prepare":
-        print(json.dumps(prepare(args.data.resolve(), args.num_scenes, args.classifier_steps), indent=1))
+        print(json.dumps(prepare(args.data.resolve(), args.num_scenes, args.classifier_steps, device=args.device),
+                         indent=1))
         return 0
     if args.stage == "run":
         return run(args)
