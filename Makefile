@@ -54,7 +54,7 @@ bench: install
 	$(PY) bench/serve.py
 	$(PY) bench/methods_fid.py
 	$(PY) bench/detect.py
-	$(PY) bench/posenc.py
+	$(PY) bench/posenc.py --prepare-only && $(PY) bench/posenc.py --budget-s 1380 --parallel 6
 
 # Refresh requirements.lock after changing dependencies in pyproject.toml: resolve them once in a clean
 # venv and freeze it (torch/torchvision pinned without a local +cuXXX tag: the PyPI builds).
