@@ -31,9 +31,12 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 
 # ---------------------------------------------------------------- phase 1: side by side
-P1=${P1:-330}   # seconds for phase 1
+P1=${P1:-300}   # seconds for phase 1
 if [ "$DRY" = 0 ]; then
-  METHODS_ARGS="--jobs 10 --budget-s $((P1 - 45))"
+  METHODS_ARGS="--jobs 7 --budget-s $((P1 - 45))"
+  # the position encodings from scratch (issue 21) and the base pre-trained on objects in context (issue 13)
+  POSENC_CMD=${POSENC_CMD-"python3 bench/posenc.py --device cuda --budget-s $((P1 - 50)) --batch 64 --workers 4 --work $W/posenc-work --out $W/posenc"}
+  SCENES_CMD=${SCENES_CMD-"python3 bench/pretrain_context.py --out $W/scenes --budget-s $((P1 - 20)) --workers 5 --threads 2"}
 else
   METHODS_ARGS="--jobs 0 --num-scenes 36 --classifier-steps 4 --arms driveditfit lora ddf-linear --seeds 0 --lrs 2e-3 \
     --steps 3 --batch 8 --per-scenario 3 --sampler-steps 2 --timing-steps 2 --device cpu"
@@ -54,7 +57,7 @@ for p in $PIDS; do wait "$p"; echo "part $p exit $?"; done
 say "phase 1 done"
 
 # ---------------------------------------------------------------- phase 2: the GPU suite alone
-P2=${P2:-200}
+P2=${P2:-230}
 if [ "$DRY" = 0 ]; then
   timeout -k 10 "$P2" python3 bench/gpu_suite.py --out "$W/suite" --total-cap $((P2 - 20)) \
     --parts checks sampling finetune detect > "$W/suite.log" 2>&1
