@@ -228,8 +228,12 @@ def score_samples(model, betas, scenarios: list[str], data: Path, device: torch.
     n = args.per_scenario
     labels = torch.arange(len(scenarios)).repeat_interleave(n)                # (S*n,)
     sampler = DiTSampler(model, betas, device)
-    settings = SamplerSettings(sampler=args.sampler, steps=args.sampler_steps, guidance=args.guidance)
-    latents = torch.cat([sampler.sample(labels[i:i + 256], list(range(i, min(i + 256, len(labels)))), settings)
+    # FineDiffusion's tiered table has no null row: it guides each scenario against its superclass
+    superclass_of = getattr(model.y_embedder, "superclass_of", None)
+    settings = SamplerSettings(sampler=args.sampler, steps=args.sampler_steps, guidance=args.guidance,
+                               guidance_kind="superclass" if superclass_of is not None else "cfg")
+    latents = torch.cat([sampler.sample(labels[i:i + 256], list(range(i, min(i + 256, len(labels)))), settings,
+                                        uncond_labels=superclass_of(labels[i:i + 256]) if superclass_of else None)
                          for i in range(0, len(labels), 256)])               # (S*n, C, h, w)
     images = decode_to_uint8(_codec(str(device)), latents)                   # (S*n, 128, 128, 3)
     if grid is not None:
