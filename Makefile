@@ -52,7 +52,7 @@ bench: install
 	$(PY) bench/finetune_scaling.py
 	$(PY) bench/generate.py
 	$(PY) bench/serve.py
-	$(PY) bench/methods_fid.py
+	$(PY) bench/methods_table.py run --steps 300 --per-scenario 24 --sampler-steps 25 --lrs 2e-3 --jobs 2 && $(PY) bench/methods_table.py mlflow
 	$(PY) bench/detect.py
 	$(PY) bench/posenc.py --prepare-only && $(PY) bench/posenc.py --budget-s 1380 --parallel 6
 
