@@ -17,8 +17,10 @@ import socket
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
 from drivedit.logs import quiet_ray_noise, setup_logging
 from drivedit.raylocal import QUIET_WORKERS_HOOK
@@ -68,18 +70,18 @@ def step_scenes(out: Path, size: DemoSize, seed: int) -> dict:
     return write_scenes_dataset(str(out / "scenes"), num=size.num_scenes, size=128, seed=seed)
 
 
-def step_encode(out: Path) -> dict:
+def step_encode(out: Path, extra: Sequence[str] = ()) -> dict:
     from drivedit.config import load_config
     from drivedit.config.encode import EncodeJob
     from drivedit.data.encode import run_encode
 
     _log(f"2/6 encode with Ray Data -> {out / 'shards'}")
     job = load_config(EncodeJob, DEMO_CONFIGS / "encode.yaml", [
-        "--data.input", str(out / "scenes"), "--data.output", str(out / "shards")])
+        "--data.input", str(out / "scenes"), "--data.output", str(out / "shards"), *extra])
     return run_encode(job)
 
 
-def step_finetune(out: Path, size: DemoSize) -> dict:
+def step_finetune(out: Path, size: DemoSize, extra: Sequence[str] = ()) -> dict:
     from drivedit.config import load_config
     from drivedit.config.finetune import FinetuneJob
     from drivedit.train.trainer import run_finetune
@@ -93,6 +95,7 @@ def step_finetune(out: Path, size: DemoSize) -> dict:
         "--run.checkpoint_every", str(size.checkpoint_every),
         "--sampling.every_steps", str(size.grid_every),
         "--run.log_every", str(max(1, min(20, size.finetune_steps // 4))),
+        *extra,
     ])
     return run_finetune(job)
 
@@ -182,22 +185,32 @@ def scenario_table(report: dict, scenarios: list[str]) -> str:
     return "\n".join(rows)
 
 
-def run_demo(out: str | Path = "runs/demo", size: str = "full", seed: int = 0, fresh: bool = False) -> dict:
+@contextmanager
+def local_ray(num_cpus: int = 4) -> Iterator[None]:
+    """One local Ray for every step (with quiet workers), unless the caller already runs one."""
     import ray
 
+    setup_logging()
+    started = not ray.is_initialized()
+    if started:
+        quiet_ray_noise()
+        ray.init(num_cpus=num_cpus, include_dashboard=False,
+                 runtime_env={"worker_process_setup_hook": QUIET_WORKERS_HOOK})
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_demo(out: str | Path = "runs/demo", size: str = "full", seed: int = 0, fresh: bool = False) -> dict:
     out = Path(out).resolve()
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     sz = SIZES[size]
     t0 = time.time()
-    started_ray = False
-    setup_logging()
-    if not ray.is_initialized():
-        quiet_ray_noise()
-        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"worker_process_setup_hook": QUIET_WORKERS_HOOK})
-        started_ray = True
-    try:
+    with local_ray(4):
         summary: dict = {"out": str(out)}
         step_scenes(out, sz, seed)
         summary["encode"] = step_encode(out)
@@ -207,9 +220,6 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", seed: int = 0, f
         summary["generate"] = step_generate(out, sz, ft["model_uri"], ft["tracking_uri"], scenarios)
         summary["serve"] = step_serve(out, sz, ft["model_uri"], ft["tracking_uri"], scenarios)
         summary["eval"] = step_eval(out, sz)
-    finally:
-        if started_ray:
-            ray.shutdown()
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_where(summary, scenarios)

@@ -21,6 +21,11 @@ class TrainSource(StrictModel):
     uri: str = Field(..., description="BDD100K-format folder (images/ + labels.json), local or s3://")
     weight: float = Field(1.0, gt=0, description="sampling weight: the share of each batch drawn from this "
                                                  "dataset is weight / sum of weights")
+    per_step: int | None = Field(
+        None, ge=1, description="instead of `weight`: exactly this many images of every step's batch (over all "
+                                "workers) come from this dataset, drawn from its own random stream, so adding a "
+                                "dataset leaves the others' draws unchanged; give it for every dataset or none "
+                                "(their sum is optim.global_batch_size)")
 
 
 class DetectDataSection(StrictModel):
@@ -154,6 +159,7 @@ class DetectJob(StrictModel):
         if bad:
             problems.append(f"data.category_map maps to names that are neither in data.categories nor BDD100K "
                             f"categories: {bad}")
+        problems += _per_step_problems(self)
         problems += tracking_store_problems(self.run, self.tracking)
         problems += drill_problems(self.drill, self.optim.total_steps, self.run.checkpoint_every,
                                    self.scaling.num_workers)
@@ -162,5 +168,28 @@ class DetectJob(StrictModel):
         return self
 
     @property
+    def fixed_counts(self) -> bool:
+        """Whether each dataset gives a fixed number of images per step (`per_step`) instead of a weighted share."""
+        return any(src.per_step is not None for src in self.data.train)
+
+    @property
     def micro_batch_size(self) -> int:
         return self.optim.global_batch_size // self.scaling.num_workers
+
+
+def _per_step_problems(job: DetectJob) -> list[str]:
+    counts = [src.per_step for src in job.data.train]
+    if all(c is None for c in counts):
+        return []
+    if any(c is None for c in counts):
+        return [f"data.train: per_step is given for some datasets and not others ({counts}); give it for every "
+                "dataset or for none"]
+    problems = []
+    if sum(counts) != job.optim.global_batch_size:
+        problems.append(f"data.train: the per_step counts sum to {sum(counts)}, but optim.global_batch_size is "
+                        f"{job.optim.global_batch_size}; make them equal")
+    odd = [c for c in counts if c % job.scaling.num_workers]
+    if odd:
+        problems.append(f"data.train: per_step counts {odd} are not divisible by scaling.num_workers "
+                        f"({job.scaling.num_workers})")
+    return problems

@@ -178,3 +178,29 @@ class WeightedMix:
         if total <= 0:
             raise RuntimeError("no training frame left to draw: every image is corrupt")
         return rng.choice(len(self.probs), size=n, p=self.probs / total)
+
+
+class FixedCountMix:
+    """Draws a fixed number of frames from every dataset per step, each dataset from its own random stream
+    (`rngs[d]`), so adding a dataset changes nothing of what the others give: the downstream experiment's
+    real-only and real + synthetic arms see the same real frames at every step. Corrupt frames are taken
+    out of their dataset's draw as they are found."""
+
+    def __init__(self, sizes: list[int], counts: list[int]):
+        self.counts = list(counts)
+        self.offsets = np.cumsum([0, *sizes])  # dataset d owns global indices offsets[d]:offsets[d + 1]
+        self.alive = [np.ones(n, bool) for n in sizes]
+
+    def source_of(self, index: int) -> int:
+        return int(np.searchsorted(self.offsets, index, side="right") - 1)
+
+    def remove(self, index: int) -> None:
+        d = self.source_of(index)
+        self.alive[d][index - self.offsets[d]] = False
+
+    def draw_from(self, d: int, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n global frame indices of dataset d, uniformly over its frames still alive."""
+        alive = np.flatnonzero(self.alive[d])
+        if not alive.size:
+            raise RuntimeError(f"no training frame left to draw in dataset {d}: every image is corrupt")
+        return self.offsets[d] + alive[rng.integers(alive.size, size=n)]

@@ -113,6 +113,9 @@ def _run_cocoeval(coco_gt, coco_dt, img_ids: list[int], image_size: int, referen
     out["num_boxes"] = counts
     out["num_images"] = len(img_ids)
     precision = ev.eval["precision"]  # (T iou, R recall, K categories, A areas, M maxDets)
+    for a, label in enumerate(SIZE_LABELS[1:], start=1):  # AP50 per object size (COCO's summary has only AP)
+        p50 = precision[0, :, :, a, -1]
+        out[f"AP50_{label}"] = _value(p50[p50 > -1].mean()) if (p50 > -1).any() else None
     per_category, curves = {}, {}
     for k, cat_id in enumerate(ev.params.catIds):
         name = coco_gt.cats[cat_id]["name"]
@@ -141,7 +144,7 @@ def evaluate(gt: dict, results: list[dict], image_size: int, reference: int = CO
     for name, ids in sorted(by_scenario.items()):
         r = _run_cocoeval(coco_gt, coco_dt, ids, image_size, reference)
         per_scenario[name] = {k: r[k] for k in ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
-                                                "num_boxes", "num_images")}
+                                                "AP50_small", "AP50_medium", "AP50_large", "num_boxes", "num_images")}
     limits = area_ranges(image_size, reference)
     return {**overall, "per_scenario": per_scenario,
             "size_limits_px2": {"small_below": limits[1][1], "large_from": limits[2][1]},

@@ -144,7 +144,7 @@ def _finalize(plan: preflight.Plan, checkpoint: Path, tracked: tracking.TrackedR
                "val": {k: scores[k] for k in ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")},
                "val_per_scenario": {k: v["AP50"] for k, v in scores["per_scenario"].items()},
                "size_scaling": scores["size_scaling"], "label_reports": plan.reports,
-               "train_report": meta.get("train_report", {}),
+               "train_report": meta.get("train_report", {}), "data_seen": meta.get("data_seen", []),
                "val_skipped": scores.get("skipped", {}), "detector_uri": detector_uri, "scores_uri": scores_uri,
                "checkpoint_uri": storage.join(plan.run_dir, st.checkpoint_dir_name(step)),
                "mlflow_run_id": None, "tracking_uri": None, "model_uri": None}

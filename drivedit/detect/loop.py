@@ -65,8 +65,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def load_sources(job: DetectJob):
-    """(training FrameStore, WeightedMix, validation FrameStore) from the job's folders."""
-    from drivedit.detect.dataset import FrameStore, WeightedMix, read_frames
+    """(training FrameStore, WeightedMix or FixedCountMix, validation FrameStore, frames per training dataset)."""
+    from drivedit.detect.dataset import FixedCountMix, FrameStore, WeightedMix, read_frames
 
     d = job.data
     frames, sizes = [], []
@@ -75,8 +75,9 @@ def load_sources(job: DetectJob):
         frames += f
         sizes.append(len(f))
     val, _ = read_frames(d.val, d.labels_file, d.categories, d.category_map, d.scenarios)
-    return (FrameStore(frames, d.image_size, d.cache_images), WeightedMix(sizes, [s.weight for s in d.train]),
-            FrameStore(val, d.image_size, d.cache_images))
+    mix = FixedCountMix(sizes, [s.per_step for s in d.train]) if job.fixed_counts else \
+        WeightedMix(sizes, [s.weight for s in d.train])
+    return FrameStore(frames, d.image_size, d.cache_images), mix, FrameStore(val, d.image_size, d.cache_images), sizes
 
 
 class DetectLoop:
@@ -120,19 +121,44 @@ class DetectLoop:
         use_bf16 = o.precision == "bf16" or (o.precision == "auto" and e.device.type == "cuda")
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 and \
             e.device.type == "cuda" else contextlib.nullcontext
-        self.train_store, self.mix, self.val_store = load_sources(job)
+        self.train_store, self.mix, self.val_store, self.source_sizes = load_sources(job)
+        self.source_offsets = np.cumsum([0, *self.source_sizes])
+        # images drawn per training dataset: this rank's since the start (or the restore), plus every rank's
+        # before the restore; checkpoints record the sum over ranks, so a run states how often it saw each dataset
+        self.drawn_here = np.zeros(len(self.source_sizes), np.int64)
+        seen = (e.restored.meta.get("data_seen") if e.restored is not None else None) or []
+        self.drawn_before = np.array([s["images"] for s in seen] or [0] * len(self.source_sizes), np.int64)
 
     # ------------------------------------------------------------------ one step
 
     def batch(self, step: int) -> tuple[torch.Tensor, list[dict], list[str]]:
-        """This rank's frames of `step`, drawn from seed (seed, rank, step); corrupt ones are replaced."""
+        """This rank's frames of `step`, drawn from seed (seed, rank, step) (with `per_step` counts, dataset d's
+        from (seed, rank, step, 2 + d) alone); corrupt ones are replaced."""
         from drivedit.detect.dataset import to_batch
 
-        rng = np.random.default_rng(st.step_seed(self.job.optim.seed, self.e.rank, step))
-        n = self.job.micro_batch_size
+        o, n = self.job.optim, self.job.micro_batch_size
+        hflip = self.job.data.hflip
+        if not self.job.fixed_counts:
+            rng = np.random.default_rng(st.step_seed(o.seed, self.e.rank, step))
+            items, scenarios = self._fill(n, lambda k: self.mix.draw(k, rng))
+            flips = rng.random(n) < 0.5 if hflip else None
+        else:
+            items, scenarios, flips = [], [], []
+            for d, count in enumerate(self.mix.counts):
+                rng = np.random.default_rng(st.step_seed(o.seed, self.e.rank, step, 2 + d))
+                k = count // self.e.world_size
+                got, scen = self._fill(k, lambda m, d=d, rng=rng: self.mix.draw_from(d, m, rng))
+                items, scenarios = items + got, scenarios + scen
+                flips.append(rng.random(k) < 0.5)
+            flips = np.concatenate(flips) if hflip else None
+        images, targets = to_batch(items, flips)
+        return images, targets, scenarios
+
+    def _fill(self, n: int, draw: Callable[[int], np.ndarray]) -> tuple[list, list[str]]:
+        """n decodable frames from `draw(k)` (k indices), drawing again for corrupt ones; counts them per dataset."""
         items, scenarios = [], []
         while len(items) < n:
-            for i in self.mix.draw(n - len(items), rng):
+            for i in draw(n - len(items)):
                 item = self.train_store.get(int(i))
                 if item is None:
                     self.mix.remove(int(i))
@@ -140,9 +166,17 @@ class DetectLoop:
                     continue
                 items.append(item)
                 scenarios.append(self.train_store.frames[int(i)].scenario)
-        flips = rng.random(n) < 0.5 if self.job.data.hflip else None
-        images, targets = to_batch(items, flips)
-        return images, targets, scenarios
+                self.drawn_here[np.searchsorted(self.source_offsets, int(i), side="right") - 1] += 1
+        return items, scenarios
+
+    def data_seen(self) -> list[dict]:
+        """Per training dataset over all ranks: its frames, the images drawn from it so far and the epochs
+        that makes (images / frames). Every rank must call it."""
+        drawn = [self.drawn_before[d] + round(st.mean_over_ranks(float(self.drawn_here[d]), self.e.world_size,
+                                                                 self.e.device) * self.e.world_size)
+                 for d in range(len(self.source_sizes))]
+        return [{"uri": src.uri, "frames": n, "images": int(k), "epochs": k / n if n else 0.0}
+                for src, n, k in zip(self.job.data.train, self.source_sizes, drawn)]
 
     def train_step(self) -> tuple[torch.Tensor, dict[str, float]]:
         from drivedit.detect.detector import run_detector
@@ -224,6 +258,7 @@ class DetectLoop:
     def checkpoint(self, final: bool) -> None:
         name = st.checkpoint_dir_name(self.step)
         metrics = {"step": self.step, **getattr(self, "last_metrics", {})}
+        seen = self.data_seen()
         if not self.is_main:
             self.e.report(metrics, None, name)
             return
@@ -233,7 +268,7 @@ class DetectLoop:
             meta = {"total_steps": self.job.optim.total_steps, "world_size": self.e.world_size, "final": final,
                     "model": self.job.model.model_dump(mode="json"), "categories": list(self.job.data.categories),
                     "image_size": self.job.data.image_size, "metrics": metrics,
-                    "train_report": self.train_store.report.to_dict()}
+                    "train_report": self.train_store.report.to_dict(), "data_seen": seen}
             if final:
                 from drivedit.detect.models import save_detector
 
