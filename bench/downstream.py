@@ -157,7 +157,7 @@ def detect_job(cfg: DownstreamBench, out: Path, arm: str, seed: int, synthetic: 
         train += [{"uri": s["uri"], "per_step": d.synthetic_per_step // len(synthetic)} for s in synthetic]
     return load_config(DetectJob, DEMO_CONFIGS / "detect.yaml", [
         "--data.train", json.dumps(train), "--data.val", str(out / "heldout"),
-        "--data.categories", json.dumps(SCENE_CATEGORIES),
+        "--data.categories", json.dumps(d.categories),
         "--optim.total_steps", str(d.steps), "--optim.global_batch_size", str(sum(t["per_step"] for t in train)),
         "--optim.lr", str(d.lr), "--optim.warmup_steps", str(d.warmup_steps), "--optim.seed", str(seed),
         "--scaling.num_workers", str(d.num_workers), "--run.name", f"{arm}-seed{seed}",

@@ -249,6 +249,9 @@ def _print_where(summary: dict, scenarios: list[str]) -> None:
     print("Scene check (no classifier): layout agreement of the generated images' luminance mean / std maps with "
           "the real frames' (1 = the same layout, ~0 = none) and layout FD (0 = the same per-image layout)\n")
     print(scenario_table(ev, scenarios))
+    print("\nDoes the synthetic data help a detector? `make demo-downstream` trains the same detector on real frames "
+          "with rare night and snow, and on them plus generated night and snow frames, and compares them on "
+          "held-out frames (one seed; bench/downstream.py runs three).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,10 @@ class DetectorSection(StrictModel):
     each dataset from its own random stream); the mixed arm's batches hold `synthetic_per_step` more images."""
 
     steps: int = Field(400, ge=1, description="optimizer steps of every run")
+    categories: list[str] = Field(
+        default_factory=lambda: ["car", "truck", "bus"], min_length=1,
+        description="detected categories (of the scenes': car, truck, bus, pedestrian, traffic light, traffic sign; "
+                    "most pedestrians, lights and signs are under 6 px at 128 px, beyond a short CPU training)")
     real_per_step: int = Field(16, ge=1, description="real training images in every step's batch (both arms)")
     synthetic_per_step: int = Field(8, ge=1, description="synthetic images added to every step's batch (mixed arm)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="one run per arm and seed")
@@ -107,6 +111,9 @@ class DownstreamBench(StrictModel):
             if n % per:
                 problems.append(f"detector.{name} ({n}) must be divisible by {per} (num_workers"
                                 + (" x 2 synthetic datasets)" if per != d.num_workers else ")"))
+        unknown = [c for c in d.categories if c not in SCENE_CATEGORIES]
+        if unknown:
+            problems.append(f"detector.categories: {unknown} are not among the scenes' {SCENE_CATEGORIES}")
         if len(set(d.seeds)) != len(d.seeds):
             problems.append(f"detector.seeds must be distinct, got {d.seeds}")
         if problems:

@@ -121,7 +121,12 @@ class DetectLoop:
         use_bf16 = o.precision == "bf16" or (o.precision == "auto" and e.device.type == "cuda")
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 and \
             e.device.type == "cuda" else contextlib.nullcontext
-        self.train_store, self.mix, self.val_store, self.source_sizes = load_sources(job)
+        self.load_data()
+
+    def load_data(self) -> None:
+        """The training and validation frames, the mix that draws them, and the count of images drawn."""
+        e = self.e
+        self.train_store, self.mix, self.val_store, self.source_sizes = load_sources(self.job)
         self.source_offsets = np.cumsum([0, *self.source_sizes])
         # images drawn per training dataset: this rank's since the start (or the restore), plus every rank's
         # before the restore; checkpoints record the sum over ranks, so a run states how often it saw each dataset
@@ -175,7 +180,7 @@ class DetectLoop:
         drawn = [self.drawn_before[d] + round(st.mean_over_ranks(float(self.drawn_here[d]), self.e.world_size,
                                                                  self.e.device) * self.e.world_size)
                  for d in range(len(self.source_sizes))]
-        return [{"uri": src.uri, "frames": n, "images": int(k), "epochs": k / n if n else 0.0}
+        return [{"uri": src.uri, "frames": n, "images": int(k), "epochs": float(k / n) if n else 0.0}
                 for src, n, k in zip(self.job.data.train, self.source_sizes, drawn)]
 
     def train_step(self) -> tuple[torch.Tensor, dict[str, float]]:
