@@ -106,7 +106,8 @@ def stage_generator(cfg: DownstreamBench, out: Path, tracking_uri: str) -> dict:
     size = dataclasses.replace(SIZES["full"], finetune_steps=g.steps, checkpoint_every=g.steps, grid_every=0)
     return step_finetune(out, size, ["--layout.kind", g.layout_kind, "--tracking.tracking_uri", tracking_uri,
                                      "--tracking.experiment", cfg.experiment,
-                                     "--tracking.registered_model", "drivedit-downstream-generator", *cfg.as_overrides(g.overrides)])
+                                     "--tracking.registered_model", "drivedit-downstream-generator",
+                                     *cfg.as_overrides(g.overrides)])
 
 
 # ----------------------------------------------------------------------------- 3. synthetic frames
@@ -128,14 +129,31 @@ def stage_synthetic(cfg: DownstreamBench, out: Path, scenes: dict, model_uri: st
         else:
             spec = {"source": scenes["train"], "labels": scenes["common_source"], "targets": rare,
                     "strength": y.strength, "max_frames": y.per_scenario}
-        uri = str(out / f"synthetic-{mode}")
+        uri = str(out / synthetic_name(cfg, mode))
         job = load_config(GenerateJob, DEMO_CONFIGS / "generate.yaml", [
             "--model.ref", model_uri, "--tracking.tracking_uri", tracking_uri, "--tracking.experiment", cfg.experiment,
-            "--spec.balance", "null", f"--spec.{mode}", json.dumps(spec), "--sampler.steps", str(y.sampler_steps),
-            "--sampler.guidance", str(y.guidance), "--output.uri", uri])
+            "--spec.balance", "null", f"--spec.{mode}", json.dumps(spec), "--sampler.sampler", y.sampler,
+            "--sampler.steps", str(y.sampler_steps), "--sampler.guidance", str(y.guidance), "--output.uri", uri])
         result = run_generate(job)
         done.append({"mode": mode, "uri": uri, "images": _count_frames(uri), "result": result})
     return done
+
+
+def synthetic_name(cfg: DownstreamBench, mode: str) -> str:
+    """A synthetic dataset's folder, named by what makes it, so variants of the experiment sit side by side."""
+    y = cfg.synthetic
+    how = f"s{y.strength:g}" if mode == "transfer" else f"lg{y.layout_guidance:g}"
+    return f"synthetic-{mode}-{how}-n{y.per_scenario}-{y.sampler}{y.sampler_steps}-g{y.guidance:g}"
+
+
+def arm_name(cfg: DownstreamBench, arm: str, seed: int) -> str:
+    """A detector run's name: the real-only arm depends on the real data and detector alone, so variants of the
+    synthetic data share it; the mixed arm's name says which synthetic data and how much of it per step."""
+    if arm == "real":
+        return f"real-seed{seed}"
+    modes = ["layouts", "transfer"] if cfg.synthetic.mode == "both" else [cfg.synthetic.mode]
+    data = "_".join(synthetic_name(cfg, m)[len("synthetic-"):] for m in modes)
+    return f"mixed-{data}-x{cfg.detector.synthetic_per_step}-seed{seed}"
 
 
 def _count_frames(uri: str) -> int:
@@ -160,7 +178,7 @@ def detect_job(cfg: DownstreamBench, out: Path, arm: str, seed: int, synthetic: 
         "--data.categories", json.dumps(d.categories),
         "--optim.total_steps", str(d.steps), "--optim.global_batch_size", str(sum(t["per_step"] for t in train)),
         "--optim.lr", str(d.lr), "--optim.warmup_steps", str(d.warmup_steps), "--optim.seed", str(seed),
-        "--scaling.num_workers", str(d.num_workers), "--run.name", f"{arm}-seed{seed}",
+        "--scaling.num_workers", str(d.num_workers), "--run.name", arm_name(cfg, arm, seed),
         "--run.storage_path", str(out / "detect"), "--run.checkpoint_every", str(d.steps),
         "--run.log_every", str(max(1, d.steps // 8)), "--tracking.tracking_uri", tracking_uri,
         "--tracking.experiment", cfg.experiment, "--tracking.registered_model", "drivedit-downstream-detector",
@@ -198,6 +216,21 @@ def run_record(arm: str, seed: int, result: dict) -> dict:
 # ----------------------------------------------------------------------------- 5. the table
 
 
+def _setup_line(cfg: DownstreamBench, summary: dict) -> str:
+    """What the table was measured on, in one sentence."""
+    s, y, sc = cfg.scenes, cfg.synthetic, summary["scenes"]
+    how = {"layouts": f"layouts (layout guidance {y.layout_guidance:g})",
+           "transfer": f"transfer (SDEdit strength {y.strength:g})",
+           "both": f"layouts and transfer (strength {y.strength:g})"}[y.mode]
+    synth = " + ".join(str(x["images"]) for x in summary["synthetic"])
+    counts = ", ".join(f"{k} {v}" for k, v in sc["train_counts"].items())
+    return (f"Real training frames: {sc['train_frames']} ({counts});"
+            f" held out: {sc['heldout_frames']} ({s.heldout_per_scenario} per scenario). Synthetic: {synth} frames of "
+            f"{', '.join(s.rare)} by {how}, {y.sampler.upper()} {y.sampler_steps} steps, guidance {y.guidance:g}; "
+            f"generator fine-tuned {cfg.generator.steps} steps with a {cfg.generator.layout_kind} layout branch; "
+            f"detector: {', '.join(cfg.detector.categories)}, {cfg.detector.steps} steps.")
+
+
 def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict, tracking_uri: str) -> str:
     from drivedit import tracking
     from drivedit.eval.downstream import compare, fairness_table, markdown_table, table_keys, verdict
@@ -209,15 +242,8 @@ def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict
     rows = [(label, c) for (label, _), c in zip(keys, comparisons)]
     v = verdict(comparisons[0], comparisons[1], g.rare_gain, g.common_cost)
     seeds = len(cfg.detector.seeds)
-    y = cfg.synthetic
-    how = {"layouts": f"layouts (layout guidance {y.layout_guidance})", "transfer": f"transfer (SDEdit strength "
-           f"{y.strength})", "both": f"layouts and transfer (strength {y.strength})"}[y.mode]
-    synth = " + ".join(str(x["images"]) for x in summary["synthetic"])
     lines = [
-        f"Real training frames: {summary['scenes']['train_frames']} ({', '.join(f'{k} {v}' for k, v in summary['scenes']['train_counts'].items())}); "
-        f"held out: {summary['scenes']['heldout_frames']} ({s.heldout_per_scenario} per scenario). Synthetic: {synth} "
-        f"frames of {', '.join(s.rare)} by {how}, {y.sampler_steps} sampler steps, guidance {y.guidance}; generator "
-        f"fine-tuned {cfg.generator.steps} steps with a {cfg.generator.layout_kind} layout branch.",
+        _setup_line(cfg, summary),
         "", markdown_table(rows, seeds), "",
         "AP points = COCO AP x 100 on the held-out real frames; rare / common rows are the mean over their "
         "scenarios; ± is the sd over seeds; the interval is the 95 % t-interval of the mean paired (same seed) "
@@ -232,7 +258,7 @@ def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict
     summary.update(comparison=[c.as_dict() for c in comparisons], verdict=v,
                    runs=[{k: r[k] for k in r if k != "metrics"} for r in runs])
     tracked = tracking.start_run(tracking_uri, cfg.experiment, "downstream-comparison",
-                                 tags={"drivedit.job": "downstream", "drivedit.downstream.synthetic": y.mode})
+                                 tags={"drivedit.job": "downstream", "drivedit.downstream.synthetic": cfg.synthetic.mode})
     tracked.log_metrics({"rare_AP50_gain": v["rare_gain"], "common_AP50_change": v["common_change"]}, 0)
     tracked.log_artifact(out / TABLE_FILE)
     tracked.log_dict(summary, SUMMARY_FILE)

@@ -110,8 +110,9 @@ def test_reduced_experiment_writes_every_stage_and_keeps_the_arms_fair(tmp_path,
         assert all((Path(s["uri"]) / "images" / f["name"]).is_file() for f in frames)
     # 4. detector runs: what each recorded (result.json, written by the detect job), not the config
     results = {}
-    for arm in ("real", "mixed"):
-        run_dir = out / "detect" / f"{arm}-seed0"
+    for record in summary["runs"]:
+        arm, run_dir = record["arm"], Path(record["run_dir"])
+        assert run_dir.parent == out / "detect" and record["seed"] == 0
         results[arm] = json.loads((run_dir / "result.json").read_text())
         assert (run_dir / "detector").is_dir() and (run_dir / "scores" / "metrics.json").is_file()
     real, mixed = results["real"], results["mixed"]
@@ -129,6 +130,8 @@ def test_reduced_experiment_writes_every_stage_and_keeps_the_arms_fair(tmp_path,
     rare = saved["comparison"][0]
     assert rare["key"] == "group/night,snowy/AP50"
     metrics = json.loads((out / "detect" / "real-seed0" / "scores" / "metrics.json").read_text())
+    assert sorted(p.name for p in (out / "detect").iterdir() if p.is_dir()) == [
+        "mixed-layouts-lg2-n1-ddpm2-g4_transfer-s0.5-n1-ddpm2-g4-x2-seed0", "real-seed0"]
     night, snowy = metrics["per_scenario"]["night"]["AP50"], metrics["per_scenario"]["snowy"]["AP50"]
     assert rare["real"] == [pytest.approx(100 * (night + snowy) / 2)]
     # one MLflow experiment: the generator, the two generate jobs, each detector run (tagged) and the table

@@ -47,7 +47,8 @@ class SyntheticSection(StrictModel):
     per_scenario: int = Field(100, ge=1, description="generated frames per rare scenario (per mode)")
     strength: float = Field(0.5, gt=0, le=1, description="transfer: SDEdit strength")
     layout_guidance: float = Field(2.0, ge=1, description="layouts: guidance on the layout")
-    sampler_steps: int = Field(25, ge=1, description="denoising steps")
+    sampler: Literal["ddpm", "ddim"] = Field("ddpm", description="the generate job's sampler")
+    sampler_steps: int = Field(25, ge=1, description="denoising steps (a transfer runs strength x steps of them)")
     guidance: float = Field(4.0, ge=1, description="guidance on the scenario")
 
 

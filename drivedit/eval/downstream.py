@@ -131,7 +131,8 @@ def markdown_table(rows: list[tuple[str, Comparison]], n_seeds: int) -> str:
 
 def fairness_table(runs: list[dict]) -> str:
     """What each detector run recorded: optimizer steps, images per step by dataset, epochs over the real data."""
-    rows = ["| arm | seed | optimizer steps | images per step (real + synthetic) | real epochs |", "|---|---|---|---|---|"]
+    rows = ["| arm | seed | optimizer steps | images per step (real + synthetic) | real epochs |",
+            "|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (r["seed"], ARMS.index(r["arm"]))):
         per = " + ".join(str(n) for n in r["images_per_step"])
         rows.append(f"| {r['arm']} | {r['seed']} | {r['steps']} | {per} | {r['real_epochs']:.3f} |")
