@@ -179,7 +179,9 @@ def detect_job(cfg: DownstreamBench, out: Path, arm: str, seed: int, synthetic: 
         "--optim.total_steps", str(d.steps), "--optim.global_batch_size", str(sum(t["per_step"] for t in train)),
         "--optim.lr", str(d.lr), "--optim.warmup_steps", str(d.warmup_steps), "--optim.seed", str(seed),
         "--scaling.num_workers", str(d.num_workers), "--run.name", arm_name(cfg, arm, seed),
-        "--run.storage_path", str(out / "detect"), "--run.checkpoint_every", str(d.steps),
+        # a worker lost to a shared machine's memory pressure restarts from the last third, not from step 0
+        "--run.storage_path", str(out / "detect"), "--run.checkpoint_every", str(max(1, d.steps // 3)),
+        "--run.max_failures", "3",
         "--run.log_every", str(max(1, d.steps // 8)), "--tracking.tracking_uri", tracking_uri,
         "--tracking.experiment", cfg.experiment, "--tracking.registered_model", "drivedit-downstream-detector",
         *cfg.as_overrides(d.overrides)])

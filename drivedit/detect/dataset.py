@@ -182,7 +182,7 @@ class WeightedMix:
 
 class FixedCountMix:
     """Draws a fixed number of frames from every dataset per step, each dataset from its own random stream
-    (`rngs[d]`), so adding a dataset changes nothing of what the others give: the downstream experiment's
+    (the caller's), so adding a dataset changes nothing of what the others give: the downstream experiment's
     real-only and real + synthetic arms see the same real frames at every step. Corrupt frames are taken
     out of their dataset's draw as they are found."""
 
