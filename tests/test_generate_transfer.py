@@ -151,7 +151,9 @@ def test_transfer_job_carries_labels_and_resumes_byte_identical(models, source, 
             dataset.scenario_attributes(TARGETS[i % 2])
     assert len(labels[0]["labels"]) == 1  # a's pedestrian lies outside the centre crop
     manifest = pq.read_table(whole / "manifest.parquet").to_pylist()
-    assert [(r["source"], r["strength"]) for r in manifest] == [(FRAMES[i // 2][0], 0.5) for i in range(6)]
+    assert [(r["source_frame"], r["strength"]) for r in manifest] == [(FRAMES[i // 2][0], 0.5) for i in range(6)]
+    assert [r["mask"] for r in manifest] == ["labels/sem_seg/masks/00000/00000000.png", "labels/sem_seg/masks/00000/00000001.png"] + [None] * 4
+    assert [len(json.loads(r["labels"])) for r in manifest] == [len(f["labels"]) for f in labels]
     # frame a's mask, carried through the same crop and resized to the 16 px output
     masks = sorted(p.relative_to(whole).as_posix() for p in (whole / "labels/sem_seg/masks").rglob("*.png"))
     assert masks == ["labels/sem_seg/masks/00000/00000000.png", "labels/sem_seg/masks/00000/00000001.png"]
@@ -174,3 +176,24 @@ def test_transfer_job_carries_labels_and_resumes_byte_identical(models, source, 
     assert a["labels.json"] == b["labels.json"]
     assert {k: v for k, v in a.items() if k.startswith("labels/")} == {k: v for k, v in b.items() if k.startswith("labels/")}
     assert pq.read_table(io.BytesIO(a["manifest.parquet"])).equals(pq.read_table(io.BytesIO(b["manifest.parquet"])))
+
+
+def test_parts_of_the_older_transfer_schema_read_into_the_one_schema(tmp_path):
+    """A part written before source / boxes were folded into source_frame / labels finalizes as a new one."""
+    import pyarrow as pa
+
+    row = {"index": 0, "seed": 3, "scenario": "snowy", "class_id": 4, "shard": 0, "name": "00000/00000000.png",
+           "weather": "snowy", "timeofday": "daytime", "width": 16, "height": 16, "model_version": "m",
+           "spec_hash": "h", "sampler": "ddim", "steps": 4, "guidance": 3.0, "guidance_kind": "cfg",
+           "guide_channels": None, "source_frame": None, "labels": None, "source": "a.jpg", "strength": 0.5,
+           "boxes": json.dumps([{"category": "car", "attributes": {"occluded": True}, "box2d": [1.5, 2.0, 9.0, 10.25]}])}
+    (tmp_path / "manifest").mkdir()
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "manifest" / "part-00000.parquet")
+    table = dataset.finalize(str(tmp_path), 1, 1)
+    assert table.schema == dataset.MANIFEST_SCHEMA and "boxes" not in table.column_names
+    got = table.to_pylist()[0]
+    assert (got["source_frame"], got["strength"], got["mask"]) == ("a.jpg", 0.5, None)
+    frame = json.loads((tmp_path / "labels.json").read_text())[0]
+    assert frame["labels"][0]["box2d"] == {"x1": 1.5, "y1": 2.0, "x2": 9.0, "y2": 10.25}
+    assert frame["labels"][0]["attributes"] == {"occluded": True}
+    assert json.loads(got["labels"])[0]["box2d"] == [1.5, 2.0, 9.0, 10.25]  # kept as written; labels.json normalises
