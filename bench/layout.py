@@ -42,6 +42,28 @@ KINDS = ("plain", "controlnet", "light")  # plain: the layout-free baseline
 EXPERIMENT = "drivedit-bench-layout"
 
 
+def fresh_out(path: Path, reuse: bool) -> Path:
+    """The benchmark's folder, emptied unless `reuse`."""
+    import shutil
+
+    out = path.resolve()
+    if out.exists() and not reuse:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def real_data(out: Path, args) -> None:
+    """The demo's procedural 128 px scenes (training, `scenes/`; held out, `scenes-val/`) and their shards;
+    what --out already holds is kept (a rerun reuses it, the encode job skips complete shards)."""
+    from drivedit.data.scenes import write_scenes_dataset
+
+    step_scenes(out, dataclasses.replace(SIZES["full"], num_scenes=args.num_scenes), args.seed)
+    if not (out / "scenes-val" / "labels.json").is_file():
+        write_scenes_dataset(str(out / "scenes-val"), num=args.val_scenes, size=128, seed=args.seed + 1)
+    step_encode(out)
+
+
 def finetune(kind: str, out: Path, args) -> dict:
     from drivedit.config import load_config
     from drivedit.config.finetune import FinetuneJob
@@ -206,47 +228,52 @@ def report(result: dict, scenarios: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("runs/bench-layout"), help="everything goes here")
-    ap.add_argument("--steps", type=int, default=800, help="fine-tuning steps of every model (the same budget)")
-    ap.add_argument("--detector-steps", type=int, default=400, help="training steps of the real-only detector")
+def shared_args(ap: argparse.ArgumentParser) -> None:
+    """The options this benchmark and bench/transfer_strength.py share: what they build in --out, and how."""
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-layout"),
+                    help="everything goes here (bench/layout.py and bench/transfer_strength.py share it)")
+    ap.add_argument("--reuse", action="store_true", help="keep what --out already holds (runs resume or are reused)")
+    ap.add_argument("--steps", type=int, default=500, help="fine-tuning steps of every model (the same budget)")
+    ap.add_argument("--detector-steps", type=int, default=300, help="training steps of the real-only detector")
     ap.add_argument("--num-scenes", type=int, default=600, help="real training frames")
-    ap.add_argument("--val-scenes", type=int, default=120, help="held-out real frames (detector validation)")
-    ap.add_argument("--layout-frames", type=int, default=40,
-                    help="held-out frames whose layouts each branch renders under every scenario")
-    ap.add_argument("--layout-guidance", type=float, default=2.0)
+    ap.add_argument("--val-scenes", type=int, default=100, help="held-out real frames (detector validation)")
     ap.add_argument("--guidance", type=float, default=4.0)
-    ap.add_argument("--sampler-steps", type=int, default=25, help="DDIM steps")
+    ap.add_argument("--sampler-steps", type=int, default=25, help="DDIM steps (SDEdit runs the last s of them)")
     ap.add_argument("--classifier-steps", type=int, default=SIZES["full"].eval_classifier_steps)
-    ap.add_argument("--time-steps", type=int, default=10, help="timed steps per model (median)")
-    ap.add_argument("--time-warmup", type=int, default=2)
-    ap.add_argument("--time-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of this process")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--reuse", action="store_true", help="keep what --out already holds (runs resume or are reused)")
-    args = ap.parse_args(argv)
-    import shutil
 
+
+def start(args) -> tuple[Path, float]:
+    """Threads, the --out folder and a local Ray for the jobs: (out, start time)."""
     import ray
     import torch
 
-    from drivedit.data.scenes import write_scenes_dataset
+    torch.set_num_threads(args.threads)
+    out = fresh_out(args.out, args.reuse)
+    t0 = time.perf_counter()
+    ray.init(num_cpus=4, include_dashboard=False)
+    return out, t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    shared_args(ap)
+    ap.add_argument("--layout-frames", type=int, default=24,
+                    help="held-out frames whose layouts each branch renders under every scenario")
+    ap.add_argument("--layout-guidance", type=float, default=2.0)
+    ap.add_argument("--time-steps", type=int, default=10, help="timed steps per model (median)")
+    ap.add_argument("--time-warmup", type=int, default=2)
+    ap.add_argument("--time-batch", type=int, default=16)
+    args = ap.parse_args(argv)
+    import ray
+
     from drivedit.data.shards import read_shard_metadata
     from drivedit.eval.fidelity import layout_fidelity
 
-    torch.set_num_threads(args.threads)
-    out = args.out.resolve()
-    if out.exists() and not args.reuse:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    ray.init(num_cpus=4, include_dashboard=False)
+    out, t0 = start(args)
     try:
-        step_scenes(out, dataclasses.replace(SIZES["full"], num_scenes=args.num_scenes), args.seed)
-        if not (out / "scenes-val" / "labels.json").is_file():
-            write_scenes_dataset(str(out / "scenes-val"), num=args.val_scenes, size=128, seed=args.seed + 1)
-        step_encode(out)
+        real_data(out, args)
         runs = {kind: finetune(kind, out, args) for kind in KINDS}
         scenarios = list(runs["plain"]["scenarios"])
         for kind in KINDS:

@@ -18,7 +18,6 @@ bench/layout.py fine-tunes on the demo's data (this script trains it, or reuses 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -30,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from bench.layout import EXPERIMENT, detector, detector_scores, finetune  # noqa: E402
-from drivedit.demo import DEMO_CONFIGS, SIZES, step_encode, step_scenes  # noqa: E402
+from bench.layout import (EXPERIMENT, detector, detector_scores, finetune, real_data, shared_args,  # noqa: E402
+                          start)
+from drivedit.demo import DEMO_CONFIGS  # noqa: E402
 
 
 def source_subset(out: Path, frames: int) -> Path:
@@ -78,39 +78,18 @@ def condition_accuracy(out: Path, folder: Path, args) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("runs/bench-layout"), help="shared with bench/layout.py")
-    ap.add_argument("--reuse", action="store_true", help="reuse the data, model and detector --out holds")
+    shared_args(ap)
     ap.add_argument("--strengths", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
     ap.add_argument("--targets", nargs="+", default=["rainy", "snowy", "night"])
-    ap.add_argument("--frames", type=int, default=40, help="held-out source frames (each into every target)")
-    ap.add_argument("--steps", type=int, default=800, help="fine-tuning steps (when the model is trained here)")
-    ap.add_argument("--detector-steps", type=int, default=400)
-    ap.add_argument("--num-scenes", type=int, default=600)
-    ap.add_argument("--val-scenes", type=int, default=120)
-    ap.add_argument("--guidance", type=float, default=4.0)
-    ap.add_argument("--sampler-steps", type=int, default=25, help="DDIM steps (SDEdit runs the last s of them)")
-    ap.add_argument("--classifier-steps", type=int, default=SIZES["full"].eval_classifier_steps)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--frames", type=int, default=24, help="held-out source frames (each into every target)")
     args = ap.parse_args(argv)
     import ray
-    import torch
 
-    from drivedit.data.scenes import write_scenes_dataset
     from drivedit.eval.survival import label_survival_from_scores
 
-    torch.set_num_threads(args.threads)
-    out = args.out.resolve()
-    if out.exists() and not args.reuse:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    ray.init(num_cpus=4, include_dashboard=False)
+    out, t0 = start(args)
     try:
-        step_scenes(out, dataclasses.replace(SIZES["full"], num_scenes=args.num_scenes), args.seed)
-        if not (out / "scenes-val" / "labels.json").is_file():
-            write_scenes_dataset(str(out / "scenes-val"), num=args.val_scenes, size=128, seed=args.seed + 1)
-        step_encode(out)
+        real_data(out, args)
         ft = finetune("plain", out, args)  # a finished run is returned as it is
         det = detector(out, args)
         sources = source_subset(out, args.frames)
