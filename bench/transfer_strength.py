@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--strengths", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
     ap.add_argument("--targets", nargs="+", default=["rainy", "snowy", "night"])
     ap.add_argument("--frames", type=int, default=24, help="held-out source frames (each into every target)")
+    ap.add_argument("--generate-only", action="store_true",
+                    help="stop after generating (e.g. while bench/layout.py still trains the detector this reuses)")
     args = ap.parse_args(argv)
     import ray
 
@@ -91,15 +93,17 @@ def main(argv=None) -> int:
     try:
         real_data(out, args)
         ft = finetune("plain", out, args)  # a finished run is returned as it is
-        det = detector(out, args)
         sources = source_subset(out, args.frames)
-        original_scores = detector_scores(det, sources, out)
         plain = generate(ft, out, "plain", ["--spec.counts", json.dumps({t: args.frames for t in args.targets})], args)
-        transferred = {}
-        for s in args.strengths:
-            spec = {"source": str(sources), "targets": args.targets, "strength": s}
-            folder = generate(ft, out, f"s{s:g}", ["--spec.transfer", json.dumps(spec)], args)
-            transferred[s] = (folder, detector_scores(det, folder, out))
+        folders = {s: generate(ft, out, f"s{s:g}", ["--spec.transfer", json.dumps(
+            {"source": str(sources), "targets": args.targets, "strength": s})], args) for s in args.strengths}
+        if args.generate_only:
+            print(f"generated {len(folders)} transferred sets and the plain one under {out / 'transfer'}; rerun "
+                  f"with --reuse to score them")
+            return 0
+        det = detector(out, args)
+        original_scores = detector_scores(det, sources, out)
+        transferred = {s: (folder, detector_scores(det, folder, out)) for s, folder in folders.items()}
     finally:
         ray.shutdown()
     base, heldout = condition_accuracy(out, plain, args)
