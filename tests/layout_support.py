@@ -13,9 +13,10 @@ from drivedit.models.diffusion import linear_betas
 from drivedit.storage import sha256_file
 
 
-def write_layout_bundle(base: Path, out: Path, scenarios: list[str], categories: list[str], depth: int) -> Path:
+def write_layout_bundle(base: Path, out: Path, scenarios: list[str], categories: list[str], depth: int,
+                        segmentation_classes: list[str] = ()) -> Path:
     spec = AdapterSpec(method="bitfit", num_scenarios=len(scenarios), train_biases=True,
-                       layout=LayoutSpec("light", depth, categories).to_dict())
+                       layout=LayoutSpec("light", depth, categories, list(segmentation_classes)).to_dict())
     model = apply_spec(load_dit(base), spec)
     with torch.no_grad():  # a "trained" branch: an untrained one would not change the images
         for n, p in model.named_parameters():

@@ -105,3 +105,29 @@ def test_mlflow_run_by_id_or_directory_and_bad_runs(folders, tmp_path, monkeypat
     assert rc == 2 and "MLflow run 0123456789abcdef not found" in err
     rc, _, err, _ = _eval(folders, "--mlflow-run", "0123456789abcdef")
     assert rc == 2 and "--tracking-uri" in err
+
+
+def test_layout_fidelity_is_reported_and_logged(folders, tmp_path):
+    from test_eval_fidelity import LARGE, SMALL, _write
+
+    _write(tmp_path / "real", [("r0.png", "clear", [SMALL, LARGE])], found={(0, 0), (0, 1)})
+    _write(tmp_path / "gen", [("g0.png", "clear", [LARGE]), ("g1.png", "night", [LARGE])], found={(0, 0)})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    gen = tracking.start_run(uri, "generate", "generate-x", storage_dir=str(folders / "fake"))
+    try:
+        rc, printed, _, result = _eval(folders, "--generated-scores", str(tmp_path / "gen"),
+                                       "--real-scores", str(tmp_path / "real"))
+    finally:
+        (folders / "fake" / tracking.RUN_ID_FILE).unlink()
+    assert rc == 0
+    lf = result["layout_fidelity"]
+    assert lf["fidelity"] == pytest.approx(51 / 101, abs=1e-6)  # 1 of the 2 generated boxes found
+    assert f"layout fidelity: AP50 {lf['ap50_generated']:.3f} on 2 generated frames / 1.000 on 1 real frames" in printed
+    logged = _logged(uri, gen.run_id)
+    assert logged["eval.layout_fidelity.fidelity"] == (pytest.approx(lf["fidelity"]), 0)
+    assert logged["eval.layout_fidelity.night.fidelity"][0] == 0.0
+    assert logged["eval.layout_fidelity.clear.fidelity"][0] == pytest.approx(1.0)
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as err:
+        eval_main(["--real", str(folders / "real"), "--fake", str(folders / "fake"),
+                   "--generated-scores", str(tmp_path / "gen")])
+    assert stop.value.code == 2 and "needs both --generated-scores and --real-scores" in err.getvalue()

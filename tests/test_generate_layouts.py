@@ -14,7 +14,7 @@ from PIL import Image
 
 from drivedit.config.base import load_config
 from drivedit.config.generate import GenerateJob
-from drivedit.data.bdd100k import Box, Frame, write_label_file
+from drivedit.data.bdd100k import SEGMENTATION_CLASSES, Box, Frame, write_label_file
 from drivedit.generate import dataset
 from drivedit.generate.job import prepare, run_generate
 from drivedit.generate.spec import SpecError
@@ -118,3 +118,47 @@ def test_layout_job_labels_and_resume_byte_identical(material, ray_session, tmp_
     resumed = run_generate(_job(bundle, source, part))
     assert resumed["complete"]
     assert _tree(part) == _tree(tmp_path / "whole")
+
+
+def test_segmentation_branch_writes_each_frames_mask(material, ray_session, tmp_path):
+    """A branch trained on segmentation: the frame's BDD100K mask conditions it (through the crop) and becomes
+    the image's mask; a frame without a mask gets none; the manifest names each mask."""
+    bundle, source = material
+    seg_bundle = write_layout_bundle(Path(bundle).parent / "base.safetensors", tmp_path / "seg-bundle", SCEN, CATS,
+                                     depth=2, segmentation_classes=SEGMENTATION_CLASSES)
+    masks = source.parent / "labels" / "sem_seg" / "masks"
+    masks.mkdir(parents=True, exist_ok=True)
+    mask = np.full((16, 32), 255, np.uint8)
+    mask[8:, :] = 0  # road below the middle
+    mask[:, 14:18] = 13  # a car column straddling the crop's centre
+    Image.fromarray(mask, mode="L").save(masks / "a.png")
+    try:
+        summary = run_generate(_job(seg_bundle, source, tmp_path / "seg"))
+    finally:
+        (masks / "a.png").unlink()
+    out = tmp_path / "seg"
+    assert summary["complete"] and summary["images_written"] == 4
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [r["mask"] for r in manifest] == ["labels/sem_seg/masks/00000/00000000.png",
+                                             "labels/sem_seg/masks/00000/00000001.png", None, None]
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "labels").rglob("*.png")) == \
+        [r["mask"] for r in manifest[:2]]
+    # 32x16 -> 16x8 -> centre 8x8 crop (source x 8..24): the car columns 14..18 land on output x 3..5
+    want = np.full((8, 8), 255, np.uint8)
+    want[4:, :] = 0
+    want[:, 3:5] = 13
+    for r in manifest[:2]:
+        np.testing.assert_array_equal(np.asarray(Image.open(out / r["mask"])), want)
+    labels = json.loads((out / "labels.json").read_text())
+    assert [len(f["labels"]) for f in labels] == [len(json.loads(r["labels"])) for r in manifest] == [2, 2, 1, 1]
+
+
+def test_shard_segmentation_grid_is_upsampled_to_the_image():
+    from drivedit.generate.layouts import layout_segmentation
+
+    cells = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    items = [{"index": 0, "segmentation_grid": cells.tobytes().hex()}, {"index": 1, "segmentation_grid": ""}]
+    grid, masks = layout_segmentation(items, resolution=8, grid=4)
+    assert grid.shape == (2, 4, 4) and grid[0].tolist() == cells.tolist() and (grid[1] == 255).all()
+    assert masks[1] is None and masks[0].shape == (8, 8)
+    np.testing.assert_array_equal(masks[0], np.kron(cells, np.ones((2, 2), np.uint8)))

@@ -22,6 +22,9 @@ from drivedit.generate import dataset
 from drivedit.generate.job import prepare, run_generate
 from drivedit.generate.spec import SpecError
 
+from drivedit.config.generate import TransferSection
+
+DOCUMENTED_STRENGTH = TransferSection.model_fields["strength"].default  # the README's and the config's s
 W, H = 40, 24  # source frames; the 8 px model crops the centre 8x8 of a 13x8 resize
 TARGETS = ["snowy", "night"]
 FRAMES = [  # name, weather, boxes (category, x1, y1, x2, y2) in source pixels
@@ -151,7 +154,9 @@ def test_transfer_job_carries_labels_and_resumes_byte_identical(models, source, 
             dataset.scenario_attributes(TARGETS[i % 2])
     assert len(labels[0]["labels"]) == 1  # a's pedestrian lies outside the centre crop
     manifest = pq.read_table(whole / "manifest.parquet").to_pylist()
-    assert [(r["source"], r["strength"]) for r in manifest] == [(FRAMES[i // 2][0], 0.5) for i in range(6)]
+    assert [(r["source_frame"], r["strength"]) for r in manifest] == [(FRAMES[i // 2][0], 0.5) for i in range(6)]
+    assert [r["mask"] for r in manifest] == ["labels/sem_seg/masks/00000/00000000.png", "labels/sem_seg/masks/00000/00000001.png"] + [None] * 4
+    assert [len(json.loads(r["labels"])) for r in manifest] == [len(f["labels"]) for f in labels]
     # frame a's mask, carried through the same crop and resized to the 16 px output
     masks = sorted(p.relative_to(whole).as_posix() for p in (whole / "labels/sem_seg/masks").rglob("*.png"))
     assert masks == ["labels/sem_seg/masks/00000/00000000.png", "labels/sem_seg/masks/00000/00000001.png"]
@@ -174,3 +179,62 @@ def test_transfer_job_carries_labels_and_resumes_byte_identical(models, source, 
     assert a["labels.json"] == b["labels.json"]
     assert {k: v for k, v in a.items() if k.startswith("labels/")} == {k: v for k, v in b.items() if k.startswith("labels/")}
     assert pq.read_table(io.BytesIO(a["manifest.parquet"])).equals(pq.read_table(io.BytesIO(b["manifest.parquet"])))
+
+
+def test_parts_of_the_older_transfer_schema_read_into_the_one_schema(tmp_path):
+    """A part written before source / boxes were folded into source_frame / labels finalizes as a new one."""
+    import pyarrow as pa
+
+    row = {"index": 0, "seed": 3, "scenario": "snowy", "class_id": 4, "shard": 0, "name": "00000/00000000.png",
+           "weather": "snowy", "timeofday": "daytime", "width": 16, "height": 16, "model_version": "m",
+           "spec_hash": "h", "sampler": "ddim", "steps": 4, "guidance": 3.0, "guidance_kind": "cfg",
+           "guide_channels": None, "source_frame": None, "labels": None, "source": "a.jpg", "strength": 0.5,
+           "boxes": json.dumps([{"category": "car", "attributes": {"occluded": True}, "box2d": [1.5, 2.0, 9.0, 10.25]}])}
+    (tmp_path / "manifest").mkdir()
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "manifest" / "part-00000.parquet")
+    table = dataset.finalize(str(tmp_path), 1, 1)
+    assert table.schema == dataset.MANIFEST_SCHEMA and "boxes" not in table.column_names
+    got = table.to_pylist()[0]
+    assert (got["source_frame"], got["strength"], got["mask"]) == ("a.jpg", 0.5, None)
+    frame = json.loads((tmp_path / "labels.json").read_text())[0]
+    assert frame["labels"][0]["box2d"] == {"x1": 1.5, "y1": 2.0, "x2": 9.0, "y2": 10.25}
+    assert frame["labels"][0]["attributes"] == {"occluded": True}
+    assert json.loads(got["labels"])[0]["box2d"] == [1.5, 2.0, 9.0, 10.25]  # kept as written; labels.json normalises
+
+
+def test_transfer_moves_the_classifier_verdict_toward_the_target(one_thread):
+    """The shipped tiny DiT re-renders unseen object images of one class into the next (SDEdit from tiny-VAE
+    latents, the actor's encode_sources): at s = 0 a classifier trained on other renders still sees the
+    source everywhere; at the README's strength the verdict has moved toward the target, and at s = 1 more."""
+    from drivedit.data.objects import CLASS_NAMES, render_object
+    from drivedit.eval.classifier import train_scenario_classifier
+    from drivedit.generate.images import decode_to_uint8
+    from drivedit.generate.sampler import DiTSampler, SamplerSettings
+    from drivedit.generate.transfer import encode_sources
+    from drivedit.models.checkpoint import load_dit
+    from drivedit.models.codec import load_codec
+
+    classes = [CLASS_NAMES.index(c) for c in ("snowman", "moon", "umbrella", "sun", "cloud", "owl")]
+    renders = np.stack([render_object(c, 32, 50_000 + 100 * c + i) for c in classes for i in range(20)])
+    clf, heldout = train_scenario_classifier(renders, np.repeat(np.arange(6), 20), [str(c) for c in classes],
+                                             image_size=32, steps=60, seed=0)
+    assert heldout >= 0.9
+    src = np.repeat(np.arange(6), 2)  # (12,) positions in `classes`
+    tgt = (src + 1) % 6
+    images = np.stack([render_object(classes[s], 128, 20_000 + 10 * k) for k, s in enumerate(src)])  # (12, 128, 128, 3)
+    codec = load_codec("autoencoder_kl", "builtin:tiny-vae")
+    x0 = encode_sources(codec, images, torch.device("cpu"))  # (12, 4, 32, 32)
+    sampler = DiTSampler(load_dit("builtin:tiny-dit"), amp_dtype=None)
+    labels = torch.tensor([classes[t] for t in tgt])
+
+    def verdict(s: float) -> tuple[float, float]:
+        latents = sampler.sample(labels, list(range(12)), SamplerSettings(steps=10, guidance=4.0), init_latents=x0,
+                                 strength=s)
+        with torch.inference_mode():
+            pred = clf.predict(decode_to_uint8(codec, latents))
+        return float((pred == tgt).mean()), float((pred == src).mean())
+
+    (t0, s0), (t_doc, s_doc), (t1, s1) = verdict(0.0), verdict(DOCUMENTED_STRENGTH), verdict(1.0)
+    assert (t0, s0) == (0.0, 1.0)
+    assert t_doc > t0 and s_doc < s0, (t_doc, s_doc)
+    assert t1 > t_doc and s1 < s_doc, (t1, s1)

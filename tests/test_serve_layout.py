@@ -91,3 +91,15 @@ def test_layout_for_a_model_without_a_branch_and_malformed_layouts_get_422(clien
     assert r.status_code == 422 and "no layout branch" in r.json()["message"]
     r = with_branch.post("/v1/samples", json={"scenario": "rainy", "layout": {"width": 16, "boxes": []}})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][:3] == ["body", "layout", "height"]
+
+
+def test_a_branch_that_reads_segmentation_is_served_boxes_with_ignore_elsewhere(tmp_path):
+    from drivedit.data.bdd100k import SEGMENTATION_CLASSES
+
+    base = write_tiny_checkpoint(tmp_path / "base.safetensors")
+    bundle = write_layout_bundle(base, tmp_path / "bundle", SCENARIOS, CATS, depth=1,
+                                 segmentation_classes=SEGMENTATION_CLASSES)
+    r = _client(str(bundle)).post("/v1/samples", json={"scenario": "rainy", "num_images": 2, "seed": 5,
+                                                       "layout": LAYOUT})
+    assert r.status_code == 200, r.text
+    assert [lab["category"] for lab in r.json()["labels"]] == ["car", "pedestrian"]

@@ -50,7 +50,8 @@ class BalanceSection(StrictModel):
 class LayoutsSection(StrictModel):
     """Generate from the layouts of real frames: each source frame's boxes, rendered under every requested
     scenario, `variants` images each (a model with a layout branch). The dataset's labels.json holds the
-    boxes and the manifest names the source frame."""
+    boxes and the manifest names the source frame; a branch trained on segmentation also reads each frame's
+    mask, which the image gets under labels/sem_seg/masks/ (docs/generated-datasets.md)."""
 
     source: str = Field(
         ..., description="a BDD100K-format label file (.json, its images under `images`) or a directory / URI of "

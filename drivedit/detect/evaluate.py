@@ -111,6 +111,11 @@ def _run_cocoeval(coco_gt, coco_dt, img_ids: list[int], image_size: int, referen
             label = SIZE_LABELS[ev.params.areaRng.index(list(e["aRng"]))]
             counts[label] += int((np.asarray(e["gtIgnore"]) == 0).sum())
     out["num_boxes"] = counts
+    # AP at IoU 0.5 per object size (COCO's summary gives sizes only averaged over IoUs): layout fidelity's
+    # per-size ratio needs the AP50 the overall ratio uses
+    p50 = ev.eval["precision"][0, :, :, :, -1]  # (R recall, K categories, A areas)
+    out["AP50_by_size"] = {label: _value(p50[:, :, a][p50[:, :, a] > -1].mean()) if (p50[:, :, a] > -1).any()
+                           else None for a, label in enumerate(SIZE_LABELS)}
     out["num_images"] = len(img_ids)
     precision = ev.eval["precision"]  # (T iou, R recall, K categories, A areas, M maxDets)
     for a, label in enumerate(SIZE_LABELS[1:], start=1):  # AP50 per object size (COCO's summary has only AP)

@@ -1,7 +1,9 @@
 """`drivedit eval --real DIR --fake DIR`: print FID, KID, precision and recall overall and per
 scenario, and condition accuracy when both folders carry labels; log them as MLflow metrics of the
 run that made the fake folder (or `--mlflow-run`), see drivedit/eval/mlflow_log.py; and a condition
-transfer's label survival when given a detector's predictions on the transferred and the original frames."""
+transfer's label survival when given a detector's predictions on the transferred and the original frames, and
+the layout fidelity of frames generated from layouts when given the detect job's scores on them and on real
+frames (drivedit/eval/fidelity.py)."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--transferred-scores", help="instead: `drivedit detect --eval-only` scores folder (gt.json, "
                                                  "predictions.json) of the transferred dataset")
     sv.add_argument("--original-scores", help="the same detector's scores folder on the source frames")
+    lf = ap.add_argument_group("layout fidelity of frames generated from layouts (--fake is that dataset)")
+    lf.add_argument("--generated-scores", help="`drivedit detect --eval-only --data.val FAKE` scores folder of a "
+                                               "detector trained on real frames only (gt.json, predictions.json)")
+    lf.add_argument("--real-scores", help="the same detector's scores folder on held-out real frames")
     ap.add_argument("--json", dest="json_out", help="also write the full result as JSON to this path or URI")
     mlf = ap.add_mutually_exclusive_group()
     mlf.add_argument("--mlflow-run", metavar="RUN",
@@ -96,6 +102,18 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_fidelity(lf: dict) -> str:
+    """Layout fidelity overall, per scenario and per object size: AP50 generated / real = fidelity."""
+    lines = [f"layout fidelity: AP50 {_fmt(lf['ap50_generated'], '.3f')} on {lf['num_generated']} generated frames "
+             f"/ {_fmt(lf['ap50_real'], '.3f')} on {lf['num_real']} real frames = {_fmt(lf['fidelity'], '.3f')}",
+             f"{'':<16}{'AP50 gen':>10}{'AP50 real':>11}{'fidelity':>10}"]
+    rows = list(lf["per_scenario"].items()) + [(f"size {k}", v) for k, v in lf["per_size"].items()]
+    for name, r in rows:
+        lines.append(f"{name:<16}{_fmt(r['ap50_generated'], '.3f'):>10}{_fmt(r['ap50_real'], '.3f'):>11}"
+                     f"{_fmt(r['fidelity'], '.3f'):>10}")
+    return "\n".join(lines + [f"object sizes: {lf['size_scaling']}"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -109,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     if all(score_args) and any(survival_args):
         parser.error("give label survival either as predictions (--transferred-predictions, ...) or as score "
                      "folders (--transferred-scores, --original-scores), not both")
+    fidelity_args = (args.generated_scores, args.real_scores)
+    if any(fidelity_args) and not all(fidelity_args):
+        parser.error("layout fidelity needs both --generated-scores and --real-scores")
     from drivedit.eval.evaluate import evaluate_folders  # torch import only once the arguments are good
     from drivedit.eval.mlflow_log import log_result, target_run
 
@@ -132,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             from drivedit.eval.survival import label_survival_from_scores
 
             result["label_survival"] = label_survival_from_scores(*score_args)
+        if all(fidelity_args):
+            from drivedit.eval.fidelity import layout_fidelity
+
+            result["layout_fidelity"] = layout_fidelity(*fidelity_args)
     except (ValueError, FileNotFoundError) as err:
         print(f"drivedit eval: {err}", file=sys.stderr)
         return 2
@@ -140,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         ls = result["label_survival"]
         print(f"\nlabel survival: AP50 {ls['ap50_transferred']:.3f} on the transferred frames / "
               f"{ls['ap50_original']:.3f} on their originals = {ls['survival']:.3f}")
+    if "layout_fidelity" in result:
+        print("\n" + format_fidelity(result["layout_fidelity"]))
     if args.json_out:
         storage.write_text_atomic(args.json_out, json.dumps(result, indent=2))
         print(f"\nwrote {args.json_out}")

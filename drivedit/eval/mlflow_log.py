@@ -10,6 +10,10 @@ measured on; `--mlflow-run` names another run (a run id, or a run directory hold
     eval.<scenario>.<metric>  the same per scenario (fid, kid, kid_std, precision, recall,
                               condition_accuracy, num_real, num_fake)
 
+    eval.layout_fidelity.{fidelity,ap50_generated,ap50_real}, eval.layout_fidelity.<scenario>.fidelity,
+    eval.layout_fidelity.size_<small|medium|large>.fidelity   when layout fidelity was asked for
+    eval.label_survival.{survival,ap50_transferred,ap50_original}  when label survival was asked for
+
 A metric the evaluation could not compute (too few images) is not logged. The whole result is
 logged as `eval/result-<step>.json` too.
 """
@@ -45,6 +49,10 @@ def eval_metrics(result: dict) -> dict[str, float]:
     for key, value in (result.get("label_survival") or {}).items():  # a condition transfer's, when asked
         if key in ("ap50_transferred", "ap50_original", "survival") and math.isfinite(value):
             out[f"{PREFIX}.label_survival.{key}"] = float(value)
+    if result.get("layout_fidelity"):
+        from drivedit.eval.fidelity import fidelity_metrics
+
+        out.update(fidelity_metrics(result["layout_fidelity"], f"{PREFIX}.layout_fidelity"))
     return out
 
 

@@ -102,15 +102,29 @@ def label_survival(transferred_labels: str, transferred_predictions: str, origin
             "num_transferred": len(transferred), "num_original": len(original)}
 
 
-def _scores_ap50(scores_dir: str) -> float:
-    """AP50 of a `drivedit detect --eval-only` scores folder, rescored from its gt.json and predictions.json."""
+def rescore(scores_dir: str) -> dict:
+    """The detect job's evaluation (`detect.evaluate.evaluate`) of a `drivedit detect --eval-only` scores folder,
+    recomputed from its gt.json and predictions.json at the scored image size (gt.json's image width), so
+    a folder written by any version scores alike. Raises ValueError when its ground truth holds no box."""
     from drivedit.detect.evaluate import evaluate
 
-    gt = json.loads(storage.read_bytes(storage.join(scores_dir, "gt.json")))
+    try:
+        gt = json.loads(storage.read_bytes(storage.join(scores_dir, "gt.json")))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{scores_dir} is not a detect scores folder: it has no gt.json (write one with "
+                                f"`drivedit detect --eval-only --data.val DIR`)") from None
     results = _load_predictions(storage.join(scores_dir, "predictions.json"))
     if not gt.get("annotations"):
+        raise ValueError(f"{scores_dir}: its ground truth holds no box, so there is no AP to score")
+    size = max([max(int(im["width"]), int(im["height"])) for im in gt["images"]] or [640])
+    return evaluate(gt, results, image_size=size)
+
+
+def _scores_ap50(scores_dir: str) -> float:
+    try:
+        value = rescore(scores_dir)["AP50"]
+    except ValueError:
         return float("nan")
-    value = evaluate(gt, results, image_size=640)["AP50"]
     return float("nan") if value is None else float(value)
 
 

@@ -5,9 +5,11 @@
     <uri>/manifest/part-<shard>.parquet  written last for a shard: it marks the shard complete
     <uri>/manifest.parquet               every item, sorted by index (written when all shards are complete)
     <uri>/labels.json                    BDD100K frames (name relative to images/, weather, timeofday, scene;
-                                         a condition transfer's carried box2d labels)
+                                         the box2d labels of frames made from a layout or a transfer)
     <uri>/coco.json, labels/, dataset.yaml  COCO / YOLO labels of the same frames, when output.label_formats asks
-    <uri>/labels/sem_seg/masks/<shard>/<index>.png   a transfer's carried segmentation (BDD100K's layout)
+    <uri>/labels/sem_seg/masks/<shard>/<index>.png   the image's segmentation (BDD100K's layout: uint8 train
+                                         ids, 255 ignore): a layout's, when the branch reads segmentation, or a
+                                         transfer's carried mask
     <uri>/mlflow_run.json                the MLflow run of this dataset (when tracking is on), for reruns
     <uri>/attempt.json                   the id of the execution now writing the dataset (see below)
 
@@ -36,7 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from drivedit import storage
-from drivedit.data.bdd100k import Box, Frame, write_label_file
+from drivedit.data.bdd100k import Box, Frame, frame_to_json, write_label_file
 
 SPEC_FILE = "spec.json"
 ATTEMPT_FILE = "attempt.json"
@@ -44,6 +46,7 @@ LABELS_FILE = "labels.json"
 MANIFEST_FILE = "manifest.parquet"
 IMAGES_DIR = "images"
 PARTS_DIR = "manifest"
+MASKS_DIR = "labels/sem_seg/masks"  # BDD100K's place for semantic segmentation, under the dataset root
 _PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
 MANIFEST_SCHEMA = pa.schema([
@@ -64,13 +67,12 @@ MANIFEST_SCHEMA = pa.schema([
     ("guidance", pa.float64()),
     ("guidance_kind", pa.string()),
     ("guide_channels", pa.int32()),
-    ("source_frame", pa.string()),  # spec.layouts: the real frame whose layout the image renders
-    ("labels", pa.string()),  # spec.layouts: JSON list of BDD100K box2d labels in the image's pixels
-    # condition transfer only (null otherwise): the source frame's name, the SDEdit strength, and its
-    # carried boxes in the written image's pixels, JSON [{category, attributes, box2d: [x1, y1, x2, y2]}]
-    ("source", pa.string()),
-    ("strength", pa.float64()),
-    ("boxes", pa.string()),
+    # labelled items (spec.layouts, spec.transfer); null for items sampled from counts or balance
+    ("source_frame", pa.string()),  # the real frame the image was made from: whose layout / which was re-rendered
+    ("strength", pa.float64()),  # spec.transfer: the SDEdit strength s; null otherwise
+    ("labels", pa.string()),  # JSON list of the image's BDD100K labels in its pixels: [{category, attributes,
+    #                           box2d: {x1, y1, x2, y2}}], exactly as labels.json holds them
+    ("mask", pa.string()),  # the image's segmentation mask relative to the dataset root, or null
 ])
 
 
@@ -95,6 +97,24 @@ def shard_dir(uri: str, shard: int) -> str:
 
 def part_uri(uri: str, shard: int) -> str:
     return storage.join(uri, PARTS_DIR, f"part-{shard:05d}.parquet")
+
+
+def mask_path(name: str) -> str:
+    """Path of an image's segmentation mask relative to the dataset root: BDD100K's masks/<image stem>.png."""
+    return storage.join(MASKS_DIR, name.rsplit(".", 1)[0] + ".png")
+
+
+def write_mask(uri: str, name: str, mask: np.ndarray, size: int) -> str:
+    """A (res, res) train-id mask, resized (nearest: ids are labels) to the written (size, size) image, as
+    <uri>/<mask_path(name)>; returns that relative path."""
+    from PIL import Image
+
+    if mask.shape[0] != size:
+        mask = np.asarray(Image.fromarray(mask, mode="L").resize((size, size), Image.Resampling.NEAREST))
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask), mode="L").save(out, format="PNG", compress_level=6)
+    storage.write_bytes_atomic(storage.join(uri, mask_path(name)), out.getvalue())
+    return mask_path(name)
 
 
 # ----------------------------------------------------------------------------- spec claim
@@ -206,17 +226,45 @@ def write_part(uri: str, shard: int, rows: list[dict]) -> None:
 
 
 def read_parts(uri: str, shards: list[int]) -> pa.Table:
-    # parts written before the transfer columns existed read as nulls in them
     tables = [_with_schema(pq.read_table(io.BytesIO(storage.read_bytes(part_uri(uri, k))))) for k in shards]
     table = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
     return table.sort_by("index")
 
 
+# columns of parts written before the one schema of labelled items (spec.transfer's source and boxes)
+_LEGACY = {"source": "source_frame", "boxes": "labels"}
+
+
 def _with_schema(table: pa.Table) -> pa.Table:
+    """A part in MANIFEST_SCHEMA: columns it lacks (an older part) are null, an older transfer part's
+    `source` / `boxes` fill `source_frame` / `labels` (label_boxes reads every label form written)."""
+    for old, new in _LEGACY.items():
+        if old in table.column_names:
+            merged = [a if a is not None else b for a, b in zip(
+                table.column(new).to_pylist() if new in table.column_names else [None] * len(table),
+                table.column(old).to_pylist())]
+            table = table.drop_columns([old] + ([new] if new in table.column_names else []))
+            table = table.append_column(new, pa.array(merged, pa.string()))
     for f in MANIFEST_SCHEMA:
         if f.name not in table.column_names:
             table = table.append_column(f, pa.nulls(len(table), f.type))
     return table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+
+
+def labels_json(boxes: list[Box]) -> str:
+    """The manifest's `labels` of an image: its boxes as labels.json writes them (frame_to_json's labels)."""
+    return json.dumps(frame_to_json(Frame(name="", boxes=boxes))["labels"], separators=(",", ":"))
+
+
+def label_boxes(labels: str | None) -> list[Box]:
+    """Boxes of a manifest `labels` value; also reads the forms older parts hold ({category, x1, .., y2} of
+    layouts, box2d as [x1, y1, x2, y2] of transfers)."""
+    boxes = []
+    for b in json.loads(labels) if labels else []:
+        xy = b.get("box2d", b)
+        xy = [xy[k] for k in ("x1", "y1", "x2", "y2")] if isinstance(xy, dict) else list(xy)
+        boxes.append(Box(b["category"], *map(float, xy), attributes=b.get("attributes") or {}))
+    return boxes
 
 
 def finalize(uri: str, num_items: int, num_shards: int, label_formats: list[str] | tuple[str, ...] = ()) -> pa.Table:
@@ -263,23 +311,11 @@ def read_manifest(uri: str) -> pa.Table:
 
 def label_frames(table: pa.Table) -> list[Frame]:
     """BDD100K frames of the manifest: name (relative to images/), weather, timeofday, and the box2d labels of
-    frames made from a layout (`labels`) or transferred from a real frame (`boxes`)."""
-    cols = table.select(["name", "weather", "timeofday"]).to_pydict()
-    empty = [None] * table.num_rows
-    layout_labels = table.column("labels").to_pylist() if "labels" in table.column_names else empty
-    carried = table.column("boxes").to_pylist() if "boxes" in table.column_names else empty
-    frames = []
-    for n, w, t, lab, car in zip(cols["name"], cols["weather"], cols["timeofday"], layout_labels, carried):
-        boxes = ([Box(b["category"], b["x1"], b["y1"], b["x2"], b["y2"]) for b in json.loads(lab)] if lab
-                 else _boxes(car))
-        frames.append(Frame(name=n, weather=w, timeofday=t, boxes=boxes))
-    return frames
-
-
-def _boxes(boxes_json: str | None) -> list[Box]:
-    if not boxes_json:
-        return []
-    return [Box(b["category"], *b["box2d"], attributes=b.get("attributes") or {}) for b in json.loads(boxes_json)]
+    frames made from a layout or transferred from a real frame (`labels`)."""
+    table = _with_schema(table)
+    cols = table.select(["name", "weather", "timeofday", "labels"]).to_pydict()
+    return [Frame(name=n, weather=w, timeofday=t, boxes=label_boxes(lab))
+            for n, w, t, lab in zip(cols["name"], cols["weather"], cols["timeofday"], cols["labels"])]
 
 
 def manifest_row_count(uri: str) -> int | None:

@@ -118,9 +118,6 @@ def _layout_plan(job: GenerateJob, sm) -> tuple[ItemPlan, dict]:
     if branch is None:
         problems.append(f"spec.layouts needs a model with a layout branch, and {sm.version} has none; fine-tune "
                         "one with layout.kind controlnet or light")
-    elif branch.spec.uses_segmentation:
-        problems.append(f"{sm.version}'s layout branch also reads segmentation, which spec.layouts does not render "
-                        "(boxes only); use a branch trained with layout.use_segmentation: false")
     unknown = [s for s in section.scenarios if s not in sm.scenarios]
     if unknown:
         problems.append(f"spec.layouts.scenarios: unknown scenarios {unknown}; the model's vocabulary is: "
@@ -128,10 +125,13 @@ def _layout_plan(job: GenerateJob, sm) -> tuple[ItemPlan, dict]:
     if problems:
         raise SpecError(problems)
     categories = list(branch.spec.box_categories)
-    frames = read_layout_frames(section, categories, sm.image_size)
+    frames = read_layout_frames(section, categories, sm.image_size, list(branch.spec.segmentation_classes))
     plan = layout_plan(frames, section.scenarios, section.variants, job.spec.base_seed, job.spec.shard_size)
-    return plan, {"source_digest": frames_digest(frames), "frames": len(frames), "variants": section.variants,
-                  "layout_guidance": float(section.layout_guidance), "box_categories": categories}
+    document = {"source_digest": frames_digest(frames), "frames": len(frames), "variants": section.variants,
+                "layout_guidance": float(section.layout_guidance), "box_categories": categories}
+    if branch.spec.uses_segmentation:  # only then, so a box-only job's spec hash is what it was
+        document["segmentation_classes"] = list(branch.spec.segmentation_classes)
+    return plan, document
 
 
 def prepare(job: GenerateJob) -> Prepared:

@@ -4,6 +4,7 @@
                  ──codec.encode (mean)──▶ latent ──q_sample to t = s·T, denoise under the target──▶ image
     its boxes    ──place_boxes (the same transform)──▶ boxes in the output image's pixels
     its mask     ──crop_segmentation──▶ labels/sem_seg/masks/<shard>/<index>.png (BDD100K's layout)
+                 (the manifest's `mask`; its boxes are the manifest's `labels`, its name `source_frame`)
 
 Items are frame-major: frame f into target j is item f * len(targets) + j, seed base_seed + index,
 so every generation rule (shards, resume, byte-identical reruns) holds unchanged. The plan carries each
@@ -12,23 +13,19 @@ item's source (image URI, boxes in source pixels, mask URI), so sampler actors r
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 from drivedit import storage
-from drivedit.data.bdd100k import LabelFileError, SourceFrames
+from drivedit.data.bdd100k import Box, LabelFileError, SourceFrames
 from drivedit.data.encode_stages import decode_and_crop, read_image_bytes
 from drivedit.data.layout import crop_segmentation, place_boxes
 from drivedit.data.sources import read_source
 from drivedit.generate.spec import ShardedItems, SpecError
 
-MASKS_DIR = "labels/sem_seg/masks"  # BDD100K's place for semantic segmentation, under the dataset root
-NO_MASK = 255  # BDD100K's ignore id: a mask of it everywhere means the source frame had none
 MAX_LISTED = 10  # frames named in one problem line
 
 
@@ -179,27 +176,8 @@ def encode_sources(codec, images: np.ndarray, device) -> torch.Tensor:
 # ----------------------------------------------------------------------------- on the writer
 
 
-def scale_boxes(boxes: list[dict], resolution: int, size: int) -> list[dict]:
-    """Boxes in crop pixels of the model's resolution -> pixels of the written (size, size) image."""
+def carried_boxes(boxes: list[dict], resolution: int, size: int) -> list[Box]:
+    """A transferred item's boxes, in crop pixels of the model's resolution -> pixels of the written (size, size)
+    image, with their source attributes."""
     f = size / resolution
-    return [{**b, "box2d": [v * f for v in b["box2d"]]} for b in boxes]
-
-
-def mask_name(image_name: str) -> str:
-    return image_name.rsplit(".", 1)[0] + ".png"
-
-
-def write_mask(uri: str, image_name: str, mask: np.ndarray, size: int) -> None:
-    """A (res, res) train-id mask, resized (nearest) to the written image, as BDD100K's masks/<name>.png."""
-    if mask.shape[0] != size:
-        mask = np.asarray(Image.fromarray(mask, mode="L").resize((size, size), Image.Resampling.NEAREST))
-    out = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(mask), mode="L").save(out, format="PNG", compress_level=6)
-    storage.write_bytes_atomic(storage.join(uri, MASKS_DIR, mask_name(image_name)), out.getvalue())
-
-
-def manifest_fields(item: dict, labels: dict | None) -> dict:
-    """The manifest columns a transferred item adds: its source frame, the strength, its boxes (JSON)."""
-    if labels is None:
-        return {"source": None, "strength": None, "boxes": None}
-    return {"source": item["source"], "strength": float(item["strength"]), "boxes": json.dumps(labels["boxes"])}
+    return [Box(b["category"], *(v * f for v in b["box2d"]), attributes=b["attributes"] or {}) for b in boxes]

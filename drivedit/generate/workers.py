@@ -71,11 +71,8 @@ class ShardSampler:
             seeds = [int(it["seed"]) for it in chunk]
             uncond = self.sm.superclass_of(labels) if self.settings.guidance_kind == "superclass" else None
             layout = None
-            if "source_frame" in chunk[0]:  # spec.layouts: the frame's boxes on the latent grid
-                from drivedit.generate.layouts import layout_maps
-
-                spec = self.sm.model.layout_branch.spec
-                layout = layout_maps(chunk, len(spec.box_categories), self.sm.model.config.input_size)  # (n, K, h, w)
+            if "source_frame" in chunk[0]:  # spec.layouts: the frame's boxes (and segmentation) on the latent grid
+                layout = self.layout_of(chunk)  # (n, K_in, h, w)
             init, strength = None, 1.0
             if "source" in chunk[0]:  # condition transfer: SDEdit from the source frames' latents
                 init = self.source_latents(chunk)  # (n, C, h, w)
@@ -84,6 +81,22 @@ class ShardSampler:
                                           init_latents=init, strength=strength)  # (n, C, h, w)
             out.append(latents.float())
         return torch.cat(out)
+
+    def layout_of(self, items: list[dict]) -> torch.Tensor:
+        """The branch's input (n, K_in, h, w) for layout items; a branch that reads segmentation gets each
+        frame's, and the frame's mask is kept for the writer."""
+        from drivedit.generate.layouts import layout_maps, layout_segmentation
+        from drivedit.models.control import layout_input
+
+        spec = self.sm.model.layout_branch.spec
+        grid = self.sm.model.config.input_size
+        layout = layout_maps(items, len(spec.box_categories), grid)  # (n, K, h, w)
+        if not spec.uses_segmentation:
+            return layout
+        cells, masks = layout_segmentation(items, self.sm.image_size, grid)  # (n, h, w), [(res, res) | None]
+        for it, mask in zip(items, masks):
+            self.labels[it["index"]] = {"boxes": None, "mask": mask}
+        return layout_input(layout, cells, len(spec.segmentation_classes))  # (n, K + S, h, w)
 
     def source_latents(self, items: list[dict]) -> torch.Tensor:
         """Latents (n, C, h, w) of transfer items' source frames; their labels are kept for the writer."""
@@ -122,16 +135,18 @@ class ShardSampler:
         return rows
 
     def carried_labels(self, items: list[dict]) -> tuple[str, bytes]:
-        """(JSON list of each item's boxes in model-resolution pixels or null, (N, res, res) uint8 masks or b"")."""
+        """(JSON list, per item, of {boxes: a transfer's boxes in model-resolution pixels or null, mask: whether it
+        has a mask} or null for items with neither; (N, res, res) uint8 masks (ignore where an item has none),
+        or b"" when no item has one)."""
         if not self.labels:
             return json.dumps([None] * len(items)), b""
-        from drivedit.generate.transfer import NO_MASK
+        from drivedit.data.bdd100k import SEGMENTATION_IGNORE
 
         res = self.sm.image_size
-        boxes = [self.labels[it["index"]]["boxes"] for it in items]
-        masks = [self.labels[it["index"]]["mask"] for it in items]
+        kept = [self.labels.get(it["index"]) for it in items]
+        masks = [k["mask"] if k is not None else None for k in kept]
+        carried = [None if k is None else {"boxes": k["boxes"], "mask": k["mask"] is not None} for k in kept]
         if all(m is None for m in masks):
-            return json.dumps(boxes), b""
-        stack = np.stack([m if m is not None else np.full((res, res), NO_MASK, np.uint8) for m in masks])
-        return json.dumps(boxes), stack.tobytes()  # (N, res, res) uint8
-
+            return json.dumps(carried), b""
+        stack = np.stack([m if m is not None else np.full((res, res), SEGMENTATION_IGNORE, np.uint8) for m in masks])
+        return json.dumps(carried), stack.tobytes()  # (N, res, res) uint8

@@ -19,7 +19,7 @@ from drivedit.config.base import validate_config
 from drivedit.config.generate import GenerateJob
 from drivedit.generate import dataset, transfer
 from drivedit.generate.images import decode_to_uint8, encode_png
-from drivedit.generate.layouts import pixel_labels
+from drivedit.generate.layouts import pixel_boxes
 from drivedit.models.codec import load_codec
 
 def limit_threads(cpus: float) -> None:
@@ -77,9 +77,10 @@ def write_shards(batch: dict[str, np.ndarray], job: dict, context: dict) -> dict
 
 def write_shard(job: GenerateJob, context: dict, shard: int, items: list[dict], pixels: np.ndarray,
                 labels: list[dict | None] | None = None, masks: bytes = b"") -> None:
-    """Write one shard's PNGs (each atomically), a transfer's masks, then its manifest part: the part says
-    the shard is complete. `labels` holds each transferred item's boxes in model-resolution pixels (None for
-    a sampled item), `masks` their (N, res, res) uint8 segmentation or b"" when no source had one."""
+    """Write one shard's PNGs (each atomically), their masks, then its manifest part: the part says the shard
+    is complete. `labels` holds per item what the sampler actor kept ({boxes: a transfer's boxes in
+    model-resolution pixels or None, mask: whether it has one} or None), `masks` the (N, res, res) uint8
+    segmentation or b"" when no item has one."""
     uri, size = job.output.uri, context["image_size"]
     settings = dataset.manifest_settings(job.sampler)
     names = [dataset.image_name(shard, it["index"]) for it in items]
@@ -87,28 +88,28 @@ def write_shard(job: GenerateJob, context: dict, shard: int, items: list[dict], 
     if attempt:
         dataset.check_attempt(uri, attempt, shard)
     dataset.remove_strays(uri, shard, {n.rsplit("/", 1)[-1] for n in names})
-    labels = labels or [None] * len(items)
+    carried = labels or [None] * len(items)
     native = context.get("native_size", size)
     mask_stack = np.frombuffer(masks, np.uint8).reshape(len(items), native, native) if masks else None
     rows = []
     for k, (it, name, image) in enumerate(zip(items, names, pixels)):
         image = resize(image, size)
         storage.write_bytes_atomic(storage.join(uri, dataset.IMAGES_DIR, name), encode_png(image))
-        carried = labels[k]
-        if carried is not None:
-            carried = {"boxes": transfer.scale_boxes(carried, native, size)}
-            if mask_stack is not None and it.get("segmentation"):
-                transfer.write_mask(uri, name, mask_stack[k], size)
-        weather, timeofday = dataset.scenario_attributes(it["scenario"])
-        layout_labels = None
+        boxes = None
         if "source_frame" in it:  # made from a layout: its boxes are the image's labels, in output pixels
-            layout_labels = json.dumps(pixel_labels(it["boxes"], context["box_categories"], size))
+            boxes = pixel_boxes(it["boxes"], context["box_categories"], size)
+        elif carried[k] is not None and carried[k]["boxes"] is not None:  # transferred: the source's, carried
+            boxes = transfer.carried_boxes(carried[k]["boxes"], native, size)
+        mask = None
+        if mask_stack is not None and carried[k] is not None and carried[k]["mask"]:
+            mask = dataset.write_mask(uri, name, mask_stack[k], size)
+        weather, timeofday = dataset.scenario_attributes(it["scenario"])
         rows.append({"index": it["index"], "seed": it["seed"], "scenario": it["scenario"],
                      "class_id": context["class_ids"][it["scenario"]], "shard": shard, "name": name,
                      "weather": weather, "timeofday": timeofday, "width": size, "height": size,
                      "model_version": context["model_version"], "spec_hash": context["spec_hash"], **settings,
-                     "source_frame": it.get("source_frame"), "labels": layout_labels,
-                     **transfer.manifest_fields(it, carried)})
+                     "source_frame": it.get("source_frame", it.get("source")), "strength": it.get("strength"),
+                     "labels": dataset.labels_json(boxes) if boxes is not None else None, "mask": mask})
     if attempt:
         dataset.check_attempt(uri, attempt, shard)
     dataset.write_part(uri, shard, rows)

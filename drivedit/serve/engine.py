@@ -128,9 +128,15 @@ class SampleEngine:
         return pngs
 
     def _layout_map(self, job: SampleJob) -> torch.Tensor:
-        """The job's boxes on the latent grid: (1, K, h, w)."""
+        """The job's boxes on the latent grid: (1, K, h, w); a branch that also reads segmentation gets none
+        ("ignore everywhere", as it saw frames without a mask in training): (1, K + S, h, w)."""
         from drivedit.generate.layouts import layout_maps
+        from drivedit.models.control import layout_input
 
         model = self.sampler.model
-        return layout_maps([{"boxes": job.layout}], len(model.layout_branch.spec.box_categories),
-                           model.config.input_size)
+        spec, grid = model.layout_branch.spec, model.config.input_size
+        boxes = layout_maps([{"boxes": job.layout}], len(spec.box_categories), grid)  # (1, K, h, w)
+        if not spec.uses_segmentation:
+            return boxes
+        ignore = torch.full((1, grid, grid), 255, dtype=torch.long)  # (1, h, w) BDD100K's ignore id
+        return layout_input(boxes, ignore, len(spec.segmentation_classes))

@@ -1,0 +1,65 @@
+"""Layout fidelity: the detect job's AP50 on generated frames over its AP50 on real ones, overall, per
+scenario (against the same scenario's real frames) and per object size; its MLflow metrics."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from drivedit.detect.evaluate import GroundTruthImage, coco_ground_truth
+from drivedit.eval.fidelity import fidelity_metrics, layout_fidelity
+from drivedit.eval.mlflow_log import eval_metrics
+
+CATS = ["car", "pedestrian"]
+# at 128 px: small < 6.4^2 = 41 px^2 <= medium < 19.2^2 = 369 px^2 <= large
+SMALL, LARGE = [10, 10, 15, 15], [40, 40, 80, 80]
+
+
+def _write(folder, images: list[tuple[str, str, list]], found: set[tuple[int, int]]) -> None:
+    """A scores folder: images (name, scenario, [box]) of cars; predictions hit the boxes in `found` exactly
+    ((image position, box position)) and put one far-off false box in every other image."""
+    gt = coco_ground_truth([GroundTruthImage(n, s, 128, 128, np.array(b, float).reshape(-1, 4),
+                                             np.ones(len(b), np.int64)) for n, s, b in images], CATS)
+    preds = []
+    for i, (_, _, boxes) in enumerate(images):
+        for k, (x1, y1, x2, y2) in enumerate(boxes):
+            if (i, k) in found:
+                preds.append({"image_id": i + 1, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 0.9})
+    folder.mkdir()
+    (folder / "gt.json").write_text(json.dumps(gt))
+    (folder / "predictions.json").write_text(json.dumps(preds))
+
+
+def test_fidelity_is_the_ratio_per_scenario_and_size(tmp_path):
+    real = [("r0.png", "clear", [SMALL, LARGE]), ("r1.png", "night", [LARGE])]
+    _write(tmp_path / "real", real, found={(0, 0), (0, 1), (1, 0)})  # the detector finds every real box
+    gen = [("g0.png", "clear", [LARGE]), ("g1.png", "clear", [LARGE]), ("g2.png", "night", [SMALL, LARGE]),
+           ("g3.png", "snowy", [LARGE])]
+    # found: both clear boxes, night's large box only (its small one missed), not the snowy one
+    _write(tmp_path / "gen", gen, found={(0, 0), (1, 0), (2, 1)})
+    out = layout_fidelity(str(tmp_path / "gen"), str(tmp_path / "real"))
+    assert out["ap50_real"] == pytest.approx(1.0)
+    # 3 of 5 boxes found at full precision: COCO's 101-point AP = 3/5 of the recall points (0.0..0.6)
+    assert out["ap50_generated"] == pytest.approx(61 / 101, abs=1e-6)
+    assert out["fidelity"] == pytest.approx(out["ap50_generated"])
+    ps = out["per_scenario"]
+    assert ps["clear"]["fidelity"] == pytest.approx(1.0) and ps["clear"]["real_reference"] == "clear"
+    assert ps["night"]["fidelity"] == pytest.approx(51 / 101, abs=1e-6)  # 1 of 2 boxes
+    assert ps["snowy"]["fidelity"] == 0.0 and ps["snowy"]["real_reference"] == "all"  # no real snowy frame
+    assert out["per_size"]["small"]["fidelity"] == 0.0 and out["per_size"]["small"]["num_boxes_generated"] == 1
+    assert out["per_size"]["large"]["fidelity"] == pytest.approx(76 / 101, abs=1e-6)  # 3 of 4 large boxes
+    assert out["per_size"]["medium"]["fidelity"] is None  # no medium box on either side
+
+    metrics = fidelity_metrics(out, "eval.layout_fidelity")
+    assert metrics["eval.layout_fidelity.fidelity"] == pytest.approx(out["fidelity"])
+    assert metrics["eval.layout_fidelity.snowy.fidelity"] == 0.0
+    assert "eval.layout_fidelity.size_medium.fidelity" not in metrics
+    result = {"overall": {}, "per_scenario": {}, "layout_fidelity": out}
+    assert {k: v for k, v in eval_metrics(result).items() if "layout_fidelity" in k} == metrics
+
+
+def test_a_folder_that_is_not_a_scores_folder_is_named(tmp_path):
+    (tmp_path / "real").mkdir()
+    with pytest.raises(FileNotFoundError, match="no gt.json .*drivedit detect --eval-only"):
+        layout_fidelity(str(tmp_path / "real"), str(tmp_path / "real"))
