@@ -282,19 +282,27 @@ def run_one(args, posenc: str, seed: int) -> None:
 # ----------------------------------------------------------------------------- the driver
 
 
-def size_run(args, t_start: float, arms: list[str], procs: dict) -> dict:
-    """Wait for the first wave's calibrations, then pick the steps that fit what is left of the budget."""
+def size_run(args, t_start: float, arms: list[str], procs: dict) -> dict | None:
+    """Wait for the first wave's calibrations, then pick the steps that fit what is left of the budget
+    (None: the budget ran out before the runs had timed their steps)."""
     cal = args.work / "calibration"
     first = arms[:args.parallel]
+
     def timed(a):
         return (cal / f"{a}.json").exists()
 
-    while not all((cal / f"{a}.ready").exists() or procs[a].poll() is not None for a in first):
-        time.sleep(0.2)
-    (cal / "go").touch()  # the wave's runs time their steps together, as they will train
+    def wait(done) -> bool:
+        while not all(done(a) or procs[a].poll() is not None for a in first):
+            if time.perf_counter() > t_start + args.budget_s - 2:
+                return False
+            time.sleep(0.2)
+        return True
 
-    while not all(timed(a) or procs[a].poll() is not None for a in first):
-        time.sleep(0.5)
+    if not wait(lambda a: (cal / f"{a}.ready").exists()):
+        return None
+    (cal / "go").touch()  # the wave's runs time their steps together, as they will train
+    if not wait(timed):
+        return None
     if not any(timed(a) for a in first):
         raise SystemExit(f"every run ended before timing its steps; see {args.work}/logs")
     sec = max(json.loads((cal / f"{a}.json").read_text())["s_per_step"] for a in first if timed(a))
@@ -340,7 +348,11 @@ def drive(args, argv: list[str]) -> int:
                                                stdout=log, stderr=subprocess.STDOUT)
         if plan is None:
             plan = size_run(args, t_start, [names[a] for a in arms], procs)
-            (args.work / "plan.json").write_text(json.dumps(plan))
+            if plan is None:
+                print("the budget ran out before the runs had timed their steps (start-up took it all)", flush=True)
+                plan = {"steps": 0, "note": "budget spent before training"}
+            else:
+                (args.work / "plan.json").write_text(json.dumps(plan))
         for n, p in procs.items():
             if p.poll() is not None and n not in status:
                 status[n] = "done" if p.returncode == 0 else f"failed (exit {p.returncode})"
