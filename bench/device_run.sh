@@ -35,7 +35,7 @@ P1=${P1:-300}   # seconds for phase 1
 if [ "$DRY" = 0 ]; then
   METHODS_ARGS="--jobs 7 --budget-s $((P1 - 45))"
   # the position encodings from scratch (issue 21) and the base pre-trained on objects in context (issue 13)
-  POSENC_CMD=${POSENC_CMD-"python3 bench/posenc.py --device cuda --budget-s $((P1 - 50)) --batch 64 --workers 4 --work $W/posenc-work --out $W/posenc"}
+  POSENC_CMD=${POSENC_CMD-"python3 bench/posenc.py --device cuda --budget-s $((P1 - 50)) --batch 64 --workers 4 --heldout-per-class 50 --per-class 50 --work $W/posenc-work --out $W/posenc"}
   SCENES_CMD=${SCENES_CMD-"python3 bench/pretrain_context.py --out $W/scenes --budget-s $((P1 - 20)) --workers 5 --threads 2"}
 else
   METHODS_ARGS="--jobs 0 --num-scenes 36 --classifier-steps 4 --arms driveditfit lora ddf-linear --seeds 0 --lrs 2e-3 \
