@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--init", default="builtin:tiny-dit", help="warm start (any DiT-T/4 checkpoint) or 'new'")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema", type=float, default=0.9995)
+    p.add_argument("--ema", type=float, default=0.9995, help="EMA decay (lowered for short runs)")
     p.add_argument("--initial-images", type=int, default=2800, help="drawn before training starts")
     p.add_argument("--max-images", type=int, default=42000, help="the pool stops drawing here")
     p.add_argument("--chunk", type=int, default=112, help="images per pool task (a multiple of 14 keeps classes even)")
@@ -295,13 +295,15 @@ def main(argv=None) -> int:
         left = deadline - time.perf_counter() - args.reserve_s
         total = int(max(min(10, args.max_steps), min(args.max_steps, left / (step_s * 1.25))))
         every = max(5, total // 6)
-        result.update(step_seconds=step_s, total_steps=total, parameters=init["parameters"])
+        # the EMA's horizon (1 / (1 - decay)) at most a tenth of the run: a short run must not end near its start
+        ema = min(args.ema, 1.0 - 10.0 / total)
+        result.update(step_seconds=step_s, total_steps=total, parameters=init["parameters"], ema=ema)
         print(f"[scenes] step {step_s * 1e3:.1f} ms at batch {args.batch}: {total} steps in {left:.0f} s; "
               f"{store.rows} images to start", flush=True)
         job = load_config(FinetuneJob, CONFIG, [
             "--model.source", init["path"], "--data.shards", str(scratch / "shards"),
             "--optim.total_steps", str(total), "--optim.global_batch_size", str(args.batch),
-            "--optim.lr", str(args.lr), "--optim.ema_decay", str(args.ema),
+            "--optim.lr", str(args.lr), "--optim.ema_decay", str(max(ema, 0.0)),
             "--optim.warmup_steps", str(min(200, total // 10)), "--run.checkpoint_every", str(every),
             "--run.log_every", str(max(1, min(50, total // 20))), "--run.storage_path", str(scratch / "runs")])
         base_model = load_dit(init["path"]).to(device).eval()
