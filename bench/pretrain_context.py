@@ -172,6 +172,11 @@ def score(model, diffusion, held: dict, num_classes: int) -> dict:
     return out
 
 
+class OutOfTime(Exception):
+    """Raised at a checkpoint when the rest of the run would not fit the budget (the machine got busier
+    than when the step time was measured): the run ends there, its checkpoint already written."""
+
+
 def measure_step_seconds(base_path: str, batches, meta, device, steps: int) -> float:
     """Median seconds of one full-model training step through the loop's own data path (shard rows ->
     `training_batch` -> device; bf16 autocast on CUDA), on a copy of the model to train."""
@@ -293,8 +298,8 @@ def main(argv=None) -> int:
         # steps that fit: what is left after setup and the final reserve, at the measured step time plus
         # a margin for EMA, the data and the checkpoints' held-out scores
         left = deadline - time.perf_counter() - args.reserve_s
-        total = int(max(min(10, args.max_steps), min(args.max_steps, left / (step_s * 1.25))))
-        every = max(5, total // 6)
+        total = int(max(min(10, args.max_steps), min(args.max_steps, left / (step_s * 1.3))))
+        every = max(5, total // 8)
         # the EMA's horizon (1 / (1 - decay)) at most a tenth of the run: a short run must not end near its start
         ema = min(args.ema, 1.0 - 10.0 / total)
         result.update(step_seconds=step_s, total_steps=total, parameters=init["parameters"], ema=ema)
@@ -331,6 +336,9 @@ def main(argv=None) -> int:
             write_table(out, result)
             print("[scenes] " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in row.items()), flush=True)
+            per_step = (time.perf_counter() - t_train) / step
+            if step < total and time.perf_counter() + per_step * min(every, total - step) > deadline - args.reserve_s:
+                raise OutOfTime(step)
 
         ctx = LoopContext(base_path=init["path"], base_ref=init["path"], run_dir=str(scratch / "runs" / "context"))
         loop = WorkerLoop(job, ctx, Edges(0, 1, device, None, epoch_batches, report, lambda model, ignore: model))
@@ -341,7 +349,13 @@ def main(argv=None) -> int:
             log_line(m)
 
         loop._log_line = keep_curve
-        loop.run()
+        t_train = time.perf_counter()
+        try:
+            loop.run()
+        except OutOfTime as stop:
+            result["stopped_early_at"] = int(stop.args[0])
+            print(f"[scenes] stopped at step {stop.args[0]} of {total}: the next checkpoint would not fit the budget",
+                  flush=True)
         result["train_seconds"] = time.perf_counter() - t_start
         plot_loss(out, result["curve"])
         sampling = SamplingSection(num_per_scenario=args.grid_per_class, sampler="ddim", steps=args.sampler_steps,
