@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--reserve-s", type=float, default=20.0, help="kept for the held-out scores, grid and export")
     p.add_argument("--max-steps", type=int, default=20000)
+    p.add_argument("--checkpoints", type=int, default=8, help="checkpoints (scored and exported) over the run")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: 4 with CUDA, else torch's default)")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes: the same code path in about a minute on CPU")
     args = p.parse_args(argv)
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
         # a margin for EMA, the data and the checkpoints' held-out scores
         left = deadline - time.perf_counter() - args.reserve_s
         total = int(max(min(10, args.max_steps), min(args.max_steps, left / (step_s * 1.3))))
-        every = max(5, total // 8)
+        every = max(5, total // args.checkpoints)
         # the EMA's horizon (1 / (1 - decay)) at most a tenth of the run: a short run must not end near its start
         ema = min(args.ema, 1.0 - 10.0 / total)
         result.update(step_seconds=step_s, total_steps=total, parameters=init["parameters"], ema=ema)
