@@ -8,6 +8,7 @@ baseline's.
 
     python bench/scene_check.py --num 240                         # procedural scenes written here (128 px)
     python bench/scene_check.py --real runs/demo/scenes --fake runs/demo/synthetic
+    python bench/scene_check.py --real runs/demo/scenes --fake-grid runs/demo/finetune/demo/samples/step_00000800.png
 """
 from __future__ import annotations
 
@@ -35,6 +36,26 @@ def controls(b: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
             "mean image every time": np.repeat(b.mean(0, keepdims=True).round().astype(np.uint8), n, 0)}
 
 
+def grid_tiles(path: str, cols: int, tile: int) -> np.ndarray:
+    """The images of a sample grid that drivedit wrote (generate/grid.py: labels on the left, PAD between
+    tiles), e.g. a fine-tune's samples/step_*.png -> uint8 (N, tile, tile, 3)."""
+    from PIL import Image
+
+    from drivedit.generate.grid import PAD
+
+    g = np.asarray(Image.open(path).convert("RGB"))
+    rows = (g.shape[0] - PAD) // (tile + PAD)
+    left = g.shape[1] - (cols * (tile + PAD) + PAD)  # the label column's width
+    return np.stack([g[PAD + r * (tile + PAD):][:tile, left + PAD + c * (tile + PAD):][:, :tile]
+                     for r in range(rows) for c in range(cols)])
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BOX)) for x in images])
+
+
 def main(argv=None) -> int:
     from drivedit.config.common import DEFAULT_SCENARIOS
     from drivedit.data.scenes import write_scenes_dataset
@@ -44,6 +65,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--real", help="a folder of real frames (default: procedural scenes written here)")
     p.add_argument("--fake", help="a generated folder to score as well")
+    p.add_argument("--fake-grid", help="a sample grid PNG (a fine-tune's samples/step_*.png) to score as well")
+    p.add_argument("--grid-cols", type=int, default=4, help="images per row of --fake-grid")
+    p.add_argument("--grid-tile", type=int, default=128, help="image size in --fake-grid")
     p.add_argument("--num", type=int, default=240, help="procedural scenes to write when --real is not given")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
@@ -56,6 +80,12 @@ def main(argv=None) -> int:
         rows.update({name: scene_likeness(a, x) for name, x in controls(b).items()})
         if args.fake:
             rows["generated (--fake)"] = scene_likeness(a, index_folder(args.fake, vocab).load(IMAGE_SIZE))
+        if args.fake_grid:
+            tiles = _resize(grid_tiles(args.fake_grid, args.grid_cols, args.grid_tile), IMAGE_SIZE)
+            # a grid holds few images: the same number of real frames is the like-for-like reference
+            pick = np.random.default_rng(0).choice(len(b), min(len(tiles), len(b)), replace=False)
+            rows[f"{len(pick)} real frames (second half)"] = scene_likeness(a, b[pick])
+            rows[f"{len(tiles)} samples of --fake-grid"] = scene_likeness(a, tiles)
     base = rows["real half vs real half (baseline)"]["layout_fd"]
     print(f"{'set, against the first half of the real frames':<42} {'agreement':>9} {'mean map':>8} {'std map':>8} "
           f"{'layout FD':>9} {'FD / baseline':>13}")
