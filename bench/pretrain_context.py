@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--init", default="builtin:tiny-dit", help="warm start (any DiT-T/4 checkpoint) or 'new'")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema", type=float, default=0.9995)
+    p.add_argument("--ema", type=float, default=0.9995, help="EMA decay (lowered for short runs)")
     p.add_argument("--initial-images", type=int, default=2800, help="drawn before training starts")
     p.add_argument("--max-images", type=int, default=42000, help="the pool stops drawing here")
     p.add_argument("--chunk", type=int, default=112, help="images per pool task (a multiple of 14 keeps classes even)")
@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--reserve-s", type=float, default=20.0, help="kept for the held-out scores, grid and export")
     p.add_argument("--max-steps", type=int, default=20000)
+    p.add_argument("--checkpoints", type=int, default=8, help="checkpoints (scored and exported) over the run")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: 4 with CUDA, else torch's default)")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes: the same code path in about a minute on CPU")
     args = p.parse_args(argv)
@@ -170,6 +171,11 @@ def score(model, diffusion, held: dict, num_classes: int) -> dict:
         out[f"{name}_loss"] = float(loss.mean())
         out[f"{name}_accuracy"] = float((pred == held["y"].cpu()).float().mean())
     return out
+
+
+class OutOfTime(Exception):
+    """Raised at a checkpoint when the rest of the run would not fit the budget (the machine got busier
+    than when the step time was measured): the run ends there, its checkpoint already written."""
 
 
 def measure_step_seconds(base_path: str, batches, meta, device, steps: int) -> float:
@@ -293,15 +299,17 @@ def main(argv=None) -> int:
         # steps that fit: what is left after setup and the final reserve, at the measured step time plus
         # a margin for EMA, the data and the checkpoints' held-out scores
         left = deadline - time.perf_counter() - args.reserve_s
-        total = int(max(min(10, args.max_steps), min(args.max_steps, left / (step_s * 1.25))))
-        every = max(5, total // 6)
-        result.update(step_seconds=step_s, total_steps=total, parameters=init["parameters"])
+        total = int(max(min(10, args.max_steps), min(args.max_steps, left / (step_s * 1.3))))
+        every = max(5, total // args.checkpoints)
+        # the EMA's horizon (1 / (1 - decay)) at most a tenth of the run: a short run must not end near its start
+        ema = min(args.ema, 1.0 - 10.0 / total)
+        result.update(step_seconds=step_s, total_steps=total, parameters=init["parameters"], ema=ema)
         print(f"[scenes] step {step_s * 1e3:.1f} ms at batch {args.batch}: {total} steps in {left:.0f} s; "
               f"{store.rows} images to start", flush=True)
         job = load_config(FinetuneJob, CONFIG, [
             "--model.source", init["path"], "--data.shards", str(scratch / "shards"),
             "--optim.total_steps", str(total), "--optim.global_batch_size", str(args.batch),
-            "--optim.lr", str(args.lr), "--optim.ema_decay", str(args.ema),
+            "--optim.lr", str(args.lr), "--optim.ema_decay", str(max(ema, 0.0)),
             "--optim.warmup_steps", str(min(200, total // 10)), "--run.checkpoint_every", str(every),
             "--run.log_every", str(max(1, min(50, total // 20))), "--run.storage_path", str(scratch / "runs")])
         base_model = load_dit(init["path"]).to(device).eval()
@@ -329,6 +337,9 @@ def main(argv=None) -> int:
             write_table(out, result)
             print("[scenes] " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in row.items()), flush=True)
+            per_step = (time.perf_counter() - t_train) / step
+            if step < total and time.perf_counter() + per_step * min(every, total - step) > deadline - args.reserve_s:
+                raise OutOfTime(step)
 
         ctx = LoopContext(base_path=init["path"], base_ref=init["path"], run_dir=str(scratch / "runs" / "context"))
         loop = WorkerLoop(job, ctx, Edges(0, 1, device, None, epoch_batches, report, lambda model, ignore: model))
@@ -339,7 +350,13 @@ def main(argv=None) -> int:
             log_line(m)
 
         loop._log_line = keep_curve
-        loop.run()
+        t_train = time.perf_counter()
+        try:
+            loop.run()
+        except OutOfTime as stop:
+            result["stopped_early_at"] = int(stop.args[0])
+            print(f"[scenes] stopped at step {stop.args[0]} of {total}: the next checkpoint would not fit the budget",
+                  flush=True)
         result["train_seconds"] = time.perf_counter() - t_start
         plot_loss(out, result["curve"])
         sampling = SamplingSection(num_per_scenario=args.grid_per_class, sampler="ddim", steps=args.sampler_steps,

@@ -203,7 +203,8 @@ def local_ray(num_cpus: int = 4) -> Iterator[None]:
             ray.shutdown()
 
 
-def run_demo(out: str | Path = "runs/demo", size: str = "full", seed: int = 0, fresh: bool = False) -> dict:
+def run_demo(out: str | Path = "runs/demo", size: str = "full", seed: int = 0, fresh: bool = False,
+             base: str | None = None) -> dict:
     out = Path(out).resolve()
     if fresh and out.exists():
         shutil.rmtree(out)
@@ -214,7 +215,7 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", seed: int = 0, f
         summary: dict = {"out": str(out)}
         step_scenes(out, sz, seed)
         summary["encode"] = step_encode(out)
-        ft = step_finetune(out, sz)
+        ft = step_finetune(out, sz, ["--model.source", base] if base else ())
         summary["finetune"] = ft
         scenarios = list(ft["scenarios"])
         summary["generate"] = step_generate(out, sz, ft["model_uri"], ft["tracking_uri"], scenarios)
@@ -260,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=sorted(SIZES), default="full", help="full (make demo) or small (tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete --out first (otherwise completed steps resume)")
+    p.add_argument("--base", help="the DiT-T/4 base to fine-tune (default builtin:tiny-dit; e.g. a candidate "
+                                  "pre-trained by bench/pretrain_context.py)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_demo(args.out, size=args.size, seed=args.seed, fresh=args.fresh)
+    run_demo(args.out, size=args.size, seed=args.seed, fresh=args.fresh, base=args.base)
     return 0
 
 
