@@ -253,7 +253,7 @@ def main(argv=None) -> int:
 # ----------------------------------------------------------------------------- the GPU suite's part
 
 SUITE = {  # sizes of the suite's part; "dry" runs the same code on the CPU in seconds
-    "gpu": dict(device="cuda", batch=64, frames=1000, val_frames=200, max_steps=600, throughput_steps=10,
+    "gpu": dict(device="cuda", batch=64, frames=384, val_frames=128, max_steps=600, throughput_steps=10,
                 random_dit="DiT-B/2", full_vae=True, threads=8, default_cap_s=120),
     "dry": dict(device="cpu", batch=2, frames=12, val_frames=6, max_steps=3, throughput_steps=1,
                 random_dit="DiT-N/2", full_vae=False, threads=1, default_cap_s=600),
