@@ -241,8 +241,8 @@ def main(argv=None) -> int:
         ap = "-" if r["AP50"] is None else f"{r['AP50']:.4f}"
         print(f"  {name:28s} {r['images_per_s_per_worker']:7.2f} img/s/worker "
               f"({r['images_per_s_per_worker'] / base['images_per_s_per_worker']:.2f}x) | "
-              f"{r['cpu_s_per_image']:.3f} CPU-s/img ({r['cpu_s_per_image'] / base['cpu_s_per_image']:.2f}x) | AP50 {ap} | "
-              f"{r['trainable']:,} trainable | {r['train_s']:.0f} s")
+              f"{r['cpu_s_per_image']:.3f} CPU-s/img ({r['cpu_s_per_image'] / base['cpu_s_per_image']:.2f}x) | "
+              f"AP50 {ap} | {r['trainable']:,} trainable | {r['train_s']:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"},
                                          "load_average": os.getloadavg(), "results": results}, indent=1,
