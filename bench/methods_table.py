@@ -531,9 +531,15 @@ def log_to_mlflow(out: Path, tracking_uri: str, experiment: str) -> int:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
+    exp = mlflow.set_experiment(experiment)
+    logged = set(mlflow.search_runs([exp.experiment_id], output_format="pandas").get("tags.mlflow.runName", []))
+    new = 0
     for r in _rows(out):
-        with mlflow.start_run(run_name=f"{r['arm']}-lr{r['lr']:g}-s{r['seed']}"):
+        name = f"{r['arm']}-lr{r['lr']:g}-s{r['seed']}"
+        if name in logged:  # a rerun after more arms finished logs only the new ones
+            continue
+        new += 1
+        with mlflow.start_run(run_name=name):
             mlflow.set_tags({"arm": r["arm"], "method": r["method"], "ablation": ABLATION_OF.get(r["arm"], "none"),
                              "lr": r["lr"], "seed": r["seed"], "device": r["device"]})
             mlflow.log_params({**r["settings"], "trainable_params": r["trainable_params"]})
@@ -552,7 +558,7 @@ def log_to_mlflow(out: Path, tracking_uri: str, experiment: str) -> int:
         for f in ("timing.json", "results.jsonl"):
             if (out / f).exists():
                 mlflow.log_artifact(str(out / f))
-    print(f"logged {len(_rows(out))} arms to {tracking_uri}, experiment {experiment}")
+    print(f"{new} arms logged to {tracking_uri}, experiment {experiment} ({len(logged)} runs were there before)")
     return 0
 
 
