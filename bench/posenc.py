@@ -119,27 +119,6 @@ def schedule(steps: int, args) -> dict:
 # ----------------------------------------------------------------------------- one run (a subprocess)
 
 
-class ShardEpochs:
-    """The shards in memory, served as numpy micro-batches in a seeded order per epoch (what Ray Data's
-    shard iterator with a full shuffle buffer gives a worker)."""
-
-    def __init__(self, shards: Path, micro: int, seed: int):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from drivedit.data.shards import shard_files
-
-        self.table = pa.concat_tables([pq.read_table(f, columns=COLUMNS) for f in shard_files(str(shards))])
-        self.micro, self.seed = micro, seed
-
-    def __call__(self, epoch: int):
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.table.num_rows)
-        for i in range(0, len(order) - self.micro + 1, self.micro):
-            t = self.table.take(order[i:i + self.micro])
-            yield {c: t.column(c).to_numpy() if c == "scenario" else
-                   np.stack(t.column(c).to_numpy(zero_copy_only=False)) for c in COLUMNS}
-
-
 class Evaluator:
     """Held-out loss and FID of a model, against the same held-out images, timesteps and noise for every run."""
 
@@ -204,10 +183,11 @@ def _finetune_job(args, init: str, run_dir: Path, seed: int, sched: dict, log_ev
 
 
 def _loop(args, job, init: str, run_dir: Path, seed: int, device: torch.device, report):
+    from drivedit.train.inprocess import ShardEpochs
     from drivedit.train.loop import Edges, LoopContext, WorkerLoop
 
     ctx = LoopContext(base_path=init, base_ref=init, run_dir=str(run_dir))
-    edges = Edges(0, 1, device, None, ShardEpochs(args.work / "shards", job.micro_batch_size, seed), report,
+    edges = Edges(0, 1, device, None, ShardEpochs(args.work / "shards", COLUMNS, job.micro_batch_size, seed), report,
                   lambda model, ignore: model)
     return WorkerLoop(job, ctx, edges)
 
