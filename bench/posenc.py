@@ -334,13 +334,7 @@ def drive(args, argv: list[str]) -> int:
                 plan = {"steps": 0, "note": "budget spent before training"}
             else:
                 (args.work / "plan.json").write_text(json.dumps(plan))
-        for n, p in procs.items():
-            if p.poll() is not None and n not in status:
-                status[n] = "done" if p.returncode == 0 else f"failed (exit {p.returncode})"
-                if p.returncode:
-                    tail = (args.work / "logs" / f"{n}.log").read_text().splitlines()[-15:]
-                    print(f"run {n} failed (exit {p.returncode}); last lines of its log:\n  " + "\n  ".join(tail),
-                          flush=True)
+        record_ended(args, procs, status)
         if deadline and time.perf_counter() > deadline - 2:
             for n, p in procs.items():
                 if p.poll() is None:
@@ -358,10 +352,22 @@ def drive(args, argv: list[str]) -> int:
             p.wait(timeout=max(0.1, end - time.perf_counter()))
         except subprocess.TimeoutExpired:
             p.kill()
+    record_ended(args, procs, status)  # the runs that ended during the loop's last pass
     info.update(plan=plan, status=status, wall_s=round(time.perf_counter() - t_start, 1))
     print(write_results(args, info))
     print(f"all runs ended in {info['wall_s']:.0f}s wall; results in {args.out}", flush=True)
     return 1 if any(s.startswith("failed") for s in status.values()) else 0  # stopped at the budget: expected
+
+
+def record_ended(args, procs: dict, status: dict) -> None:
+    """Status of every run process that has ended and is not yet recorded; a failed run's log tail is printed."""
+    for n, p in procs.items():
+        if p.poll() is not None and n not in status:
+            status[n] = "done" if p.returncode == 0 else f"failed (exit {p.returncode})"
+            if p.returncode:
+                tail = (args.work / "logs" / f"{n}.log").read_text().splitlines()[-15:]
+                print(f"run {n} failed (exit {p.returncode}); last lines of its log:\n  " + "\n  ".join(tail),
+                      flush=True)
 
 
 def main(argv=None) -> int:
