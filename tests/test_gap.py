@@ -76,8 +76,8 @@ def test_apply_method_gap_select_respects_budget_and_writes_report(base, tmp_pat
                       source_labels=torch.randint(0, 10, (10,), generator=g))
     planted_model = copy.deepcopy(base)
     budget = 40_000
-    cfg = MethodConfig(name="driveditfit", select="gap", budget=budget, init_samples=2, init_timesteps=[500],
-                       gap_timesteps=[100, 600])
+    cfg = MethodConfig(name="driveditfit", select="gap", budget=budget, scenario_init="denoise", init_samples=2,
+                       init_timesteps=[500], gap_timesteps=[100, 600])
     planted = _Planted(planted_model, target_batch=12)
     try:
         r = apply_method(planted_model, cfg, ["clear", "rainy", "night"], probe)

@@ -29,7 +29,7 @@ def adapted(base, probe):
 
 def _adapt(base, probe, name, **kw):
     model = copy.deepcopy(base)
-    cfg = MethodConfig(name=name, init_samples=2, init_timesteps=[300, 700], **kw)
+    cfg = MethodConfig(**{"name": name, "scenario_init": "denoise", "init_samples": 2, "init_timesteps": [300, 700], **kw})
     if name == "finediffusion":
         cfg = cfg.model_copy(update={"superclasses": {"day": ["clear", "rainy"], "dark": ["night"]}})
     return apply_method(model, cfg, SCENARIOS, probe)
@@ -172,13 +172,13 @@ def test_bad_inputs_are_named(base, probe):
     with pytest.raises(ValueError, match="distinct"):
         apply_method(copy.deepcopy(base), MethodConfig(name="bitfit"), ["a", "a"], probe)
     with pytest.raises(ValueError, match="needs probe latents"):
-        apply_method(copy.deepcopy(base), MethodConfig(name="bitfit"), SCENARIOS, None)
+        apply_method(copy.deepcopy(base), MethodConfig(name="bitfit", scenario_init="denoise"), SCENARIOS, None)
     with pytest.raises(ValueError, match="does not place these scenarios"):
         apply_method(copy.deepcopy(base), MethodConfig(name="finediffusion", superclasses={"a": ["clear"]}),
                      SCENARIOS, probe)
     few = ProbeData(probe.latents[:2], torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="no probe latents for scenario 'night'"):
-        apply_method(copy.deepcopy(base), MethodConfig(name="bitfit"), SCENARIOS, few)
+        apply_method(copy.deepcopy(base), MethodConfig(name="bitfit", scenario_init="denoise"), SCENARIOS, few)
 
 
 def test_train_table_overrides_the_method_default(base, probe):

