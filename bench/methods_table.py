@@ -537,13 +537,13 @@ def log_to_mlflow(out: Path, tracking_uri: str, experiment: str) -> int:
     logged = set(mlflow.search_runs([exp.experiment_id], output_format="pandas").get("tags.mlflow.runName", []))
     new = 0
     for r in _rows(out):
-        name = f"{r['arm']}-lr{r['lr']:g}-s{r['seed']}"
+        name = f"{r['arm']}-lr{r['lr']:g}-s{r['seed']}-{r['steps']}steps"  # budgets share the experiment
         if name in logged:  # a rerun after more arms finished logs only the new ones
             continue
         new += 1
         with mlflow.start_run(run_name=name):
             mlflow.set_tags({"arm": r["arm"], "method": r["method"], "ablation": ABLATION_OF.get(r["arm"], "none"),
-                             "lr": r["lr"], "seed": r["seed"], "device": r["device"]})
+                             "lr": r["lr"], "seed": r["seed"], "steps": r["steps"], "device": r["device"]})
             mlflow.log_params({**r["settings"], "trainable_params": r["trainable_params"]})
             metrics = {k: v for k, v in r["overall"].items() if isinstance(v, (int, float)) and v is not None}
             metrics.update({k: r[k] for k in ("heldout_mse", "heldout_mse_objects", "table_max_change", "train_seconds")})
@@ -553,7 +553,7 @@ def log_to_mlflow(out: Path, tracking_uri: str, experiment: str) -> int:
             grid = out / "grids" / f"{r['arm']}-lr{r['lr']:g}.png"
             if grid.exists() and r["seed"] == min(x["seed"] for x in _rows(out)):
                 mlflow.log_artifact(str(grid), "samples")
-    with mlflow.start_run(run_name="table"):
+    with mlflow.start_run(run_name=f"table-{out.name}"):
         mlflow.set_tag("arm", "summary")
         (out / "table.md").write_text(report(out))
         mlflow.log_artifact(str(out / "table.md"))
