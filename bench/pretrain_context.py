@@ -127,10 +127,13 @@ class Drawing:
         self.labels = [np.asarray([c for c, _ in items[i:i + args.chunk]]) for i in range(0, len(items), args.chunk)]
         self.workers, self.seconds_waited = workers, 0.0
 
-    def harvest(self, store: GrowingLatents, at_least: int = 0) -> int:
-        """Encode every finished task in order (waiting until `store` holds `at_least` rows)."""
+    def harvest(self, store: GrowingLatents, at_least: int = 0, at_most: int | None = None) -> int:
+        """Encode the finished tasks in order (waiting until `store` holds `at_least` rows), at most `at_most`
+        images: where drawing outpaces the codec (a CPU), "every finished task" never runs out and training
+        would never start."""
         added = 0
-        while self.pending and (self.pending[0].ready() or store.rows < at_least):
+        while self.pending and (self.pending[0].ready() or store.rows < at_least) and \
+                (at_most is None or added < at_most):
             t0 = time.perf_counter()
             images = self.pending.pop(0).get()
             self.seconds_waited += time.perf_counter() - t0
@@ -284,7 +287,7 @@ def main(argv=None) -> int:
         held = heldout_set(drawing, codec, args.heldout_per_class, k, device)
         init = write_new_model("DiT-T/4", str(scratch / "init.safetensors"), input_size=32, in_channels=4,
                                num_classes=k, seed=0, init_from=None if args.init == "new" else args.init)
-        drawing.harvest(store, at_least=args.initial_images)
+        drawing.harvest(store, at_least=args.initial_images, at_most=args.initial_images)
         t = store.table()
         c, hw = 4, t["moments"].shape[1] // 8
         meta = ShardMetadata(codec_id=codec.id, scale_factor=codec.scale_factor, resolution=SIZE,
@@ -318,7 +321,7 @@ def main(argv=None) -> int:
         write_table(out, result)
 
         def epoch_batches(epoch: int):
-            drawing.harvest(store)
+            drawing.harvest(store, at_most=max(args.chunk, store.rows // 2))  # the set grows <= 50 % an epoch
             result["images_drawn"] = store.rows
             return store(epoch)
 
