@@ -70,7 +70,9 @@ HELDOUT_EVERY = 7  # every 7th real frame of each scenario is held out of traini
 def recipe(method: str) -> list[str]:
     """The paper's recipe: driveditfit as the demo config has it; the others DiT's linear schedule (the
     method default) and a plain loss."""
-    return [] if method == "driveditfit" else ["--method.schedule", "null", "--method.lambda_obj", "1.0"]
+    if method == "driveditfit":  # the paper's progressive schedule, as recorded (the method default is now linear)
+        return ["--method.schedule", "progressive"]
+    return ["--method.schedule", "null", "--method.lambda_obj", "1.0"]
 
 
 # ----------------------------------------------------------------------------- data, once

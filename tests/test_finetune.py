@@ -109,7 +109,7 @@ def test_registered_bundle_equals_last_checkpoint(finished_run, tmp_path):
     bundle = load_bundle(local)
     assert bundle.info.extra["weights"] == "ema" and bundle.info.extra["step"] == TOTAL
     assert bundle.scenarios == SCENARIOS and bundle.info.method["name"] == "driveditfit"
-    assert bundle.info.schedule["kind"] == "progressive" and len(bundle.betas) == 1000
+    assert bundle.info.schedule["kind"] == "linear" and len(bundle.betas) == 1000
     merged = merge(load_dit(finished_run["base"]), bundle)
     assert merged.config.num_classes == len(SCENARIOS)
 

@@ -164,7 +164,7 @@ def test_config_lists_every_problem():
     with pytest.raises(ConfigError, match="unknown field"):
         validate_config(MethodConfig, {"nmae": "lora"})
     resolved = MethodConfig(name="driveditfit").resolve()
-    assert resolved.schedule == "progressive" and resolved.lr_multiplier == 1.0 and resolved.max_obj_weight == 4.0
+    assert resolved.schedule == "linear" and resolved.lr_multiplier == 1.0 and resolved.max_obj_weight == 4.0
     assert MethodConfig(name="difffit").resolve().lr_multiplier == 10.0
 
 
