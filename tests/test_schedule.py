@@ -45,9 +45,11 @@ def test_stage_switching_by_step():
 
 
 def test_build_schedule_defaults_per_method():
-    assert isinstance(build_schedule(MethodConfig(name="driveditfit"), 60), ProgressiveSchedule)
-    const = build_schedule(MethodConfig(name="bitfit"), 60)
-    assert type(const) is ConstantSchedule and const.stage_at(59) == 0
-    np.testing.assert_array_equal(const.final_betas(), np.linspace(1e-4, 0.02, 1000))
-    short = build_schedule(MethodConfig(name="driveditfit", num_stages=2, powers=[3]), 10)
+    # every method trains on DiT's linear schedule unless told otherwise (driveditfit too: BENCHMARKS' method table)
+    for name in ("driveditfit", "bitfit"):
+        const = build_schedule(MethodConfig(name=name), 60)
+        assert type(const) is ConstantSchedule and const.stage_at(59) == 0
+        np.testing.assert_array_equal(const.final_betas(), np.linspace(1e-4, 0.02, 1000))
+    assert isinstance(build_schedule(MethodConfig(name="driveditfit", schedule="progressive"), 60), ProgressiveSchedule)
+    short = build_schedule(MethodConfig(name="driveditfit", schedule="progressive", num_stages=2, powers=[3]), 10)
     assert short.num_stages == 2 and short.describe()["powers"] == [3.0]
