@@ -1,34 +1,40 @@
 """The shipped tiny DiT has learned its source domain: told the right class, it denoises the tiny-VAE
-latents of unseen object images better than when told any other class (a classifier read off the
-diffusion loss)."""
+latents of unseen images better than when told any other class (a classifier read off the diffusion
+loss). Its source domain is objects in context (drivedit/data/objects_in_context.py: each class standing
+on a ground plane under its sky); it still knows the isolated objects it was first trained on."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from drivedit.data.objects import CLASS_NAMES, render_object
+from drivedit.data.objects_in_context import render_in_context
 from drivedit.models.checkpoint import ASSETS_DIR, builtin_models, load_dit
 from drivedit.models.codec import load_codec
 from drivedit.train.semantic_init import denoise_scores
 
-# Measured on 56 unseen images (4 per class, seeds >= 10000; training used seeds 0..399) at 128 px,
-# encoded by the tiny VAE (posterior mean x scaling factor) and each scored alone by semantic init's
-# denoise_scores: the shipped model (3000 steps, warm-started from the 32 px pixel model's blocks) picks
-# the right class for 0.89 of them, a 500-step run of the same recipe (EMA 0.995) for 0.11; chance is 1/14.
-ACCURACY_FLOOR = 0.8
+# Measured on 56 unseen images (4 per class, seeds >= 10000; training drew seeds 0..89999) at 128 px, encoded
+# by the tiny VAE (posterior mean x scaling factor), each scored alone by semantic init's denoise_scores.
+# The shipped model (objects first, then 7,350 steps on objects in context on an H200) picks the right class
+# for 0.93 of the in-context images and 0.62 of the isolated objects; the earlier objects-only model scored
+# 0.18 and 0.89. Chance is 1/14 = 0.07.
+ACCURACY_FLOOR = {"in context": 0.85, "isolated objects": 0.5}
 TIMESTEPS = [100, 300, 500]
+RENDER = {"in context": render_in_context, "isolated objects": render_object}
 
 
-def test_shipped_tiny_model_knows_its_classes():
+@pytest.mark.parametrize("domain", list(RENDER))
+def test_shipped_tiny_model_knows_its_classes(domain):
     model = load_dit("builtin:tiny-dit").eval()
     cfg = model.config
     assert (cfg.depth, cfg.hidden_size, cfg.patch_size, cfg.input_size, cfg.in_channels, cfg.num_classes) == \
         (6, 96, 4, 32, 4, len(CLASS_NAMES))
     assert cfg.learn_sigma
     per_class = 4
-    images = np.stack([render_object(c, 128, 10_000 + 100 * c + i) for c in range(len(CLASS_NAMES))
+    images = np.stack([RENDER[domain](c, 128, 10_000 + 100 * c + i) for c in range(len(CLASS_NAMES))
                        for i in range(per_class)])  # (56, 128, 128, 3) uint8, never seen in training
     truth = torch.arange(len(CLASS_NAMES)).repeat_interleave(per_class)
     vae = load_codec("autoencoder_kl", "builtin:tiny-vae")
@@ -38,8 +44,9 @@ def test_shipped_tiny_model_knows_its_classes():
     predicted = torch.stack([denoise_scores(model, x[i:i + 1], len(CLASS_NAMES), TIMESTEPS, seed=i).argmin()
                              for i in range(len(x))])
     accuracy = (predicted == truth).float().mean().item()
-    assert accuracy >= ACCURACY_FLOOR, {CLASS_NAMES[c]: (predicted[truth == c] == c).float().mean().item()
-                                        for c in range(len(CLASS_NAMES))}
+    print(f"{domain}: accuracy {accuracy:.3f}")
+    assert accuracy >= ACCURACY_FLOOR[domain], {CLASS_NAMES[c]: (predicted[truth == c] == c).float().mean().item()
+                                                for c in range(len(CLASS_NAMES))}
 
 
 def test_shipped_formats_hold_the_same_weights():
