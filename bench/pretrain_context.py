@@ -12,6 +12,7 @@ Writes into --out, progressively (a killed run keeps every figure it measured):
   result.json   settings, step time, the loss curve, held-out loss and class accuracy per checkpoint
   table.md      the same as a short table, ratios to the baseline
   tiny-dit.pt   the EMA weights in the official DiT format (`drivedit export --official`), latest checkpoint
+  tiny-dit.safetensors  the same weights as drivedit's safetensors (what drivedit/assets/ ships)
   samples.jpg   class-conditional DDIM samples, one row per class, decoded by the tiny VAE (at the end)
   loss.png      the training loss curve (at the end)
 
@@ -330,11 +331,13 @@ def main(argv=None) -> int:
             with loop._bundle_weights() as model:
                 row = {"step": step, "train_loss": metrics.get("loss"), "seconds": time.perf_counter() - t_start,
                        "images_drawn": store.rows, **score(model, loop.schedule.diffusion_at(step - 1), held, k)}
-            with tempfile.TemporaryDirectory() as d:  # the bundle, then the official .pt, as `drivedit export`
+            with tempfile.TemporaryDirectory() as d:  # the bundle, then the two shipped formats, as `drivedit export`
                 loop._write_bundle(Path(d) / st.BUNDLE_DIR, metrics)
-                export_bundle(str(Path(d) / st.BUNDLE_DIR), official=str(scratch / "tiny-dit.pt"))
-            shutil.copyfile(scratch / "tiny-dit.pt", out / "tiny-dit.pt.partial")
-            os.replace(out / "tiny-dit.pt.partial", out / "tiny-dit.pt")
+                export_bundle(str(Path(d) / st.BUNDLE_DIR), official=str(scratch / "tiny-dit.pt"),
+                              safetensors=str(scratch / "tiny-dit.safetensors"))
+            for name in ("tiny-dit.pt", "tiny-dit.safetensors"):  # replaced whole: a kill never leaves half a file
+                shutil.copyfile(scratch / name, out / f"{name}.partial")
+                os.replace(out / f"{name}.partial", out / name)
             result["checkpoints"].append(row)
             result["steps_done"] = step
             write_table(out, result)
