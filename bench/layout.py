@@ -261,7 +261,8 @@ def main(argv=None) -> int:
     shared_args(ap)
     ap.add_argument("--layout-frames", type=int, default=24,
                     help="held-out frames whose layouts each branch renders under every scenario")
-    ap.add_argument("--layout-guidance", type=float, default=2.0)
+    ap.add_argument("--layout-guidance", type=float, default=2.0,
+                    help="2: what BENCHMARKS.md's tables recorded (the generate job's default is 4 since)")
     ap.add_argument("--time-steps", type=int, default=10, help="timed steps per model (median)")
     ap.add_argument("--time-warmup", type=int, default=2)
     ap.add_argument("--time-batch", type=int, default=16)

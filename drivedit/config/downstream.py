@@ -41,12 +41,12 @@ class SyntheticSection(StrictModel):
     """Step (2): labelled frames of the rare scenarios from the generate job (configs/demo/generate.yaml)."""
 
     mode: Literal["layouts", "transfer", "both"] = Field(
-        "transfer", description="`layouts`: the boxes of real common-scenario training frames rendered under each "
+        "layouts", description="`layouts`: the boxes of real common-scenario training frames rendered under each "
                                 "rare scenario (spec.layouts); `transfer`: those frames re-rendered into each rare "
                                 "scenario by SDEdit (spec.transfer); `both`: one dataset of each")
     per_scenario: int = Field(100, ge=1, description="generated frames per rare scenario (per mode)")
     strength: float = Field(0.5, gt=0, le=1, description="transfer: SDEdit strength")
-    layout_guidance: float = Field(2.0, ge=1, description="layouts: guidance on the layout")
+    layout_guidance: float = Field(4.0, ge=1, description="layouts: guidance on the layout")
     sampler: Literal["ddpm", "ddim"] = Field("ddpm", description="the generate job's sampler")
     sampler_steps: int = Field(25, ge=1, description="denoising steps (a transfer runs strength x steps of them)")
     guidance: float = Field(4.0, ge=1, description="guidance on the scenario")

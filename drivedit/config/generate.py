@@ -66,7 +66,8 @@ class LayoutsSection(StrictModel):
     variants: int = Field(1, ge=1, description="images per (source frame, scenario), each with its own seed")
     limit: int | None = Field(None, ge=1, description="use only the first `limit` source frames (in source order)")
     layout_guidance: float = Field(
-        2.0, ge=1.0, description="guidance on the layout (1: none), on top of sampler.guidance on the scenario")
+        4.0, ge=1.0, description="guidance on the layout (1: none), on top of sampler.guidance on the scenario; 4 "
+                                 "holds the boxes best at no cost in condition accuracy (BENCHMARKS.md, layout branches)")
 
 
 class TransferSection(StrictModel):

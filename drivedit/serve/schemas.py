@@ -47,8 +47,9 @@ class LayoutIn(SampleRequestBase):
     width: int = Field(..., ge=1, le=65536, description="width of the image the boxes are drawn on, in pixels")
     height: int = Field(..., ge=1, le=65536, description="height of that image")
     boxes: list[LayoutBox] = Field(..., max_length=512, description="the boxes (may be empty: a scene without objects)")
-    guidance: float = Field(2.0, ge=1.0, le=20.0, allow_inf_nan=False,
-                            description="guidance on the layout (1 = none), on top of `guidance` on the scenario")
+    guidance: float = Field(4.0, ge=1.0, le=20.0, allow_inf_nan=False,
+                            description="guidance on the layout (1 = none), on top of `guidance` on the scenario "
+                                        "(the generate job's default, BENCHMARKS.md)")
 
 
 def request_model(cfg: ServeApp, scenarios: list[str]) -> type[SampleRequestBase]:
