@@ -1,7 +1,7 @@
 """Which base makes the demo's samples look like scenes? Two (or more) DiT-T/4 bases, one recipe.
 
 Each base is fine-tuned on the same demo shards with the demo's own job (configs/demo/finetune.yaml:
-driveditfit, semantic init, progressive schedule), in-process through `drivedit.train.inprocess`
+driveditfit, its default scenario init and schedule), in-process through `drivedit.train.inprocess`
 (no Ray: the arms differ only by the base), for the same steps and seeds; then each samples the same
 seeds per scenario (DDPM with the learned variance, as the demo's generate job), decoded by the tiny VAE,
 and is scored against the real frames by the classifier-free scene check (eval/scene_check.py) and by

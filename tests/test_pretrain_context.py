@@ -2,23 +2,19 @@
 writes the two shipped formats of one model, and its held-out figures, every one measured."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
 from drivedit.models.checkpoint import load_dit
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def test_dry_run_writes_the_shipped_formats_and_its_scores(tmp_path):
-    spec = importlib.util.spec_from_file_location("pretrain_context", ROOT / "bench" / "pretrain_context.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from bench import pretrain_context
+
     out = tmp_path / "ctx"
-    assert bench.main(["--out", str(out), "--dry-run", "--device", "cpu", "--max-images", "224", "--threads", "1"]) == 0
+    argv = ["--out", str(out), "--dry-run", "--device", "cpu", "--max-images", "224", "--threads", "1"]
+    assert pretrain_context.main(argv) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["steps_done"] == result["total_steps"] == 6  # the dry run's max_steps
     assert [c["step"] for c in result["checkpoints"]][-1] == 6
