@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     counts = ["--spec.counts", json.dumps({t: args.frames for t in args.targets})]
     try:
         real_data(out, args)
-        runs = {kind: finetune(kind, out, args) for kind in dict.fromkeys(k for _, k, _ in arms(args))}  # finished: reused
+        kinds = dict.fromkeys(k for _, k, _ in arms(args))
+        runs = {kind: finetune(kind, out, args) for kind in kinds}  # a finished run is returned as it is
         sources = source_subset(out, args.frames)
         plain = {kind: generate(ft, out, "plain" if kind == "plain" else f"{kind}-plain", counts, args)
                  for kind, ft in runs.items()}
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
         print(f"{r['arm']:<14}{r['strength']:>5.2f}{r['survival']:>10.3f}{r['ap50_transferred']:>8.3f}"
               f"{r['condition_accuracy']:>10.3f}{(r['vs_plain'] or float('nan')):>9.2f}")
     for arm, _, _ in arms(args):
-        ok = [r["strength"] for r in rows if r["arm"] == arm and r["survival"] >= 0.9 and r["condition_accuracy"] >= 0.8]
+        ok = [r["strength"] for r in rows
+              if r["arm"] == arm and r["survival"] >= 0.9 and r["condition_accuracy"] >= 0.8]
         print(f"{arm}: goal (survival >= 0.9 where condition accuracy >= 0.8) "
               f"{'met at s = ' + str(ok) if ok else 'missed'}")
     print(f"{result['seconds']:.0f} s; written to {out / name}")

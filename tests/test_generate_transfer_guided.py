@@ -110,7 +110,8 @@ def test_segmentation_branch_reads_the_source_mask_and_ignore_elsewhere(bundles,
     seg = layout[:, k:]  # one-hot train ids; a cell of "ignore" is all zero
     road, car = seg[:2, 0], seg[:2, SEGMENTATION_CLASSES.index("car")]  # frame a's mask: road left, car right
     assert torch.equal(seg[:2].sum(1), torch.ones(2, RES, RES))
-    assert (car[:, :, -1] == 1).all() and (road[:, :, 0] == 1).all() and torch.equal(car + road, torch.ones(2, RES, RES))
+    assert (car[:, :, -1] == 1).all() and (road[:, :, 0] == 1).all()
+    assert torch.equal(car + road, torch.ones(2, RES, RES))
     assert seg[2:].sum() == 0  # frames b and c have no mask: ignore everywhere
 
 

@@ -90,7 +90,7 @@ class TransferSection(StrictModel):
     layout_guidance: float | None = Field(
         None, ge=1.0, description="with a model that has a layout branch: steer the denoising with the branch on "
                                   "each source frame's own carried boxes (and mask, if the branch reads "
-                                  "segmentation), with this guidance on the layout as spec.layouts does (1: the "
+                                  "segmentation), with this guidance (>= 1) on the layout as spec.layouts does (1: the "
                                   "branch on, unguided; 4 as spec.layouts). null: plain SDEdit, the branch silent. "
                                   "A model without a branch refuses it")
 
