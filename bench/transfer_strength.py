@@ -12,7 +12,13 @@ bench/layout.py fine-tunes on the demo's data (this script trains it, or reuses 
   assigns to the target; the baseline, in the same run, is plain sampling of the same targets (`spec.counts`,
   same seeds, sampler and guidance), whose accuracy each strength's is divided by.
 
+Layout-guided transfer (`--model light --layout-guidance 4`): the same strengths by a model with a layout branch
+(bench/layout.py's `light` or `controlnet` run), steered by the branch on each source frame's carried boxes
+(`spec.transfer.layout_guidance`). Every run also scores the named baselines in the same process: plain SDEdit by
+the layout-free model (arm `plain`) and, with --model, by the branch model with its branch silent.
+
     nice -n 5 python bench/transfer_strength.py --out runs/bench-layout --reuse    # after bench/layout.py
+    nice -n 5 python bench/transfer_strength.py --out runs/bench-layout --reuse --model light --layout-guidance 4
     python bench/transfer_strength.py --strengths 0.2 0.6 1.0 --frames 12           # a quick look
 """
 from __future__ import annotations
@@ -29,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from bench.layout import (EXPERIMENT, detector, detector_scores, finetune, real_data, shared_args,  # noqa: E402
-                          start)
+from bench.layout import (EXPERIMENT, KINDS, detector, detector_scores, finetune, real_data,  # noqa: E402
+                          shared_args, start)
 from drivedit.demo import DEMO_CONFIGS  # noqa: E402
 
 
@@ -76,59 +82,92 @@ def condition_accuracy(out: Path, folder: Path, args) -> tuple[float, float]:
     return report["overall"]["condition_accuracy"], report["classifier"]["heldout_accuracy"]
 
 
+def arms(args) -> list[tuple[str, str, float | None]]:
+    """(arm name, fine-tuning run, layout guidance or None): the layout-free baseline first, then, with --model,
+    the branch model's plain SDEdit and its guided transfers. Arm `plain`'s folders keep their old names."""
+    out = [("plain", "plain", None)]
+    if args.model != "plain":
+        out.append((args.model, args.model, None))
+        out += [(f"{args.model}-lg{g:g}", args.model, g) for g in args.layout_guidance]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     shared_args(ap)
     ap.add_argument("--strengths", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
     ap.add_argument("--targets", nargs="+", default=["rainy", "snowy", "night"])
     ap.add_argument("--frames", type=int, default=24, help="held-out source frames (each into every target)")
+    ap.add_argument("--model", choices=KINDS, default="plain",
+                    help="the fine-tuning run (bench/layout.py's) whose transfers are measured beside the layout-free "
+                         "baseline: a layout-branch model (light, controlnet) with --layout-guidance")
+    ap.add_argument("--layout-guidance", type=float, nargs="*", default=[],
+                    help="spec.transfer.layout_guidance values to measure with --model's layout branch")
     ap.add_argument("--generate-only", action="store_true",
                     help="stop after generating (e.g. while bench/layout.py still trains the detector this reuses)")
     args = ap.parse_args(argv)
+    if args.layout_guidance and args.model == "plain":
+        ap.error("--layout-guidance needs --model light or controlnet (the layout-free model has no branch)")
     import ray
 
     from drivedit.eval.survival import label_survival_from_scores
 
     out, t0 = start(args)
+    counts = ["--spec.counts", json.dumps({t: args.frames for t in args.targets})]
     try:
         real_data(out, args)
-        ft = finetune("plain", out, args)  # a finished run is returned as it is
+        kinds = dict.fromkeys(k for _, k, _ in arms(args))
+        runs = {kind: finetune(kind, out, args) for kind in kinds}  # a finished run is returned as it is
         sources = source_subset(out, args.frames)
-        plain = generate(ft, out, "plain", ["--spec.counts", json.dumps({t: args.frames for t in args.targets})], args)
-        folders = {s: generate(ft, out, f"s{s:g}", ["--spec.transfer", json.dumps(
-            {"source": str(sources), "targets": args.targets, "strength": s})], args) for s in args.strengths}
+        plain = {kind: generate(ft, out, "plain" if kind == "plain" else f"{kind}-plain", counts, args)
+                 for kind, ft in runs.items()}
+        folders = {}
+        for arm, kind, lg in arms(args):
+            for s in args.strengths:
+                spec = {"source": str(sources), "targets": args.targets, "strength": s,
+                        **({"layout_guidance": lg} if lg is not None else {})}
+                name = f"s{s:g}" if arm == "plain" else f"{arm}-s{s:g}"
+                folders[arm, s] = generate(runs[kind], out, name, ["--spec.transfer", json.dumps(spec)], args)
         if args.generate_only:
-            print(f"generated {len(folders)} transferred sets and the plain one under {out / 'transfer'}; rerun "
-                  f"with --reuse to score them")
+            print(f"generated {len(folders)} transferred sets and {len(plain)} plain ones under {out / 'transfer'}; "
+                  f"rerun with --reuse to score them")
             return 0
         det = detector(out, args)
         original_scores = detector_scores(det, sources, out)
-        transferred = {s: (folder, detector_scores(det, folder, out)) for s, folder in folders.items()}
+        transferred = {key: (folder, detector_scores(det, folder, out)) for key, folder in folders.items()}
     finally:
         ray.shutdown()
-    base, heldout = condition_accuracy(out, plain, args)
+    base = {}
+    for kind, folder in plain.items():
+        base[kind], heldout = condition_accuracy(out, folder, args)
     rows = []
-    for s, (folder, scores) in transferred.items():
+    for (arm, s), (folder, scores) in transferred.items():
+        kind, lg = next((k, g) for a, k, g in arms(args) if a == arm)
         sv = label_survival_from_scores(scores, original_scores)
         acc, _ = condition_accuracy(out, folder, args)
-        rows.append({"strength": s, "condition_accuracy": acc, "vs_plain": acc / base if base > 0 else None,
-                     "survival": sv["survival"], "ap50_transferred": sv["ap50_transferred"],
-                     "ap50_original": sv["ap50_original"]})
+        rows.append({"arm": arm, "model": kind, "layout_guidance": lg, "strength": s, "condition_accuracy": acc,
+                     "vs_plain": acc / base[kind] if base[kind] > 0 else None, "survival": sv["survival"],
+                     "ap50_transferred": sv["ap50_transferred"], "ap50_original": sv["ap50_original"]})
     result = {"command": "python bench/transfer_strength.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "frames": args.frames, "targets": args.targets, "plain_condition_accuracy": base,
-              "classifier_heldout_accuracy": heldout, "model": ft["bundle_uri"],
+              "classifier_heldout_accuracy": heldout, "models": {k: ft["bundle_uri"] for k, ft in runs.items()},
               "detector": det["detector_uri"], "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "transfer_strength.json").write_text(json.dumps(result, indent=2, default=str))
+    name = "transfer_strength.json" if args.model == "plain" else f"transfer_strength-{args.model}.json"
+    (out / name).write_text(json.dumps(result, indent=2, default=str))
     print(f"\n{args.frames} held-out frames x targets {', '.join(args.targets)}; DDIM {args.sampler_steps} steps, "
           f"guidance {args.guidance}; classifier held-out accuracy {heldout:.3f}; detector AP50 on the "
-          f"originals {rows[0]['ap50_original']:.3f}; plain sampling of the targets: condition accuracy {base:.3f}")
-    print(f"{'s':>5}{'survival':>10}{'AP50':>8}{'cond.acc':>10}{'/ plain':>9}")
+          f"originals {rows[0]['ap50_original']:.3f}; plain sampling of the targets: condition accuracy "
+          + ", ".join(f"{base[k]:.3f} ({k})" for k in base))
+    print(f"{'arm':<14}{'s':>5}{'survival':>10}{'AP50':>8}{'cond.acc':>10}{'/ plain':>9}")
     for r in rows:
-        print(f"{r['strength']:>5.2f}{r['survival']:>10.3f}{r['ap50_transferred']:>8.3f}{r['condition_accuracy']:>10.3f}"
-              f"{(r['vs_plain'] or float('nan')):>9.2f}")
-    ok = [r["strength"] for r in rows if r["survival"] >= 0.9 and r["condition_accuracy"] >= 0.8]
-    print(f"goal (survival >= 0.9 where condition accuracy >= 0.8): {'met at s = ' + str(ok) if ok else 'missed'}; "
-          f"{result['seconds']:.0f} s; written to {out / 'transfer_strength.json'}")
+        print(f"{r['arm']:<14}{r['strength']:>5.2f}{r['survival']:>10.3f}{r['ap50_transferred']:>8.3f}"
+              f"{r['condition_accuracy']:>10.3f}{(r['vs_plain'] or float('nan')):>9.2f}")
+    for arm, _, _ in arms(args):
+        ok = [r["strength"] for r in rows
+              if r["arm"] == arm and r["survival"] >= 0.9 and r["condition_accuracy"] >= 0.8]
+        print(f"{arm}: goal (survival >= 0.9 where condition accuracy >= 0.8) "
+              f"{'met at s = ' + str(ok) if ok else 'missed'}")
+    print(f"{result['seconds']:.0f} s; written to {out / name}")
     return 0
 
 

@@ -87,6 +87,12 @@ class TransferSection(StrictModel):
         0.6, description="SDEdit strength s in (0, 1]: the source latent is noised to t = s * T and denoised "
                          "under the target; low s keeps the frame (and its labels), high s follows the target")
     max_frames: int | None = Field(None, ge=1, description="use only the first N labelled source frames")
+    layout_guidance: float | None = Field(
+        None, ge=1.0, description="with a model that has a layout branch: steer the denoising with the branch on "
+                                  "each source frame's own carried boxes (and mask, if the branch reads "
+                                  "segmentation), with this guidance (>= 1) on the layout as spec.layouts does (1: the "
+                                  "branch on, unguided; 4 as spec.layouts). null: plain SDEdit, the branch silent. "
+                                  "A model without a branch refuses it")
 
 
 class SpecSection(StrictModel):

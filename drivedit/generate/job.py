@@ -158,7 +158,8 @@ def prepare(job: GenerateJob) -> Prepared:
     if job.spec.layouts is not None:
         plan, layouts = _layout_plan(job, sm)
     elif job.spec.transfer is not None:
-        plan = plan_transfer(job, sm.scenarios)
+        branch = getattr(sm.model, "layout_branch", None)
+        plan = plan_transfer(job, sm.scenarios, branch.spec if branch is not None else None, sm.version)
     else:
         counts = resolve_counts(job.spec, sm.scenarios, existing)
         plan = plan_items(counts, job.spec.base_seed, job.spec.shard_size)

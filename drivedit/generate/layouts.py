@@ -164,6 +164,18 @@ def layout_maps(items: list[dict], num_categories: int, grid: int) -> torch.Tens
     return torch.from_numpy(np.stack(maps).astype(np.float32))
 
 
+def branch_input(items: list[dict], segmentation: torch.Tensor | None, spec, grid: int) -> torch.Tensor:
+    """A layout branch's input for items with normalised `boxes` in the branch's category ids: (N, K, grid, grid)
+    box maps, plus segmentation (N, grid, grid) train ids one-hot when the branch (`spec`) reads it -> (N, K_in,
+    grid, grid) float32."""
+    from drivedit.models.control import layout_input
+
+    layout = layout_maps(items, len(spec.box_categories), grid)  # (N, K, grid, grid)
+    if not spec.uses_segmentation:
+        return layout
+    return layout_input(layout, segmentation, len(spec.segmentation_classes))  # (N, K + S, grid, grid)
+
+
 def layout_segmentation(items: list[dict], resolution: int, grid: int) -> tuple[torch.Tensor, list[np.ndarray | None]]:
     """The items' segmentation: ((N, grid, grid) train ids for the branch, per item its (res, res) mask or None)."""
     grids, masks = [], []

@@ -9,6 +9,13 @@
 Items are frame-major: frame f into target j is item f * len(targets) + j, seed base_seed + index,
 so every generation rule (shards, resume, byte-identical reruns) holds unchanged. The plan carries each
 item's source (image URI, boxes in source pixels, mask URI), so sampler actors read nothing but images.
+
+Layout-guided transfer (`spec.transfer.layout_guidance`, a model with a layout branch): the denoising is
+conditioned on the very boxes the output carries (placed as above, rasterised on the latent grid as
+spec.layouts does; categories the branch does not know are left out of the layout but still labelled)
+and, for a branch that reads segmentation, on the frame's cropped mask (none: "ignore everywhere"), with
+guidance on the layout as spec.layouts (`generate/sampler.py`). Plain SDEdit rewrites the whole scene at
+the strengths that change the scenario; the branch holds the objects where the labels say they are.
 """
 from __future__ import annotations
 
@@ -20,9 +27,9 @@ import numpy as np
 import torch
 
 from drivedit import storage
-from drivedit.data.bdd100k import Box, LabelFileError, SourceFrames
+from drivedit.data.bdd100k import SEGMENTATION_CLASSES, Box, LabelFileError, SourceFrames
 from drivedit.data.encode_stages import decode_and_crop, read_image_bytes
-from drivedit.data.layout import crop_segmentation, place_boxes
+from drivedit.data.layout import crop_segmentation, empty_segmentation, place_boxes, segmentation_to_grid
 from drivedit.data.sources import read_source
 from drivedit.generate.spec import ShardedItems, SpecError
 
@@ -42,10 +49,29 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:MAX_LISTED]) + more
 
 
-def transfer_problems(section, vocabulary: list[str], source: SourceFrames | None, read_error: str | None
-                      ) -> list[str]:
-    """Every reason `section` cannot run against a model with `vocabulary`: strength, targets, the source."""
-    problems = []
+def guidance_problems(section, branch_spec, model_version: str) -> list[str]:
+    """Why `section.layout_guidance` cannot steer this model: it has no layout branch, or its branch reads
+    segmentation over classes other than BDD100K's (the masks transfer crops from its sources)."""
+    if section.layout_guidance is None:
+        return []
+    if branch_spec is None:
+        return [f"spec.transfer.layout_guidance is {section.layout_guidance:g} but {model_version} has no layout "
+                f"branch to steer with; leave spec.transfer.layout_guidance out (null) for plain SDEdit, or use a "
+                f"bundle fine-tuned with layout.kind controlnet or light"]
+    seg = list(branch_spec.segmentation_classes)
+    if seg and seg != list(SEGMENTATION_CLASSES):
+        return [f"spec.transfer.layout_guidance: the layout branch of {model_version} reads segmentation over "
+                f"{len(seg)} classes that are not BDD100K's {len(SEGMENTATION_CLASSES)}, so a source frame's mask "
+                f"cannot condition it; leave spec.transfer.layout_guidance out, or use a branch trained on "
+                f"BDD100K's classes"]
+    return []
+
+
+def transfer_problems(section, vocabulary: list[str], source: SourceFrames | None, read_error: str | None,
+                      branch_spec=None, model_version: str = "the model") -> list[str]:
+    """Every reason `section` cannot run against a model with `vocabulary` (and layout branch `branch_spec`, or
+    None): strength, targets, layout guidance, the source."""
+    problems = guidance_problems(section, branch_spec, model_version)
     s = section.strength
     if not (isinstance(s, (int, float)) and 0.0 < s <= 1.0):
         problems.append(f"spec.transfer.strength must lie in (0, 1] (the fraction of the noise schedule the source "
@@ -67,6 +93,12 @@ def transfer_problems(section, vocabulary: list[str], source: SourceFrames | Non
     elif not any(f.boxes for f in frames):
         problems.append(f"spec.transfer.source: {source.source} has no box2d labels on any of its {len(frames)} "
                         f"frames; transfer carries a frame's labels over, so give a labelled dataset")
+    elif section.layout_guidance is not None and branch_spec is not None:
+        have = sorted({b.category for f in frames for b in f.boxes})
+        if not set(have) & set(branch_spec.box_categories):
+            problems.append(f"spec.transfer.layout_guidance: none of the source's box categories ({', '.join(have)}) "
+                            f"is one the layout branch knows ({', '.join(branch_spec.box_categories)}), so it would "
+                            f"steer with empty layouts; leave spec.transfer.layout_guidance out for plain SDEdit")
     broken = [f"{f.name} ({'; '.join(f.broken_boxes)})" for f in frames if f.broken_boxes]
     if broken:
         problems.append(f"spec.transfer.source: {len(broken)} frame(s) with unusable boxes: {_listed(broken)}; "
@@ -104,6 +136,8 @@ class TransferPlan(ShardedItems):
     strength: float
     base_seed: int
     shard_size: int
+    layout_guidance: float | None = None  # None: plain SDEdit
+    branch: dict | None = None  # guided: what of the branch decides its input (box categories, segmentation)
 
     @property
     def num_items(self) -> int:
@@ -123,24 +157,32 @@ class TransferPlan(ShardedItems):
     def document(self) -> dict:
         """What of the source decides the dataset: strength, targets, and a digest of the frames' labels."""
         digest = hashlib.sha256(json.dumps(self.records, sort_keys=True).encode()).hexdigest()
-        return {"strength": float(self.strength), "targets": self.targets, "num_frames": len(self.records),
-                "frames_sha256": digest}
+        document = {"strength": float(self.strength), "targets": self.targets, "num_frames": len(self.records),
+                    "frames_sha256": digest}
+        if self.layout_guidance is not None:  # only then: unguided datasets keep the hashes they had
+            document.update(layout_guidance=float(self.layout_guidance), branch=self.branch)
+        return document
 
 
-def plan_transfer(job, vocabulary: list[str]):
-    """Read and check the source, then plan. Raises SpecError listing every problem at once."""
+def plan_transfer(job, vocabulary: list[str], branch_spec=None, model_version: str = "the model"):
+    """Read and check the source, then plan (`branch_spec`: the model's layout branch's LayoutSpec, or None).
+    Raises SpecError listing every problem at once."""
     section = job.spec.transfer
     source, read_error = None, None
     try:
         source = read_transfer_source(section)
     except (LabelFileError, FileNotFoundError, ValueError) as e:
         read_error = str(e)
-    problems = transfer_problems(section, vocabulary, source, read_error)
+    problems = transfer_problems(section, vocabulary, source, read_error, branch_spec, model_version)
     if problems:
         raise SpecError(problems)
+    guided = section.layout_guidance is not None
+    branch = ({"box_categories": list(branch_spec.box_categories),
+               "segmentation_classes": list(branch_spec.segmentation_classes)} if guided else None)
     return TransferPlan(records=source_records(section, source), targets=list(section.targets),
                         scenarios=[s for s in vocabulary if s in section.targets], strength=float(section.strength),
-                        base_seed=job.spec.base_seed, shard_size=job.spec.shard_size)
+                        base_seed=job.spec.base_seed, shard_size=job.spec.shard_size,
+                        layout_guidance=float(section.layout_guidance) if guided else None, branch=branch)
 
 
 # ----------------------------------------------------------------------------- on the sampler actor
@@ -171,6 +213,24 @@ def encode_sources(codec, images: np.ndarray, device) -> torch.Tensor:
     moments = codec.encode(x)  # (N, 2C, h, w)
     mean = moments.float().chunk(2, dim=1)[0]
     return mean * float(codec.scale_factor)
+
+
+def source_layout(boxes: list[list[dict]], masks: list[np.ndarray | None], branch_spec, resolution: int,
+                  grid: int) -> torch.Tensor:
+    """A guided transfer's branch input -> (n, K_in, grid, grid) float32: per item, the boxes `load_source` kept
+    (crop pixels of `resolution`, the labels the output carries; categories the branch does not know are left
+    out) rasterised as spec.layouts does, and, for a branch that reads segmentation, its (res, res) mask on
+    the latent grid (no mask: ignore everywhere, as training saw such frames)."""
+    from drivedit.generate.layouts import branch_input
+
+    ids = {name: k for k, name in enumerate(branch_spec.box_categories)}
+    items = [{"boxes": [[ids[b["category"]], *(v / resolution for v in b["box2d"])]  # [0, 1] of the crop
+                        for b in item_boxes if b["category"] in ids]} for item_boxes in boxes]
+    cells = None
+    if branch_spec.uses_segmentation:
+        cells = torch.from_numpy(np.stack([segmentation_to_grid(m, grid) if m is not None else empty_segmentation(grid)
+                                           for m in masks]).astype(np.int64))  # (n, grid, grid)
+    return branch_input(items, cells, branch_spec, grid)
 
 
 # ----------------------------------------------------------------------------- on the writer

@@ -22,12 +22,21 @@ from drivedit.generate.images import decode_to_uint8
 from drivedit.generate.writer import limit_threads
 
 
+def layout_guidance(job: GenerateJob) -> float | None:
+    """The guidance on the layout of a job whose items condition the layout branch (spec.layouts, or a transfer
+    with spec.transfer.layout_guidance), or None when the branch stays silent."""
+    if job.spec.layouts is not None:
+        return job.spec.layouts.layout_guidance
+    if job.spec.transfer is not None:
+        return job.spec.transfer.layout_guidance
+    return None
+
+
 def sampler_settings(job: GenerateJob) -> SamplerSettings:
     s = job.sampler
-    layouts = job.spec.layouts
+    guidance = layout_guidance(job)
     return SamplerSettings(sampler=s.sampler, steps=s.steps, guidance=s.guidance, guidance_kind=s.guidance_kind,
-                           guide_channels=s.guide_channels,
-                           layout_guidance=layouts.layout_guidance if layouts is not None else 1.0)
+                           guide_channels=s.guide_channels, layout_guidance=1.0 if guidance is None else guidance)
 
 
 def _device(job: GenerateJob) -> torch.device:
@@ -55,6 +64,8 @@ class ShardSampler:
         self.sampler = DiTSampler(self.sm.model, betas=self.sm.betas, device=self.device, amp_dtype=amp,
                                   clip_x0=sample_clip_range(self.sm.codec_kind))
         self.settings = sampler_settings(self.job)
+        # a guided transfer feeds the branch each source frame's carried boxes (and mask)
+        self.guided_transfer = self.job.spec.transfer is not None and layout_guidance(self.job) is not None
         self.codec = self.sm.load_codec(self.device) if self.job.output.decode_on == "actor" else None
         self.source_codec = None  # loaded on the first transfer item
         self.labels: dict[int, dict] = {}  # transfer items' carried labels, by index, until their shard is sent
@@ -70,13 +81,14 @@ class ShardSampler:
                                   device=self.device)  # (n,)
             seeds = [int(it["seed"]) for it in chunk]
             uncond = self.sm.superclass_of(labels) if self.settings.guidance_kind == "superclass" else None
-            layout = None
+            layout, init, strength = None, None, 1.0
             if "source_frame" in chunk[0]:  # spec.layouts: the frame's boxes (and segmentation) on the latent grid
                 layout = self.layout_of(chunk)  # (n, K_in, h, w)
-            init, strength = None, 1.0
             if "source" in chunk[0]:  # condition transfer: SDEdit from the source frames' latents
                 init = self.source_latents(chunk)  # (n, C, h, w)
                 strength = float(chunk[0]["strength"])
+                if self.guided_transfer:  # the boxes just carried over, as the branch's layout
+                    layout = self.transfer_layout(chunk)  # (n, K_in, h, w)
             latents = self.sampler.sample(labels, seeds, self.settings, uncond_labels=uncond, layout=layout,
                                           init_latents=init, strength=strength)  # (n, C, h, w)
             out.append(latents.float())
@@ -85,18 +97,25 @@ class ShardSampler:
     def layout_of(self, items: list[dict]) -> torch.Tensor:
         """The branch's input (n, K_in, h, w) for layout items; a branch that reads segmentation gets each
         frame's, and the frame's mask is kept for the writer."""
-        from drivedit.generate.layouts import layout_maps, layout_segmentation
-        from drivedit.models.control import layout_input
+        from drivedit.generate.layouts import branch_input, layout_segmentation
 
         spec = self.sm.model.layout_branch.spec
         grid = self.sm.model.config.input_size
-        layout = layout_maps(items, len(spec.box_categories), grid)  # (n, K, h, w)
-        if not spec.uses_segmentation:
-            return layout
-        cells, masks = layout_segmentation(items, self.sm.image_size, grid)  # (n, h, w), [(res, res) | None]
-        for it, mask in zip(items, masks):
-            self.labels[it["index"]] = {"boxes": None, "mask": mask}
-        return layout_input(layout, cells, len(spec.segmentation_classes))  # (n, K + S, h, w)
+        cells = None
+        if spec.uses_segmentation:
+            cells, masks = layout_segmentation(items, self.sm.image_size, grid)  # (n, h, w), [(res, res) | None]
+            for it, mask in zip(items, masks):
+                self.labels[it["index"]] = {"boxes": None, "mask": mask}
+        return branch_input(items, cells, spec, grid)  # (n, K_in, h, w)
+
+    def transfer_layout(self, items: list[dict]) -> torch.Tensor:
+        """The branch's input (n, K_in, h, w) for transfer items whose sources `source_latents` has loaded: the
+        boxes (and mask) each item carries to its output."""
+        from drivedit.generate.transfer import source_layout
+
+        kept = [self.labels[it["index"]] for it in items]
+        return source_layout([k["boxes"] for k in kept], [k["mask"] for k in kept], self.sm.model.layout_branch.spec,
+                             self.sm.image_size, self.sm.model.config.input_size)
 
     def source_latents(self, items: list[dict]) -> torch.Tensor:
         """Latents (n, C, h, w) of transfer items' source frames; their labels are kept for the writer."""
