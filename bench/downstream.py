@@ -153,7 +153,8 @@ def arm_name(cfg: DownstreamBench, arm: str, seed: int) -> str:
         return f"real-seed{seed}"
     modes = ["layouts", "transfer"] if cfg.synthetic.mode == "both" else [cfg.synthetic.mode]
     data = "_".join(synthetic_name(cfg, m)[len("synthetic-"):] for m in modes)
-    return f"mixed-{data}-x{cfg.detector.synthetic_per_step}-seed{seed}"
+    ignore = f"-ign{cfg.detector.synthetic_ignore_under:g}" if cfg.detector.synthetic_ignore_under else ""
+    return f"mixed-{data}-x{cfg.detector.synthetic_per_step}{ignore}-seed{seed}"
 
 
 def _count_frames(uri: str) -> int:
@@ -172,7 +173,8 @@ def detect_job(cfg: DownstreamBench, out: Path, arm: str, seed: int, synthetic: 
     d = cfg.detector
     train = [{"uri": str(out / "scenes"), "per_step": d.real_per_step}]
     if arm == "mixed":
-        train += [{"uri": s["uri"], "per_step": d.synthetic_per_step // len(synthetic)} for s in synthetic]
+        train += [{"uri": s["uri"], "per_step": d.synthetic_per_step // len(synthetic),
+                   "ignore_under": d.synthetic_ignore_under} for s in synthetic]
     return load_config(DetectJob, DEMO_CONFIGS / "detect.yaml", [
         "--data.train", json.dumps(train), "--data.val", str(out / "heldout"),
         "--data.categories", json.dumps(d.categories),
@@ -230,7 +232,9 @@ def _setup_line(cfg: DownstreamBench, summary: dict) -> str:
             f" held out: {sc['heldout_frames']} ({s.heldout_per_scenario} per scenario). Synthetic: {synth} frames of "
             f"{', '.join(s.rare)} by {how}, {y.sampler.upper()} {y.sampler_steps} steps, guidance {y.guidance:g}; "
             f"generator fine-tuned {cfg.generator.steps} steps with a {cfg.generator.layout_kind} layout branch; "
-            f"detector: {', '.join(cfg.detector.categories)}, {cfg.detector.steps} steps.")
+            f"detector: {', '.join(cfg.detector.categories)}, {cfg.detector.steps} steps"
+            + (f"; synthetic boxes under {cfg.detector.synthetic_ignore_under:g} px are ignore regions"
+               if cfg.detector.synthetic_ignore_under else "") + ".")
 
 
 def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict, tracking_uri: str) -> str:

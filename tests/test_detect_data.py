@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from drivedit.config.base import ConfigError
-from drivedit.detect.dataset import BoxReport, FrameStore, WeightedMix, fit_boxes, read_frames, to_batch
+from drivedit.detect.dataset import BoxReport, DetItem, FrameStore, WeightedMix, fit_boxes, read_frames, to_batch
 from detect_support import job_dict
 
 
@@ -56,9 +56,11 @@ def test_boxes_outside_the_image_are_clipped_or_dropped_and_counted():
 def test_flip_mirrors_image_and_boxes():
     img = np.zeros((8, 8, 3), np.uint8)
     img[:, 1] = 255  # a bright column at x = 1
-    x, targets = to_batch([(img, np.array([[1, 2, 3, 6]], np.float32), np.array([1]))], np.array([True]))
+    item = DetItem(img, np.array([[1, 2, 3, 6]], np.float32), np.array([1]), np.array([[0, 0, 2, 1]], np.float32))
+    x, targets = to_batch([item], np.array([True]))
     assert x.shape == (1, 3, 8, 8) and float(x[0, 0, 0, 6]) == 1.0 and float(x[0, 0, 0, 1]) == 0.0
     assert targets[0]["boxes"].tolist() == [[5.0, 2.0, 7.0, 6.0]]
+    assert targets[0]["ignore_boxes"].tolist() == [[6.0, 0.0, 8.0, 1.0]]  # the ignore regions mirror with them
 
 
 def test_weighted_mix_draws_each_dataset_by_weight():
@@ -141,7 +143,7 @@ def test_unknown_categories_and_boxes_outside_the_image_are_reported_and_trainin
     torch.set_num_threads(2)
     DetectLoop(plan.job, DetectContext(run_dir=plan.run_dir),
                Edges(0, 1, torch.device("cpu"), None, report, lambda m, ignore: m)).run()
-    counted = {"clipped_boxes": 1, "dropped_outside_boxes": 1, "corrupt_images": []}
+    counted = {"clipped_boxes": 1, "dropped_outside_boxes": 1, "ignored_small_boxes": 0, "corrupt_images": []}
     assert seen["meta"]["step"] == 2 and seen["meta"]["train_report"] == counted
     assert seen["scores"]["skipped"] == counted and seen["scores"]["num_boxes"]["all"] == 2  # the kept two
 

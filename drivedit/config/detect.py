@@ -26,6 +26,12 @@ class TrainSource(StrictModel):
                                 "workers) come from this dataset, drawn from its own random stream, so adding a "
                                 "dataset leaves the others' draws unchanged; give it for every dataset or none "
                                 "(their sum is optim.global_batch_size)")
+    ignore_under: float = Field(
+        0.0, ge=0, description="boxes of this dataset whose side (square root of the area, in data.image_size "
+                               "pixels) is under this become ignore regions: anchors and proposals mostly inside "
+                               "them are neither objects nor background (fasterrcnn only). For generated data "
+                               "whose small boxes do not hold: `drivedit eval`'s layout fidelity by object size "
+                               "says which sizes do; COCO's medium/large limit at 128 px is 19.2")
 
 
 class DetectDataSection(StrictModel):
@@ -160,6 +166,10 @@ class DetectJob(StrictModel):
             problems.append(f"data.category_map maps to names that are neither in data.categories nor BDD100K "
                             f"categories: {bad}")
         problems += _per_step_problems(self)
+        ignoring = [src.uri for src in self.data.train if src.ignore_under > 0]
+        if ignoring and self.model.arch != "fasterrcnn":
+            problems.append(f"data.train: ignore_under is set for {ignoring}, but model.arch {self.model.arch!r} "
+                            "cannot ignore regions; use fasterrcnn or set ignore_under to 0")
         problems += tracking_store_problems(self.run, self.tracking)
         problems += drill_problems(self.drill, self.optim.total_steps, self.run.checkpoint_every,
                                    self.scaling.num_workers)

@@ -64,6 +64,10 @@ class DetectorSection(StrictModel):
                     "most pedestrians, lights and signs are under 6 px at 128 px, beyond a short CPU training)")
     real_per_step: int = Field(16, ge=1, description="real training images in every step's batch (both arms)")
     synthetic_per_step: int = Field(8, ge=1, description="synthetic images added to every step's batch (mixed arm)")
+    synthetic_ignore_under: float = Field(
+        0.0, ge=0, description="the synthetic frames' boxes with a side under this (128 px image pixels) are ignore "
+                               "regions, not targets (the detect job's data.train[].ignore_under): sizes whose "
+                               "layout fidelity is low; 19.2 = COCO's medium/large limit at 128 px, 6.4 its small")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="one run per arm and seed")
     lr: float = Field(2e-3, gt=0, description="peak learning rate")
     warmup_steps: int = Field(20, ge=0, description="linear warmup steps")

@@ -4,7 +4,8 @@ A folder holds `images/` and a label file read by `drivedit.data.bdd100k` (image
 Scalabel). Categories go through the job's category map; boxes of other categories are dropped and
 counted. Images are resized to `image_size` x `image_size` and their boxes scaled with them; a box
 reaching outside the image is clipped to it, and one with nothing left inside is dropped, both
-counted. A frame without boxes stays, as a negative. An image that cannot be decoded is skipped and
+counted. A frame without boxes stays, as a negative. A dataset's boxes under its `ignore_under` side
+(sqrt of the area, in resized pixels) become ignore regions (drivedit.detect.ignore_regions), counted. An image that cannot be decoded is skipped and
 listed. Each frame's scenario comes from its attributes through the scenario vocabulary (frames the
 vocabulary drops still train and are scored; their scenario is `other`).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +34,16 @@ class DetFrame:
     scenario: str
     boxes: np.ndarray  # (k, 4) float32, original pixels
     labels: np.ndarray  # (k,) int64, 1-based category ids
+    ignore_under: float = 0.0  # boxes with a smaller side (resized pixels) are ignore regions, not targets
+
+
+class DetItem(NamedTuple):
+    """One decoded training or validation frame, in the resized image's pixels."""
+
+    image: np.ndarray  # (S, S, 3) uint8
+    boxes: np.ndarray  # (k, 4) float32: what the detector learns to find
+    labels: np.ndarray  # (k,) int64
+    ignore: np.ndarray  # (m, 4) float32: regions it is neither taught to find nor to call background
 
 
 @dataclass
@@ -57,11 +69,12 @@ class BoxReport:
 
     clipped: int = 0
     dropped_outside: int = 0
+    ignored_small: int = 0  # boxes under their dataset's ignore_under, made ignore regions
     corrupt_images: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"clipped_boxes": self.clipped, "dropped_outside_boxes": self.dropped_outside,
-                "corrupt_images": list(self.corrupt_images)}
+                "ignored_small_boxes": self.ignored_small, "corrupt_images": list(self.corrupt_images)}
 
 
 def read_frames(uri: str, labels_file: str, categories: list[str], category_map: dict[str, str],
@@ -127,8 +140,9 @@ class FrameStore:
         self._cache: dict[int, tuple] = {}
         self.corrupt: set[int] = set()
 
-    def get(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(image (S, S, 3) uint8, boxes (k, 4), labels (k,)) or None for a corrupt image (listed)."""
+    def get(self, i: int) -> DetItem | None:
+        """The frame decoded, resized, its boxes fitted and split into targets and ignore regions; None for a
+        corrupt image (listed)."""
         if i in self._cache:
             return self._cache[i]
         if i in self.corrupt:
@@ -140,25 +154,33 @@ class FrameStore:
             self.corrupt.add(i)
             self.report.corrupt_images.append(f"{f.image_uri}: {type(e).__name__}: {e}"[:300])
             return None
-        item = (img, *fit_boxes(f.boxes, f.labels, w, h, self.size, self.report))
+        boxes, labels = fit_boxes(f.boxes, f.labels, w, h, self.size, self.report)
+        side = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))  # (k,)
+        small = side < f.ignore_under
+        self.report.ignored_small += int(small.sum())
+        item = DetItem(img, boxes[~small], labels[~small], boxes[small])
         if self.cache:
             self._cache[i] = item
         return item
 
 
-def to_batch(items: list[tuple[np.ndarray, np.ndarray, np.ndarray]], flips: np.ndarray | None = None
-             ) -> tuple[torch.Tensor, list[dict]]:
-    """Images (n, 3, S, S) float in [0, 1] and torchvision targets; `flips[i]` mirrors item i and its boxes."""
+def to_batch(items: list[DetItem], flips: np.ndarray | None = None) -> tuple[torch.Tensor, list[dict]]:
+    """Images (n, 3, S, S) float in [0, 1] and torchvision targets (with `ignore_boxes`); `flips[i]` mirrors
+    item i, its boxes and its ignore regions."""
+    from drivedit.detect.ignore_regions import IGNORE_KEY
+
     images, targets = [], []
-    for i, (img, boxes, labels) in enumerate(items):
-        boxes = boxes.copy()
+    for i, (img, boxes, labels, ignore) in enumerate(items):
+        boxes, ignore = boxes.copy(), ignore.copy()
         if flips is not None and flips[i]:
             img = img[:, ::-1]
             s = img.shape[1]
-            boxes[:, [0, 2]] = s - boxes[:, [2, 0]]  # x1' = S - x2, x2' = S - x1
+            for b in (boxes, ignore):
+                b[:, [0, 2]] = s - b[:, [2, 0]]  # x1' = S - x2, x2' = S - x1
         images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # (3, S, S) uint8
         targets.append({"boxes": torch.from_numpy(boxes).float().reshape(-1, 4),
-                        "labels": torch.from_numpy(labels).long()})
+                        "labels": torch.from_numpy(labels).long(),
+                        IGNORE_KEY: torch.from_numpy(ignore).float().reshape(-1, 4)})
     return torch.stack(images).float() / 255.0, targets
 
 

@@ -72,6 +72,8 @@ def load_sources(job: DetectJob):
     frames, sizes = [], []
     for src in d.train:
         f, _ = read_frames(src.uri, d.labels_file, d.categories, d.category_map, d.scenarios)
+        for frame in f:
+            frame.ignore_under = src.ignore_under
         frames += f
         sizes.append(len(f))
     val, _ = read_frames(d.val, d.labels_file, d.categories, d.category_map, d.scenarios)

@@ -53,15 +53,18 @@ def build_head(arch: str, backbone: nn.Module, num_classes: int, image_size: int
     if arch == "fasterrcnn":
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
+        from drivedit.detect.ignore_regions import with_ignore_regions
+
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
         # proposal and RoI counts for a few dozen objects per small image rather than COCO's 800 px
         # (the RoI head's 512 RoIs x 1024-wide MLP per image would be most of the CPU time)
         box_head = TwoMLPHead(backbone.out_channels * 7 * 7, 256)
-        return FasterRCNN(backbone, rpn_anchor_generator=anchors, box_head=box_head,
-                          box_predictor=FastRCNNPredictor(256, num_classes + 1),
-                          rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
-                          rpn_post_nms_top_n_test=150, box_batch_size_per_image=128,
-                          box_detections_per_img=max_detections, box_score_thresh=score_threshold, **common)
+        model = FasterRCNN(backbone, rpn_anchor_generator=anchors, box_head=box_head,
+                           box_predictor=FastRCNNPredictor(256, num_classes + 1),
+                           rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
+                           rpn_post_nms_top_n_test=150, box_batch_size_per_image=128,
+                           box_detections_per_img=max_detections, box_score_thresh=score_threshold, **common)
+        return with_ignore_regions(model)  # targets' ignore_boxes: drivedit.detect.ignore_regions
     if arch == "retinanet":
         # RetinaNet's three scales per octave, from each level's base size
         anchors = AnchorGenerator(tuple((s, round(s * 2 ** (1 / 3)), round(s * 2 ** (2 / 3))) for (s,) in sizes),

@@ -33,7 +33,7 @@ def predict(detector, spec: dict, store: FrameStore, batch_size: int, device: to
         scenarios = [store.frames[i].scenario for i, _ in chunk]
         with autocast():
             out = run_detector(detector, spec, x.to(device), scenarios)
-        for (i, (img, boxes, labels)), det in zip(chunk, out):
+        for (i, (img, boxes, labels, _)), det in zip(chunk, out):
             f = store.frames[i]
             images.append(GroundTruthImage(f.name, f.scenario, img.shape[1], img.shape[0], boxes, labels))
             results += coco_results(len(images), det["boxes"].float().cpu().numpy(), det["scores"].float().cpu().numpy(),

@@ -1,0 +1,90 @@
+"""Ignore regions: a dataset's small boxes become regions Faster R-CNN neither learns to find nor calls
+background (drivedit.detect.ignore_regions), from the config field to the samplers of both stages."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from drivedit.detect.dataset import FrameStore, read_frames
+from drivedit.detect.ignore_regions import IGNORE_KEY, inside_share, unsample_inside
+
+
+def fasterrcnn():
+    from drivedit.detect.detector import assemble, new_spec
+
+    spec = new_spec({"arch": "fasterrcnn", "backbone": "resnet18", "fpn_channels": 16}, ["car"], 64,
+                    {"max_detections": 100, "score_threshold": 0.01})
+    torch.manual_seed(0)
+    return assemble(spec)
+
+
+def test_inside_share_is_the_covered_fraction_of_each_box():
+    boxes = torch.tensor([[0.0, 0, 4, 4], [2, 2, 6, 6], [10, 10, 12, 12]])
+    regions = torch.tensor([[0.0, 0, 4, 2], [0, 0, 4, 4]])
+    # box 1 lies inside region 2; box 2 has a quarter of its area in region 2; box 3 none
+    np.testing.assert_allclose(inside_share(boxes, regions).numpy(), [1.0, 0.25, 0.0])
+
+
+def test_only_background_samples_inside_a_region_are_unsampled():
+    labels = torch.tensor([0.0, 1.0, 0.0, -1.0])
+    boxes = torch.tensor([[0.0, 0, 2, 2], [0, 0, 2, 2], [8, 8, 10, 10], [0, 0, 2, 2]])
+    out = unsample_inside(labels, boxes, torch.tensor([[0.0, 0, 3, 3]]))
+    assert out.tolist() == [-1.0, 1.0, 0.0, -1.0]  # a matched target stays positive; outside stays background
+    assert unsample_inside(labels, boxes, torch.zeros(0, 4)) is labels
+
+
+def test_rpn_anchors_inside_an_ignore_region_are_neither_object_nor_background():
+    rpn = fasterrcnn().rpn
+    anchors = [torch.tensor([[0.0, 0, 8, 8], [1, 1, 7, 7], [30, 30, 40, 40], [50, 50, 60, 60]])]
+    car = {"boxes": torch.tensor([[30.0, 30, 40, 40]]), "labels": torch.tensor([1])}
+    plain, _ = rpn.assign_targets_to_anchors(anchors, [car])
+    ignored, _ = rpn.assign_targets_to_anchors(anchors, [{**car, IGNORE_KEY: torch.tensor([[0.0, 0, 8, 8]])}])
+    assert plain[0].tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert ignored[0].tolist() == [-1.0, -1.0, 1.0, 0.0]
+
+
+def test_box_head_samples_no_background_inside_an_ignore_region():
+    heads = fasterrcnn().roi_heads
+    torch.manual_seed(0)
+    xy = torch.rand(200, 2) * 56
+    proposals = [torch.cat([xy, xy + 8], dim=1)]  # (200, 4) 8 px boxes over a 64 px image
+    region = torch.tensor([[0.0, 0, 32, 64]])  # the left half
+    target = {"boxes": torch.tensor([[40.0, 40, 48, 48]]), "labels": torch.tensor([1])}
+
+    def sampled_background(t):
+        props, _, labels, _ = heads.select_training_samples([p.clone() for p in proposals], [t])
+        return props[0][labels[0] == 0], props[0][labels[0] > 0]
+
+    bg_plain, pos_plain = sampled_background(target)
+    bg, pos = sampled_background({**target, IGNORE_KEY: region})
+    assert (inside_share(bg_plain, region) > 0.5).sum() > 20  # without the region, half the background is there
+    assert (inside_share(bg, region) > 0.5).sum() == 0
+    assert len(pos) == len(pos_plain) > 0  # the real target's positives are untouched
+    assert heads._regions is None  # nothing of the batch is left on the module
+
+
+def test_store_turns_a_datasets_small_boxes_into_ignore_regions(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "images" / "a.png")
+    boxes = [(2, 2, 6, 6), (10, 10, 30, 30), (40, 40, 45, 50)]  # sides 8, 40, 14.1 px at 128 px
+    labels = [{"category": "car", "box2d": dict(zip(("x1", "y1", "x2", "y2"), b))} for b in boxes]
+    (tmp_path / "labels.json").write_text(json.dumps([{"name": "a.png", "labels": labels}]))
+    frames, _ = read_frames(str(tmp_path), "labels.json", ["car"], {}, ["clear"])
+    frames[0].ignore_under = 19.2  # COCO's medium/large limit at 128 px
+    store = FrameStore(frames, 128)
+    item = store.get(0)
+    np.testing.assert_allclose(item.boxes, [[20, 20, 60, 60]])
+    np.testing.assert_allclose(item.ignore, [[4, 4, 12, 12], [80, 80, 90, 100]])
+    assert store.report.to_dict()["ignored_small_boxes"] == 2
+
+
+def test_ignore_under_needs_fasterrcnn():
+    from drivedit.config.detect import DetectJob
+
+    with pytest.raises(ValueError, match=r"ignore_under is set for \['synthetic'\].*'fcos'.*use fasterrcnn"):
+        DetectJob.model_validate({"model": {"arch": "fcos"}, "data": {"train": [
+            {"uri": "real"}, {"uri": "synthetic", "ignore_under": 19.2}], "val": "val"}})
