@@ -153,7 +153,9 @@ def arm_name(cfg: DownstreamBench, arm: str, seed: int) -> str:
         return f"real-seed{seed}"
     modes = ["layouts", "transfer"] if cfg.synthetic.mode == "both" else [cfg.synthetic.mode]
     data = "_".join(synthetic_name(cfg, m)[len("synthetic-"):] for m in modes)
-    ignore = f"-ign{cfg.detector.synthetic_ignore_under:g}" if cfg.detector.synthetic_ignore_under else ""
+    d = cfg.detector
+    ignore = (f"-ign{d.synthetic_ignore_under:g}" if d.synthetic_ignore_under else "") + \
+        (f"-teach{d.teacher_score:g}" if d.teacher_score is not None else "")
     return f"mixed-{data}-x{cfg.detector.synthetic_per_step}{ignore}-seed{seed}"
 
 
@@ -166,6 +168,13 @@ def _count_frames(uri: str) -> int:
 # ----------------------------------------------------------------------------- 4. detector arms
 
 
+def teacher_labels(cfg: DownstreamBench, seed: int) -> str | None:
+    """The synthetic datasets' label file of a seed's mixed arm: with `detector.teacher_score`, the one
+    mark_teacher writes beside labels.json."""
+    t = cfg.detector.teacher_score
+    return f"labels-teacher{t:g}-seed{seed}.json" if t is not None else None
+
+
 def detect_job(cfg: DownstreamBench, out: Path, arm: str, seed: int, synthetic: list[dict], tracking_uri: str):
     from drivedit.config.detect import DetectJob
     from drivedit.demo import DEMO_CONFIGS
@@ -174,7 +183,8 @@ def detect_job(cfg: DownstreamBench, out: Path, arm: str, seed: int, synthetic: 
     train = [{"uri": str(out / "scenes"), "per_step": d.real_per_step}]
     if arm == "mixed":
         train += [{"uri": s["uri"], "per_step": d.synthetic_per_step // len(synthetic),
-                   "ignore_under": d.synthetic_ignore_under} for s in synthetic]
+                   "ignore_under": d.synthetic_ignore_under, "labels_file": teacher_labels(cfg, seed)}
+                  for s in synthetic]
     return load_config(DetectJob, DEMO_CONFIGS / "detect.yaml", [
         "--data.train", json.dumps(train), "--data.val", str(out / "heldout"),
         "--data.categories", json.dumps(d.categories),
@@ -197,6 +207,8 @@ def stage_detectors(cfg: DownstreamBench, out: Path, synthetic: list[dict], trac
     for seed in cfg.detector.seeds:
         for arm in ("real", "mixed"):
             _log(f"4/5 detector, arm {arm}, seed {seed}")
+            if arm == "mixed" and cfg.detector.teacher_score is not None:
+                mark_teacher(cfg, seed, runs[-1]["run_dir"], synthetic)
             job = detect_job(cfg, out, arm, seed, synthetic, tracking_uri)
             result = run_detect(job)
             if result.get("mlflow_run_id"):
@@ -205,6 +217,23 @@ def stage_detectors(cfg: DownstreamBench, out: Path, synthetic: list[dict], trac
                     "drivedit.downstream.synthetic": cfg.synthetic.mode})
             runs.append(run_record(arm, seed, result))
     return runs
+
+
+def mark_teacher(cfg: DownstreamBench, seed: int, real_run_dir: str, synthetic: list[dict]) -> None:
+    """Write each synthetic dataset's teacher label file of this seed: its labels plus, as ignore regions, the
+    confident detections of the seed's real-only detector that no label explains."""
+    from drivedit.detect.detector import load_detector
+    from drivedit.detect.unlabelled import mark_unlabelled
+
+    name = teacher_labels(cfg, seed)
+    detector, spec = load_detector(str(Path(real_run_dir) / "detector"))
+    for s in synthetic:
+        if (Path(s["uri"]) / name).is_file():
+            continue
+        r = mark_unlabelled(detector, spec, s["uri"], out_file=name, score=cfg.detector.teacher_score,
+                            marked_by=f"real-seed{seed}")
+        _log(f"4/5 teacher real-seed{seed}: {r['marked_boxes']} unlabelled detections in {r['frames_marked']} of "
+             f"{r['frames']} frames of {Path(s['uri']).name} -> {name}")
 
 
 def run_record(arm: str, seed: int, result: dict) -> dict:
@@ -234,7 +263,9 @@ def _setup_line(cfg: DownstreamBench, summary: dict) -> str:
             f"generator fine-tuned {cfg.generator.steps} steps with a {cfg.generator.layout_kind} layout branch; "
             f"detector: {', '.join(cfg.detector.categories)}, {cfg.detector.steps} steps"
             + (f"; synthetic boxes under {cfg.detector.synthetic_ignore_under:g} px are ignore regions"
-               if cfg.detector.synthetic_ignore_under else "") + ".")
+               if cfg.detector.synthetic_ignore_under else "")
+            + (f"; the real-only detector's unlabelled detections (score >= {cfg.detector.teacher_score:g}) in the "
+               "synthetic frames are ignore regions" if cfg.detector.teacher_score is not None else "") + ".")
 
 
 def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict, tracking_uri: str) -> str:

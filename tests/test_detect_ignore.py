@@ -88,3 +88,37 @@ def test_ignore_under_needs_fasterrcnn():
     with pytest.raises(ValueError, match=r"ignore_under is set for \['synthetic'\].*'fcos'.*use fasterrcnn"):
         DetectJob.model_validate({"model": {"arch": "fcos"}, "data": {"train": [
             {"uri": "real"}, {"uri": "synthetic", "ignore_under": 19.2}], "val": "val"}})
+
+
+class FixedDetections(torch.nn.Module):
+    """A detector that finds the same boxes (in its 64 px input's pixels) in every image."""
+
+    def forward(self, images):
+        return [{"boxes": torch.tensor([[8.0, 8, 24, 24], [40, 40, 60, 60], [2, 40, 20, 60]]),
+                 "scores": torch.tensor([0.9, 0.8, 0.3]), "labels": torch.tensor([1, 1, 1])} for _ in images]
+
+
+def test_confident_unlabelled_detections_are_marked_as_ignore_regions(tmp_path):
+    from drivedit.detect.unlabelled import mark_unlabelled
+
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (32, 32), (90, 90, 90)).save(tmp_path / "images" / name)
+    (tmp_path / "images" / "b.png").write_bytes(b"not a png")
+    car = {"category": "car", "box2d": {"x1": 4, "y1": 4, "x2": 12, "y2": 12}}  # = the first detection at 32 px
+    (tmp_path / "labels.json").write_text(json.dumps([{"name": n, "labels": [car]} for n in ("a.png", "b.png")]))
+    spec = {"image_size": 64, "categories": ["car"], "backbone": "resnet18"}
+    r = mark_unlabelled(FixedDetections(), spec, str(tmp_path), out_file="marked.json", score=0.5, marked_by="t")
+    assert (r["frames"], r["marked_boxes"], r["frames_marked"]) == (2, 1, 1)
+    assert len(r["corrupt_images"]) == 1 and "b.png" in r["corrupt_images"][0]
+    written = json.loads((tmp_path / "marked.json").read_text())
+    extra = written[0]["labels"][1]  # the 0.8 detection, halved to the image's 32 px; 0.3 is under the score
+    assert extra["box2d"] == {"x1": 20.0, "y1": 20.0, "x2": 30.0, "y2": 30.0}
+    assert extra["attributes"] == {"ignore": True, "marked_by": "t", "score": 0.8}
+    assert len(written[1]["labels"]) == 1 and json.loads((tmp_path / "labels.json").read_text())[0]["labels"] == [car]
+    # the detect job reads the mark as an ignore region of a training set, as a box anywhere else
+    frames, report = read_frames(str(tmp_path), "marked.json", ["car"], {}, ["clear"], ignore_attribute=True)
+    np.testing.assert_allclose(frames[0].ignore_boxes, [[20, 20, 30, 30]])
+    assert len(frames[0].boxes) == 1 and report.ignore_regions == 1
+    frames, _ = read_frames(str(tmp_path), "marked.json", ["car"], {}, ["clear"])
+    assert len(frames[0].boxes) == 2 and not len(frames[0].ignore_boxes)

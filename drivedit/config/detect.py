@@ -26,10 +26,14 @@ class TrainSource(StrictModel):
                                 "workers) come from this dataset, drawn from its own random stream, so adding a "
                                 "dataset leaves the others' draws unchanged; give it for every dataset or none "
                                 "(their sum is optim.global_batch_size)")
+    labels_file: str | None = Field(
+        None, description="this dataset's label file inside its folder (default: data.labels_file), e.g. one "
+                          "that drivedit.detect.unlabelled wrote beside the generated labels")
     ignore_under: float = Field(
         0.0, ge=0, description="boxes of this dataset whose side (square root of the area, in data.image_size "
                                "pixels) is under this become ignore regions: anchors and proposals mostly inside "
-                               "them are neither objects nor background (fasterrcnn only). For generated data "
+                               "them are neither objects nor background (fasterrcnn only; so are boxes whose "
+                               "attributes say \"ignore\": true). For generated data "
                                "whose small boxes do not hold: `drivedit eval`'s layout fidelity by object size "
                                "says which sizes do; COCO's medium/large limit at 128 px is 19.2")
 

@@ -64,6 +64,11 @@ class DetectorSection(StrictModel):
                     "most pedestrians, lights and signs are under 6 px at 128 px, beyond a short CPU training)")
     real_per_step: int = Field(16, ge=1, description="real training images in every step's batch (both arms)")
     synthetic_per_step: int = Field(8, ge=1, description="synthetic images added to every step's batch (mixed arm)")
+    teacher_score: float | None = Field(
+        None, gt=0, lt=1, description="mark what the synthetic frames show but their labels do not: each seed's "
+                                      "real-only detector's detections scoring at least this that overlap no label "
+                                      "(IoU < 0.3) become ignore regions of that seed's mixed arm "
+                                      "(drivedit.detect.unlabelled); None: off")
     synthetic_ignore_under: float = Field(
         0.0, ge=0, description="the synthetic frames' boxes with a side under this (128 px image pixels) are ignore "
                                "regions, not targets (the detect job's data.train[].ignore_under): sizes whose "

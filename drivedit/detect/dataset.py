@@ -4,8 +4,10 @@ A folder holds `images/` and a label file read by `drivedit.data.bdd100k` (image
 Scalabel). Categories go through the job's category map; boxes of other categories are dropped and
 counted. Images are resized to `image_size` x `image_size` and their boxes scaled with them; a box
 reaching outside the image is clipped to it, and one with nothing left inside is dropped, both
-counted. A frame without boxes stays, as a negative. A dataset's boxes under its `ignore_under` side
-(sqrt of the area, in resized pixels) become ignore regions (drivedit.detect.ignore_regions), counted. An image that cannot be decoded is skipped and
+counted. A frame without boxes stays, as a negative. Ignore regions (drivedit.detect.ignore_regions)
+come from a training dataset's boxes under its `ignore_under` side (sqrt of the area, in resized pixels)
+and, with `ignore_attribute`, from boxes whose attributes say `"ignore": true` (drivedit.detect.unlabelled
+marks those); both are counted. An image that cannot be decoded is skipped and
 listed. Each frame's scenario comes from its attributes through the scenario vocabulary (frames the
 vocabulary drops still train and are scored; their scenario is `other`).
 """
@@ -23,6 +25,7 @@ from drivedit import storage
 from drivedit.data.bdd100k import ScenarioVocabulary, load_label_file
 
 OTHER_SCENARIO = "other"
+IGNORE_ATTRIBUTE = "ignore"  # a box with attributes {"ignore": true} is an ignore region, not a target
 
 
 @dataclass
@@ -34,6 +37,7 @@ class DetFrame:
     scenario: str
     boxes: np.ndarray  # (k, 4) float32, original pixels
     labels: np.ndarray  # (k,) int64, 1-based category ids
+    ignore_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (m, 4) original px
     ignore_under: float = 0.0  # boxes with a smaller side (resized pixels) are ignore regions, not targets
 
 
@@ -53,12 +57,14 @@ class LabelReport:
     frames: int = 0
     boxes: int = 0
     negatives: int = 0  # frames without a box of a known category
+    ignore_regions: int = 0  # boxes marked {"ignore": true}, read as ignore regions
     unknown_categories: Counter = field(default_factory=Counter)
     broken_boxes: int = 0
     scenarios: Counter = field(default_factory=Counter)
 
     def to_dict(self) -> dict:
         return {"frames": self.frames, "boxes": self.boxes, "negatives": self.negatives,
+                "ignore_regions": self.ignore_regions,
                 "unknown_categories": dict(self.unknown_categories), "broken_boxes": self.broken_boxes,
                 "scenarios": dict(self.scenarios)}
 
@@ -78,15 +84,19 @@ class BoxReport:
 
 
 def read_frames(uri: str, labels_file: str, categories: list[str], category_map: dict[str, str],
-                scenarios: list[str]) -> tuple[list[DetFrame], LabelReport]:
-    """Frames of one folder and what was dropped. Raises LabelFileError for an unreadable label file."""
+                scenarios: list[str], ignore_attribute: bool = False) -> tuple[list[DetFrame], LabelReport]:
+    """Frames of one folder and what was dropped; with `ignore_attribute`, boxes marked {"ignore": true} become
+    the frame's ignore regions (whatever their category). Raises LabelFileError for an unreadable label file."""
     index = {c: i + 1 for i, c in enumerate(categories)}
     vocab = ScenarioVocabulary(scenarios, night="night" if "night" in scenarios else None)
     report = LabelReport()
     frames = []
     for f in load_label_file(storage.join(uri, labels_file)):
-        boxes, labels = [], []
+        boxes, labels, ignore = [], [], []
         for b in f.boxes:
+            if ignore_attribute and b.attributes.get(IGNORE_ATTRIBUTE) is True:
+                ignore.append((b.x1, b.y1, b.x2, b.y2))
+                continue
             name = category_map.get(b.category, b.category)
             if name not in index:
                 report.unknown_categories[b.category] += 1
@@ -99,9 +109,11 @@ def read_frames(uri: str, labels_file: str, categories: list[str], category_map:
         report.frames += 1
         report.boxes += len(boxes)
         report.negatives += not boxes
+        report.ignore_regions += len(ignore)
         report.scenarios[scenario] += 1
         frames.append(DetFrame(f.name, storage.join(uri, "images", f.name), scenario,
-                               np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64)))
+                               np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
+                               np.asarray(ignore, np.float32).reshape(-1, 4)))
     return frames, report
 
 
@@ -158,7 +170,8 @@ class FrameStore:
         side = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))  # (k,)
         small = side < f.ignore_under
         self.report.ignored_small += int(small.sum())
-        item = DetItem(img, boxes[~small], labels[~small], boxes[small])
+        marked, _ = fit_boxes(f.ignore_boxes, np.zeros(len(f.ignore_boxes), np.int64), w, h, self.size, BoxReport())
+        item = DetItem(img, boxes[~small], labels[~small], np.concatenate([boxes[small], marked]))
         if self.cache:
             self._cache[i] = item
         return item

@@ -71,7 +71,8 @@ def load_sources(job: DetectJob):
     d = job.data
     frames, sizes = [], []
     for src in d.train:
-        f, _ = read_frames(src.uri, d.labels_file, d.categories, d.category_map, d.scenarios)
+        f, _ = read_frames(src.uri, src.labels_file or d.labels_file, d.categories, d.category_map, d.scenarios,
+                           ignore_attribute=True)
         for frame in f:
             frame.ignore_under = src.ignore_under
         frames += f

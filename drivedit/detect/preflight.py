@@ -49,12 +49,14 @@ def _absolute(raw: dict) -> dict:
     return out
 
 
-def read_folder(uri: str, job: DetectJob, categories: list[str], what: str, problems: list[str]) -> dict | None:
+def read_folder(uri: str, job: DetectJob, categories: list[str], what: str, problems: list[str],
+                labels_file: str | None = None, training: bool = False) -> dict | None:
     from drivedit.detect.dataset import read_frames
 
     d = job.data
     try:
-        _, report = read_frames(uri, d.labels_file, categories, d.category_map, d.scenarios)
+        _, report = read_frames(uri, labels_file or d.labels_file, categories, d.category_map, d.scenarios,
+                                ignore_attribute=training)
     except (LabelFileError, OSError, ValueError) as e:
         problems.append(f"{what}: {e}")
         return None
@@ -65,7 +67,8 @@ def describe(uri: str, r: dict) -> str:
     unknown = ", ".join(f"{k} {v}" for k, v in sorted(r["unknown_categories"].items()))
     return (f"{uri}: {r['frames']} frames, {r['boxes']} boxes, {r['negatives']} without boxes"
             + (f"; dropped boxes of unknown categories: {unknown}" if unknown else "")
-            + (f"; {r['broken_boxes']} broken boxes skipped" if r["broken_boxes"] else ""))
+            + (f"; {r['broken_boxes']} broken boxes skipped" if r["broken_boxes"] else "")
+            + (f"; {r['ignore_regions']} boxes marked as ignore regions" if r.get("ignore_regions") else ""))
 
 
 def _check_sources(job: DetectJob, problems: list[str]) -> None:
@@ -108,7 +111,7 @@ def check(raw: dict, source: str = "(config)", eval_only: bool = False) -> Plan:
         if not job.data.train:
             problems.append("data.train is empty: list at least one BDD100K-format folder ({uri, weight})")
         for i, src in enumerate(job.data.train):
-            r = read_folder(src.uri, job, categories, f"data.train[{i}]", problems)
+            r = read_folder(src.uri, job, categories, f"data.train[{i}]", problems, src.labels_file, training=True)
             if r is not None:
                 reports[src.uri] = r
         if job.data.train and reports and len(reports) == len(job.data.train):
