@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("drivedit.serve.app", "main", "start the sampling endpoint (Ray Serve)"),
     "detect": ("drivedit.detect.job", "main", "train a 2-D detector (Ray Train) and score it per scenario / size; "
                                               "--eval-only scores one"),
+    "mark-unlabelled": ("drivedit.detect.unlabelled", "main",
+                        "mark a generated set's objects its labels miss (a real-trained detector's) as ignore regions"),
     "eval": ("drivedit.eval.cli", "main", "FID / KID / precision / recall and condition accuracy of two folders"),
     "convert": ("drivedit.generate.label_formats", "main",
                 "write COCO JSON / YOLO labels beside a BDD100K-format folder's labels.json"),

@@ -122,3 +122,25 @@ def test_confident_unlabelled_detections_are_marked_as_ignore_regions(tmp_path):
     assert len(frames[0].boxes) == 1 and report.ignore_regions == 1
     frames, _ = read_frames(str(tmp_path), "marked.json", ["car"], {}, ["clear"])
     assert len(frames[0].boxes) == 2 and not len(frames[0].ignore_boxes)
+
+
+def test_mark_unlabelled_command_writes_the_marked_file_and_names_bad_input(tmp_path, capsys):
+    from drivedit.detect.detector import assemble, new_spec
+    from drivedit.detect.models import save_detector
+    from drivedit.detect.unlabelled import main
+
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "d" / "images" / "a.png")
+    (tmp_path / "d" / "labels.json").write_text(json.dumps([{"name": "a.png", "labels": []}]))
+    spec = new_spec({"arch": "fasterrcnn", "backbone": "resnet18", "fpn_channels": 16}, ["car"], 64,
+                    {"max_detections": 100, "score_threshold": 0.01})
+    save_detector(tmp_path / "det", assemble(spec), spec)
+    args = ["--detector", str(tmp_path / "det"), "--data", str(tmp_path / "d"), "--score", "0.999"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["frames"], report["marked_boxes"]) == (1, 0)  # a random detector is never that sure
+    assert json.loads((tmp_path / "d" / "labels-marked.json").read_text())[0]["name"] == "a.png"
+    assert main([*args, "--out-file", "labels.json"]) == 2
+    assert "--out-file must differ" in capsys.readouterr().err
+    assert main(["--detector", str(tmp_path / "nothing"), "--data", str(tmp_path / "d")]) == 2
+    assert "holds no detector.json" in capsys.readouterr().err

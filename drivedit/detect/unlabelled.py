@@ -72,3 +72,45 @@ def mark_unlabelled(detector, spec: dict, uri: str, labels_file: str = "labels.j
     write_label_file(frames, storage.join(uri, out_file))
     return {"frames": len(frames), "marked_boxes": int(sum(marked)), "frames_marked": int(sum(m > 0 for m in marked)),
             "score": score, "max_iou": max_iou, "labels_file": out_file, "corrupt_images": corrupt}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`drivedit mark-unlabelled`: write a generated dataset's label file with a detector's unlabelled detections
+    marked as ignore regions."""
+    import argparse
+    import json
+    import sys
+
+    from drivedit.data.bdd100k import LabelFileError
+    from drivedit.detect.detector import load_detector
+
+    ap = argparse.ArgumentParser(prog="drivedit mark-unlabelled", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--detector", required=True, help="a detector trained on real frames: a run's `detector` folder "
+                                                       "(local or s3://) or models:/NAME/VERSION")
+    ap.add_argument("--data", required=True, help="BDD100K-format folder (images/ + label file), e.g. a generated set")
+    ap.add_argument("--labels-file", default="labels.json", help="its label file (default labels.json)")
+    ap.add_argument("--out-file", default="labels-marked.json", help="the label file to write beside it; give it to "
+                                                                    "the detect job as data.train[].labels_file")
+    ap.add_argument("--score", type=float, default=0.5, help="lowest detection score marked (default 0.5)")
+    ap.add_argument("--max-iou", type=float, default=0.3, help="a detection overlapping a label by this IoU or "
+                                                              "more is that label, not an unlabelled object")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for a models:/ detector")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    if not 0 < args.score < 1 or not 0 < args.max_iou <= 1:
+        print(f"drivedit mark-unlabelled: --score must lie in (0, 1) and --max-iou in (0, 1], got {args.score} "
+              f"and {args.max_iou}", file=sys.stderr)
+        return 2
+    if args.out_file == args.labels_file:
+        print("drivedit mark-unlabelled: --out-file must differ from --labels-file (the dataset's own labels are "
+              "kept as they are)", file=sys.stderr)
+        return 2
+    try:
+        detector, spec = load_detector(args.detector, args.tracking_uri)
+        report = mark_unlabelled(detector, spec, args.data, args.labels_file, args.out_file, args.score,
+                                 args.max_iou, marked_by=args.detector, device=args.device)
+    except (FileNotFoundError, LabelFileError, ValueError) as e:
+        print(f"drivedit mark-unlabelled: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1))
+    return 0
