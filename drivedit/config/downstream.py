@@ -46,6 +46,10 @@ class SyntheticSection(StrictModel):
                                 "scenario by SDEdit (spec.transfer); `both`: one dataset of each")
     per_scenario: int = Field(100, ge=1, description="generated frames per rare scenario (per mode)")
     strength: float = Field(0.5, gt=0, le=1, description="transfer: SDEdit strength")
+    transfer_layout_guidance: float | None = Field(
+        None, ge=1, description="transfer: steer the SDEdit with the generator's layout branch on each source frame's "
+                                "own boxes, with this guidance on the layout (spec.transfer.layout_guidance; label "
+                                "survival 0.52 vs 0.02 at s 0.8, BENCHMARKS.md); null: plain SDEdit")
     layout_guidance: float = Field(4.0, ge=1, description="layouts: guidance on the layout")
     sampler: Literal["ddpm", "ddim"] = Field("ddpm", description="the generate job's sampler")
     sampler_steps: int = Field(25, ge=1, description="denoising steps (a transfer runs strength x steps of them)")
