@@ -158,7 +158,8 @@ def arm_name(cfg: DownstreamBench, arm: str, seed: int) -> str:
     data = "_".join(synthetic_name(cfg, m)[len("synthetic-"):] for m in modes)
     d = cfg.detector
     ignore = (f"-ign{d.synthetic_ignore_under:g}" if d.synthetic_ignore_under else "") + \
-        (f"-teach{d.teacher_score:g}" if d.teacher_score is not None else "")
+        (f"-teach{d.teacher_score:g}" if d.teacher_score is not None else "") + \
+        ("" if d.synthetic_background else "-nobg")
     return f"mixed-{data}-x{cfg.detector.synthetic_per_step}{ignore}-seed{seed}"
 
 
@@ -186,7 +187,8 @@ def detect_job(cfg: DownstreamBench, out: Path, arm: str, seed: int, synthetic: 
     train = [{"uri": str(out / "scenes"), "per_step": d.real_per_step}]
     if arm == "mixed":
         train += [{"uri": s["uri"], "per_step": d.synthetic_per_step // len(synthetic),
-                   "ignore_under": d.synthetic_ignore_under, "labels_file": teacher_labels(cfg, seed)}
+                   "ignore_under": d.synthetic_ignore_under, "labels_file": teacher_labels(cfg, seed),
+                   "learn_background": d.synthetic_background}
                   for s in synthetic]
     return load_config(DetectJob, DEMO_CONFIGS / "detect.yaml", [
         "--data.train", json.dumps(train), "--data.val", str(out / "heldout"),
@@ -269,7 +271,8 @@ def _setup_line(cfg: DownstreamBench, summary: dict) -> str:
             + (f"; synthetic boxes under {cfg.detector.synthetic_ignore_under:g} px are ignore regions"
                if cfg.detector.synthetic_ignore_under else "")
             + (f"; the real-only detector's unlabelled detections (score >= {cfg.detector.teacher_score:g}) in the "
-               "synthetic frames are ignore regions" if cfg.detector.teacher_score is not None else "") + ".")
+               "synthetic frames are ignore regions" if cfg.detector.teacher_score is not None else "")
+            + ("; the synthetic frames teach no background" if not cfg.detector.synthetic_background else "") + ".")
 
 
 def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict, tracking_uri: str) -> str:

@@ -85,7 +85,7 @@ def test_store_turns_a_datasets_small_boxes_into_ignore_regions(tmp_path):
 def test_ignore_under_needs_fasterrcnn():
     from drivedit.config.detect import DetectJob
 
-    with pytest.raises(ValueError, match=r"ignore_under is set for \['synthetic'\].*'fcos'.*use fasterrcnn"):
+    with pytest.raises(ValueError, match=r"learn_background: false is set for \['synthetic'\].*'fcos'.*use fasterrcnn"):
         DetectJob.model_validate({"model": {"arch": "fcos"}, "data": {"train": [
             {"uri": "real"}, {"uri": "synthetic", "ignore_under": 19.2}], "val": "val"}})
 
@@ -144,3 +144,20 @@ def test_mark_unlabelled_command_writes_the_marked_file_and_names_bad_input(tmp_
     assert "--out-file must differ" in capsys.readouterr().err
     assert main(["--detector", str(tmp_path / "nothing"), "--data", str(tmp_path / "d")]) == 2
     assert "holds no detector.json" in capsys.readouterr().err
+
+
+def test_a_frame_that_learns_no_background_keeps_only_its_targets(tmp_path):
+    """learn_background false: every anchor but the targets' positives is left out of the RPN's samples."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "images" / "a.png")
+    car = {"category": "car", "box2d": {"x1": 30, "y1": 30, "x2": 40, "y2": 40}}
+    (tmp_path / "labels.json").write_text(json.dumps([{"name": "a.png", "labels": [car]}]))
+    frames, _ = read_frames(str(tmp_path), "labels.json", ["car"], {}, ["clear"])
+    frames[0].learn_background = False
+    item = FrameStore(frames, 64).get(0)
+    np.testing.assert_allclose(item.boxes, [[30, 30, 40, 40]])
+    target = {"boxes": torch.from_numpy(item.boxes), "labels": torch.from_numpy(item.labels),
+              IGNORE_KEY: torch.from_numpy(item.ignore)}
+    anchors = [torch.tensor([[0.0, 0, 8, 8], [30, 30, 40, 40], [50, 50, 64, 64], [-4, -4, 4, 4]])]
+    labels, _ = fasterrcnn().rpn.assign_targets_to_anchors(anchors, [target])
+    assert labels[0].tolist() == [-1.0, 1.0, -1.0, -1.0]  # the anchor over the border too

@@ -29,6 +29,10 @@ class TrainSource(StrictModel):
     labels_file: str | None = Field(
         None, description="this dataset's label file inside its folder (default: data.labels_file), e.g. one "
                           "that drivedit.detect.unlabelled wrote beside the generated labels")
+    learn_background: bool = Field(
+        True, description="false: this dataset's frames teach only their boxes: no anchor or proposal of them is "
+                          "sampled as background (fasterrcnn only), for generated frames whose unlabelled content "
+                          "cannot be trusted to be background")
     ignore_under: float = Field(
         0.0, ge=0, description="boxes of this dataset whose side (square root of the area, in data.image_size "
                                "pixels) is under this become ignore regions: anchors and proposals mostly inside "
@@ -170,10 +174,10 @@ class DetectJob(StrictModel):
             problems.append(f"data.category_map maps to names that are neither in data.categories nor BDD100K "
                             f"categories: {bad}")
         problems += _per_step_problems(self)
-        ignoring = [src.uri for src in self.data.train if src.ignore_under > 0]
+        ignoring = [src.uri for src in self.data.train if src.ignore_under > 0 or not src.learn_background]
         if ignoring and self.model.arch != "fasterrcnn":
-            problems.append(f"data.train: ignore_under is set for {ignoring}, but model.arch {self.model.arch!r} "
-                            "cannot ignore regions; use fasterrcnn or set ignore_under to 0")
+            problems.append(f"data.train: ignore_under or learn_background: false is set for {ignoring}, but "
+                            f"model.arch {self.model.arch!r} cannot ignore regions; use fasterrcnn or drop them")
         problems += tracking_store_problems(self.run, self.tracking)
         problems += drill_problems(self.drill, self.optim.total_steps, self.run.checkpoint_every,
                                    self.scaling.num_workers)

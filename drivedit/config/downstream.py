@@ -73,6 +73,9 @@ class DetectorSection(StrictModel):
                                       "real-only detector's detections scoring at least this that overlap no label "
                                       "(IoU < 0.3) become ignore regions of that seed's mixed arm "
                                       "(drivedit.detect.unlabelled); None: off")
+    synthetic_background: bool = Field(
+        True, description="false: the synthetic frames teach only their boxes, nothing of them is background "
+                          "(the detect job's data.train[].learn_background)")
     synthetic_ignore_under: float = Field(
         0.0, ge=0, description="the synthetic frames' boxes with a side under this (128 px image pixels) are ignore "
                                "regions, not targets (the detect job's data.train[].ignore_under): sizes whose "

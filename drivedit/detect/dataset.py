@@ -7,7 +7,8 @@ reaching outside the image is clipped to it, and one with nothing left inside is
 counted. A frame without boxes stays, as a negative. Ignore regions (drivedit.detect.ignore_regions)
 come from a training dataset's boxes under its `ignore_under` side (sqrt of the area, in resized pixels)
 and, with `ignore_attribute`, from boxes whose attributes say `"ignore": true` (drivedit.detect.unlabelled
-marks those); both are counted. An image that cannot be decoded is skipped and
+marks those), both counted; a dataset with `learn_background` false has its whole frame as one (only its
+boxes teach). An image that cannot be decoded is skipped and
 listed. Each frame's scenario comes from its attributes through the scenario vocabulary (frames the
 vocabulary drops still train and are scored; their scenario is `other`).
 """
@@ -39,6 +40,7 @@ class DetFrame:
     labels: np.ndarray  # (k,) int64, 1-based category ids
     ignore_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (m, 4) original px
     ignore_under: float = 0.0  # boxes with a smaller side (resized pixels) are ignore regions, not targets
+    learn_background: bool = True  # False: the whole frame but its boxes is an ignore region
 
 
 class DetItem(NamedTuple):
@@ -171,7 +173,10 @@ class FrameStore:
         small = side < f.ignore_under
         self.report.ignored_small += int(small.sum())
         marked, _ = fit_boxes(f.ignore_boxes, np.zeros(len(f.ignore_boxes), np.int64), w, h, self.size, BoxReport())
-        item = DetItem(img, boxes[~small], labels[~small], np.concatenate([boxes[small], marked]))
+        ignore = [boxes[small], marked]
+        if not f.learn_background:  # a region past every edge: no anchor of the frame is background, targets stay
+            ignore.append(np.array([[-self.size, -self.size, 2 * self.size, 2 * self.size]], np.float32))
+        item = DetItem(img, boxes[~small], labels[~small], np.concatenate(ignore))
         if self.cache:
             self._cache[i] = item
         return item

@@ -74,7 +74,7 @@ def load_sources(job: DetectJob):
         f, _ = read_frames(src.uri, src.labels_file or d.labels_file, d.categories, d.category_map, d.scenarios,
                            ignore_attribute=True)
         for frame in f:
-            frame.ignore_under = src.ignore_under
+            frame.ignore_under, frame.learn_background = src.ignore_under, src.learn_background
         frames += f
         sizes.append(len(f))
     val, _ = read_frames(d.val, d.labels_file, d.categories, d.category_map, d.scenarios)
