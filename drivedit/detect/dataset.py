@@ -4,12 +4,11 @@ A folder holds `images/` and a label file read by `drivedit.data.bdd100k` (image
 Scalabel). Categories go through the job's category map; boxes of other categories are dropped and
 counted. Images are resized to `image_size` x `image_size` and their boxes scaled with them; a box
 reaching outside the image is clipped to it, and one with nothing left inside is dropped, both
-counted. A frame without boxes stays, as a negative. Ignore regions (drivedit.detect.ignore_regions)
-come from a training dataset's boxes under its `ignore_under` side (sqrt of the area, in resized pixels)
-and, with `ignore_attribute`, from boxes whose attributes say `"ignore": true` (drivedit.detect.unlabelled
-marks those), both counted; a dataset with `learn_background` false has its whole frame as one (only its
-boxes teach). An image that cannot be decoded is skipped and
-listed. Each frame's scenario comes from its attributes through the scenario vocabulary (frames the
+counted. A frame without boxes stays, as a negative. An image that cannot be decoded is skipped and
+listed. Ignore regions (drivedit.detect.ignore_regions) come from a training dataset's boxes under its
+`ignore_under` side (sqrt of the area, in resized pixels) and, with `ignore_attribute`, from boxes whose
+attributes say `"ignore": true` (drivedit.detect.unlabelled marks those), both counted; a dataset with
+`learn_background` false has its whole frame as one (only its boxes teach). Each frame's scenario comes from its attributes through the scenario vocabulary (frames the
 vocabulary drops still train and are scored; their scenario is `other`).
 """
 from __future__ import annotations
