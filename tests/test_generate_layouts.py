@@ -104,6 +104,16 @@ def test_layout_job_labels_and_resume_byte_identical(material, ray_session, tmp_
     assert [(lab["category"], lab["box2d"]) for lab in labels[0]["labels"]] == [
         ("car", {"x1": 1.0, "y1": 1.0, "x2": 5.0, "y2": 5.0}), ("pedestrian", {"x1": 0.0, "y1": 2.0, "x2": 2.0, "y2": 7.0})]
     assert labels[1]["attributes"]["weather"] == "rainy" and labels[0]["attributes"]["timeofday"] == "night"
+    # one token of this DiT-N/2 on an 8 x 8 grid is 2 px of the 8 px image: every box here is larger, so none is
+    # an ignore region; asked to promise only boxes from 4 px, the 2 x 5 pedestrian (side 3.2) becomes one
+    spec = json.loads((tmp_path / "whole" / "spec.json").read_text())["spec"]
+    assert spec["layouts"]["ignore_under"] == 2.0
+    assert all(lab["attributes"] == {} for f in labels for lab in f["labels"])
+    run_generate(_job(bundle, source, tmp_path / "marked", ignore_under=4))
+    marked = json.loads((tmp_path / "marked" / "labels.json").read_text())[0]["labels"]
+    assert [(lab["category"], lab["box2d"]) for lab in marked] == [(lab["category"], lab["box2d"])
+                                                                   for lab in labels[0]["labels"]]
+    assert marked[0]["attributes"] == {} and marked[1]["attributes"]["ignore"] is True
 
     # interrupted after one shard, the other shard's files lost, then resumed: the same bytes
     part = tmp_path / "part"

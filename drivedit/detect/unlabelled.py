@@ -46,7 +46,7 @@ def mark_unlabelled(detector, spec: dict, uri: str, labels_file: str = "labels.j
                 corrupt.append(f"{frames[i].name}: {type(e).__name__}: {e}"[:300])
                 continue
             chunk.append(i)
-            images.append(DetItem(img, empty, np.zeros(0, np.int64), empty))
+            images.append(DetItem(img, empty, np.zeros(0, np.int64), empty, np.zeros(0, np.int64)))
             sizes.append((w, h))
         if not chunk:
             continue
