@@ -73,6 +73,10 @@ def test_items_carry_the_placed_boxes_and_bad_specs_are_refused(material, tmp_pa
     # b.png: the car lies left of the crop and is dropped
     assert items[-1]["boxes"] == [[1, 0.5, 0.5, 0.875, 1.0]]
     assert prep.document["layouts"]["box_categories"] == CATS
+    # the marking rule enters the spec hash; 0 marks nothing, so the document (and hash) is what it was before marks
+    assert prep.document["layouts"]["ignore_under"] == 2.0  # one token: patch 2 of the 8 x 8 grid, at 8 px
+    unmarked = prepare(_job(bundle, source, tmp_path / "o", variants=2, ignore_under=0))
+    assert "ignore_under" not in unmarked.document["layouts"] and unmarked.spec_hash != prep.spec_hash
     with pytest.raises(SpecError, match="unknown scenarios \\['foggy'\\]"):
         prepare(_job(bundle, source, tmp_path / "o", scenarios=["foggy"]))
     plain = load_config(GenerateJob, data={**_job(bundle, source, tmp_path / "o").model_dump(mode="json"),

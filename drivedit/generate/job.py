@@ -110,10 +110,12 @@ def model_tracking_uri(job: GenerateJob) -> str | None:
         or None
 
 
-def _ignore_under(value: float | str, job: GenerateJob, sm) -> float:
-    """A section's `ignore_under` in output pixels (`token`: one token of this model at the output size)."""
+def _ignore_entry(value: float | str, job: GenerateJob, sm) -> dict:
+    """{"ignore_under": px} of a section's `ignore_under` (`token`: one token of this model at the output size) for
+    the spec document; {} for 0, so a dataset that marks nothing keeps the hash it had before there were marks."""
     cfg = sm.model.config
-    return resolve_ignore_under(value, job.output.image_size or sm.image_size, cfg.input_size, cfg.patch_size)
+    px = resolve_ignore_under(value, job.output.image_size or sm.image_size, cfg.input_size, cfg.patch_size)
+    return {"ignore_under": px} if px > 0 else {}
 
 
 def _layout_plan(job: GenerateJob, sm) -> tuple[ItemPlan, dict]:
@@ -137,7 +139,7 @@ def _layout_plan(job: GenerateJob, sm) -> tuple[ItemPlan, dict]:
     plan = layout_plan(frames, section.scenarios, section.variants, job.spec.base_seed, job.spec.shard_size)
     document = {"source_digest": frames_digest(frames), "frames": len(frames), "variants": section.variants,
                 "layout_guidance": float(section.layout_guidance), "box_categories": categories,
-                "ignore_under": _ignore_under(section.ignore_under, job, sm)}
+                **_ignore_entry(section.ignore_under, job, sm)}
     if branch.spec.uses_segmentation:  # only then, so a box-only job's spec hash is what it was
         document["segmentation_classes"] = list(branch.spec.segmentation_classes)
     return plan, document
@@ -177,7 +179,7 @@ def prepare(job: GenerateJob) -> Prepared:
                              sampler=dataset.manifest_settings(job.sampler),
                              image_size=image_size, codec=sm.codec_id, layouts=layouts)
     if job.spec.transfer is not None:
-        document["transfer"] = {**plan.document(), "ignore_under": _ignore_under(job.spec.transfer.ignore_under, job, sm)}
+        document["transfer"] = {**plan.document(), **_ignore_entry(job.spec.transfer.ignore_under, job, sm)}
     sm.model = None  # the driver only plans; actors load their own copy
     return Prepared(job, sm, plan, document, spec_hash(document), image_size, tracking_uri)
 
