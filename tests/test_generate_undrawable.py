@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from drivedit.data.bdd100k import Box, Frame
-from drivedit.generate.undrawable import is_ignore, mark_undrawable, resolve_ignore_under, token_side
+from drivedit.data.bdd100k import Box, Frame, is_ignore
+from drivedit.generate.undrawable import mark_undrawable, resolve_ignore_under, token_side
 
 
 def test_one_token_in_output_pixels():

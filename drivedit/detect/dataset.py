@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from drivedit import storage
-from drivedit.data.bdd100k import IGNORE_ATTRIBUTE, ScenarioVocabulary, load_label_file
+from drivedit.data.bdd100k import ScenarioVocabulary, is_ignore, load_label_file
 
 OTHER_SCENARIO = "other"
 
@@ -99,7 +99,7 @@ def read_frames(uri: str, labels_file: str, categories: list[str], category_map:
         boxes, labels, ignore, ignore_labels = [], [], [], []
         for b in f.boxes:
             name = category_map.get(b.category, b.category)
-            if b.attributes.get(IGNORE_ATTRIBUTE) is True:
+            if is_ignore(b.attributes):
                 ignore.append((b.x1, b.y1, b.x2, b.y2))
                 ignore_labels.append(index.get(name, 0))
                 continue

@@ -17,8 +17,8 @@ import torch
 from torchvision.ops import box_iou
 
 from drivedit import storage
-from drivedit.data.bdd100k import Box, ScenarioVocabulary, load_label_file, write_label_file
-from drivedit.detect.dataset import IGNORE_ATTRIBUTE, DetItem, OTHER_SCENARIO, decode_image, to_batch
+from drivedit.data.bdd100k import IGNORE_ATTRIBUTE, Box, ScenarioVocabulary, load_label_file, write_label_file
+from drivedit.detect.dataset import DetItem, OTHER_SCENARIO, decode_image, to_batch
 
 
 @torch.no_grad()

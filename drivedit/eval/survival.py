@@ -17,8 +17,7 @@ import json
 import numpy as np
 
 from drivedit import storage
-from drivedit.data.bdd100k import Frame, load_label_file
-from drivedit.generate.undrawable import is_ignore
+from drivedit.data.bdd100k import Frame, is_ignore, load_label_file
 
 
 def _ground_truth(frames: list[Frame], categories: list[str]) -> dict:

@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from drivedit import storage
-from drivedit.data.bdd100k import Box, Frame, load_label_file
-from drivedit.generate.undrawable import is_ignore
+from drivedit.data.bdd100k import Box, Frame, is_ignore, load_label_file
 
 FORMATS = ("coco", "yolo")
 LABELS_FILE = "labels.json"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from drivedit.data.bdd100k import IGNORE_ATTRIBUTE, Box
+from drivedit.data.bdd100k import IGNORE_ATTRIBUTE, Box, is_ignore
 
 MARKED_BY = "marked_by"
 
@@ -39,10 +39,5 @@ def mark_undrawable(boxes: list[Box], under: float) -> list[Box]:
         return boxes
     note = f"generate: side under {under:g} px (one DiT token)"
     return [replace(b, attributes={**b.attributes, IGNORE_ATTRIBUTE: True, MARKED_BY: note})
-            if math.sqrt(max(b.width, 0.0) * max(b.height, 0.0)) < under and b.attributes.get(IGNORE_ATTRIBUTE) is not True
+            if math.sqrt(max(b.width, 0.0) * max(b.height, 0.0)) < under and not is_ignore(b.attributes)
             else b for b in boxes]
-
-
-def is_ignore(attributes: dict | None) -> bool:
-    """Whether a label's attributes make it an ignore region."""
-    return bool(attributes) and attributes.get(IGNORE_ATTRIBUTE) is True
