@@ -110,6 +110,7 @@ def main(argv=None) -> int:
         ap.error("--layout-guidance needs --model light or controlnet (the layout-free model has no branch)")
     import ray
 
+    from drivedit.eval.fidelity import dataset_ignore_under
     from drivedit.eval.survival import label_survival_from_scores
 
     out, t0 = start(args)
@@ -143,11 +144,12 @@ def main(argv=None) -> int:
     rows = []
     for (arm, s), (folder, scores) in transferred.items():
         kind, lg = next((k, g) for a, k, g in arms(args) if a == arm)
-        sv = label_survival_from_scores(scores, original_scores)
+        sv = label_survival_from_scores(scores, original_scores, dataset_ignore_under(str(folder)))
         acc, _ = condition_accuracy(out, folder, args)
         rows.append({"arm": arm, "model": kind, "layout_guidance": lg, "strength": s, "condition_accuracy": acc,
                      "vs_plain": acc / base[kind] if base[kind] > 0 else None, "survival": sv["survival"],
-                     "ap50_transferred": sv["ap50_transferred"], "ap50_original": sv["ap50_original"]})
+                     "ap50_transferred": sv["ap50_transferred"], "ap50_original": sv["ap50_original"],
+                     "ignore_under": sv["ignore_under"], "survival_all_boxes": sv["survival_all_boxes"]})
     result = {"command": "python bench/transfer_strength.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "frames": args.frames, "targets": args.targets, "plain_condition_accuracy": base,
               "classifier_heldout_accuracy": heldout, "models": {k: ft["bundle_uri"] for k, ft in runs.items()},
@@ -158,10 +160,12 @@ def main(argv=None) -> int:
           f"guidance {args.guidance}; classifier held-out accuracy {heldout:.3f}; detector AP50 on the "
           f"originals {rows[0]['ap50_original']:.3f}; plain sampling of the targets: condition accuracy "
           + ", ".join(f"{base[k]:.3f} ({k})" for k in base))
-    print(f"{'arm':<14}{'s':>5}{'survival':>10}{'AP50':>8}{'cond.acc':>10}{'/ plain':>9}")
+    print("survival: of the boxes the transfer labels as objects (those under one token are ignore regions, on the "
+          "originals too); all boxes: of every carried box")
+    print(f"{'arm':<14}{'s':>5}{'survival':>10}{'all boxes':>11}{'AP50':>8}{'cond.acc':>10}{'/ plain':>9}")
     for r in rows:
-        print(f"{r['arm']:<14}{r['strength']:>5.2f}{r['survival']:>10.3f}{r['ap50_transferred']:>8.3f}"
-              f"{r['condition_accuracy']:>10.3f}{(r['vs_plain'] or float('nan')):>9.2f}")
+        print(f"{r['arm']:<14}{r['strength']:>5.2f}{r['survival']:>10.3f}{r['survival_all_boxes']:>11.3f}"
+              f"{r['ap50_transferred']:>8.3f}{r['condition_accuracy']:>10.3f}{(r['vs_plain'] or float('nan')):>9.2f}")
     for arm, _, _ in arms(args):
         ok = [r["strength"] for r in rows
               if r["arm"] == arm and r["survival"] >= 0.9 and r["condition_accuracy"] >= 0.8]

@@ -56,7 +56,8 @@ def test_boxes_outside_the_image_are_clipped_or_dropped_and_counted():
 def test_flip_mirrors_image_and_boxes():
     img = np.zeros((8, 8, 3), np.uint8)
     img[:, 1] = 255  # a bright column at x = 1
-    item = DetItem(img, np.array([[1, 2, 3, 6]], np.float32), np.array([1]), np.array([[0, 0, 2, 1]], np.float32))
+    item = DetItem(img, np.array([[1, 2, 3, 6]], np.float32), np.array([1]), np.array([[0, 0, 2, 1]], np.float32),
+                   np.array([1]))
     x, targets = to_batch([item], np.array([True]))
     assert x.shape == (1, 3, 8, 8) and float(x[0, 0, 0, 6]) == 1.0 and float(x[0, 0, 0, 1]) == 0.0
     assert targets[0]["boxes"].tolist() == [[5.0, 2.0, 7.0, 6.0]]

@@ -116,12 +116,11 @@ def test_confident_unlabelled_detections_are_marked_as_ignore_regions(tmp_path):
     assert extra["box2d"] == {"x1": 20.0, "y1": 20.0, "x2": 30.0, "y2": 30.0}
     assert extra["attributes"] == {"ignore": True, "marked_by": "t", "score": 0.8}
     assert len(written[1]["labels"]) == 1 and json.loads((tmp_path / "labels.json").read_text())[0]["labels"] == [car]
-    # the detect job reads the mark as an ignore region of a training set, as a box anywhere else
-    frames, report = read_frames(str(tmp_path), "marked.json", ["car"], {}, ["clear"], ignore_attribute=True)
+    # the detect job reads the mark as an ignore region (training: neither object nor background; scoring: crowd)
+    frames, report = read_frames(str(tmp_path), "marked.json", ["car"], {}, ["clear"])
     np.testing.assert_allclose(frames[0].ignore_boxes, [[20, 20, 30, 30]])
+    assert frames[0].ignore_labels.tolist() == [1]  # its category, so scoring can make it a crowd region of it
     assert len(frames[0].boxes) == 1 and report.ignore_regions == 1
-    frames, _ = read_frames(str(tmp_path), "marked.json", ["car"], {}, ["clear"])
-    assert len(frames[0].boxes) == 2 and not len(frames[0].ignore_boxes)
 
 
 def test_mark_unlabelled_command_writes_the_marked_file_and_names_bad_input(tmp_path, capsys):

@@ -63,3 +63,56 @@ def test_a_folder_that_is_not_a_scores_folder_is_named(tmp_path):
     (tmp_path / "real").mkdir()
     with pytest.raises(FileNotFoundError, match="no gt.json .*drivedit detect --eval-only"):
         layout_fidelity(str(tmp_path / "real"), str(tmp_path / "real"))
+
+
+def test_boxes_the_generator_marked_are_crowd_and_the_real_side_follows_the_same_rule(tmp_path):
+    from drivedit.eval.fidelity import dataset_ignore_under
+
+    real = [("r0.png", "clear", [SMALL, LARGE]), ("r1.png", "night", [LARGE])]
+    _write(tmp_path / "real", real, found={(0, 0), (0, 1), (1, 0)})
+    # the generator labelled night's small box an ignore region (under one token); a detection sits on it
+    ims = [GroundTruthImage("g0.png", "clear", 128, 128, np.array([LARGE], float), np.ones(1, np.int64)),
+           GroundTruthImage("g1.png", "night", 128, 128, np.array([LARGE], float), np.ones(1, np.int64),
+                            np.array([SMALL], np.float32), np.ones(1, np.int64)),
+           GroundTruthImage("g2.png", "snowy", 128, 128, np.array([LARGE], float), np.ones(1, np.int64))]
+    gt = coco_ground_truth(ims, CATS)
+    assert [(a["iscrowd"], a.get("ignore_region", False)) for a in gt["annotations"]] == \
+        [(0, False), (0, False), (1, True), (0, False)]
+    x1, y1, x2, y2 = SMALL
+    preds = [{"image_id": 1, "category_id": 1, "bbox": [40, 40, 40, 40], "score": 0.9},
+             {"image_id": 2, "category_id": 1, "bbox": [40, 40, 40, 40], "score": 0.9},
+             {"image_id": 2, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 0.95}]
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "gen" / "predictions.json").write_text(json.dumps(preds))
+
+    out = layout_fidelity(str(tmp_path / "gen"), str(tmp_path / "real"), ignore_under=10)
+    # 2 of the 3 large boxes found; the detection on the ignore region counts neither way; the real small box
+    # (5 px, under 10) is an ignore region too, so the real side scores its two large boxes: 1.0
+    assert out["ap50_generated"] == pytest.approx(67 / 101, abs=1e-6) and out["ap50_real"] == pytest.approx(1.0)
+    assert out["fidelity"] == pytest.approx(67 / 101, abs=1e-6) and out["ignore_under"] == 10
+    assert (out["num_boxes_generated"], out["num_boxes_real"]) == (3, 2)
+    # every layout box: the small one is a box to find again (and the 0.95 detection finds it): 3 of 4
+    everything = out["all_boxes"]
+    assert everything["ap50_generated"] == pytest.approx(76 / 101, abs=1e-6) and everything["num_boxes_generated"] == 4
+    assert everything["ap50_real"] == pytest.approx(1.0) and everything["num_boxes_real"] == 3
+    assert fidelity_metrics(out, "f")["f.all_boxes.fidelity"] == pytest.approx(76 / 101, abs=1e-6)
+    # without the rule on the real side the ratio would compare other boxes: the real small box counts again
+    assert layout_fidelity(str(tmp_path / "gen"), str(tmp_path / "real"))["num_boxes_real"] == 3
+
+    # the rule a generated dataset wrote in its spec.json; 0 for a folder without one
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "spec.json").write_text(json.dumps({"spec_hash": "x", "spec": {"layouts": {"ignore_under": 16.0}}}))
+    assert dataset_ignore_under(str(tmp_path / "ds")) == 16.0 and dataset_ignore_under(str(tmp_path / "real")) == 0.0
+
+
+def test_eval_takes_the_side_rule_from_the_flag_or_the_generated_dataset(tmp_path):
+    import argparse
+
+    from drivedit.eval.cli import build_parser, ignore_under
+
+    (tmp_path / "spec.json").write_text(json.dumps({"spec": {"transfer": {"ignore_under": 32.0}}}))
+    base = ["--real", "r", "--fake", str(tmp_path), "--train-classifier"]
+    assert ignore_under(build_parser().parse_args(base)) == 32.0  # what the transfer marked
+    assert ignore_under(build_parser().parse_args(base + ["--ignore-under", "0"])) == 0.0  # the flag wins
+    assert ignore_under(argparse.Namespace(ignore_under=None, fake=str(tmp_path / "none"))) == 0.0

@@ -73,6 +73,10 @@ def test_items_carry_the_placed_boxes_and_bad_specs_are_refused(material, tmp_pa
     # b.png: the car lies left of the crop and is dropped
     assert items[-1]["boxes"] == [[1, 0.5, 0.5, 0.875, 1.0]]
     assert prep.document["layouts"]["box_categories"] == CATS
+    # the marking rule enters the spec hash; 0 marks nothing, so the document (and hash) is what it was before marks
+    assert prep.document["layouts"]["ignore_under"] == 2.0  # one token: patch 2 of the 8 x 8 grid, at 8 px
+    unmarked = prepare(_job(bundle, source, tmp_path / "o", variants=2, ignore_under=0))
+    assert "ignore_under" not in unmarked.document["layouts"] and unmarked.spec_hash != prep.spec_hash
     with pytest.raises(SpecError, match="unknown scenarios \\['foggy'\\]"):
         prepare(_job(bundle, source, tmp_path / "o", scenarios=["foggy"]))
     plain = load_config(GenerateJob, data={**_job(bundle, source, tmp_path / "o").model_dump(mode="json"),
@@ -104,6 +108,16 @@ def test_layout_job_labels_and_resume_byte_identical(material, ray_session, tmp_
     assert [(lab["category"], lab["box2d"]) for lab in labels[0]["labels"]] == [
         ("car", {"x1": 1.0, "y1": 1.0, "x2": 5.0, "y2": 5.0}), ("pedestrian", {"x1": 0.0, "y1": 2.0, "x2": 2.0, "y2": 7.0})]
     assert labels[1]["attributes"]["weather"] == "rainy" and labels[0]["attributes"]["timeofday"] == "night"
+    # one token of this DiT-N/2 on an 8 x 8 grid is 2 px of the 8 px image: every box here is larger, so none is
+    # an ignore region; asked to promise only boxes from 4 px, the 2 x 5 pedestrian (side 3.2) becomes one
+    spec = json.loads((tmp_path / "whole" / "spec.json").read_text())["spec"]
+    assert spec["layouts"]["ignore_under"] == 2.0
+    assert all(lab["attributes"] == {} for f in labels for lab in f["labels"])
+    run_generate(_job(bundle, source, tmp_path / "marked", ignore_under=4))
+    marked = json.loads((tmp_path / "marked" / "labels.json").read_text())[0]["labels"]
+    assert [(lab["category"], lab["box2d"]) for lab in marked] == [(lab["category"], lab["box2d"])
+                                                                   for lab in labels[0]["labels"]]
+    assert marked[0]["attributes"] == {} and marked[1]["attributes"]["ignore"] is True
 
     # interrupted after one shard, the other shard's files lost, then resumed: the same bytes
     part = tmp_path / "part"

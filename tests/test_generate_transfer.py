@@ -153,6 +153,11 @@ def test_transfer_job_carries_labels_and_resumes_byte_identical(models, source, 
         assert (frame["attributes"]["weather"], frame["attributes"]["timeofday"]) == \
             dataset.scenario_attributes(TARGETS[i % 2])
     assert len(labels[0]["labels"]) == 1  # a's pedestrian lies outside the centre crop
+    # boxes under one token of the model at the output size are carried as ignore regions, the others as objects
+    under = json.loads((whole / "spec.json").read_text())["spec"]["transfer"]["ignore_under"]
+    sides = [(np.sqrt((b["box2d"]["x2"] - b["box2d"]["x1"]) * (b["box2d"]["y2"] - b["box2d"]["y1"])),
+              b["attributes"].get("ignore") is True) for f in labels for b in f["labels"]]
+    assert under == 4.0 and [ignored for _, ignored in sides] == [side < under for side, _ in sides]
     manifest = pq.read_table(whole / "manifest.parquet").to_pylist()
     assert [(r["source_frame"], r["strength"]) for r in manifest] == [(FRAMES[i // 2][0], 0.5) for i in range(6)]
     assert [r["mask"] for r in manifest] == ["labels/sem_seg/masks/00000/00000000.png", "labels/sem_seg/masks/00000/00000001.png"] + [None] * 4

@@ -69,6 +69,12 @@ def test_layout_request_returns_images_with_labels_equal_to_the_layout(client):
     half = {**LAYOUT, "width": 8, "height": 8, "boxes": [{"category": "car", "x1": 1, "y1": 2, "x2": 4, "y2": 8}]}
     r = with_branch.post("/v1/samples", json={"scenario": "rainy", "seed": 5, "layout": half})
     assert r.json()["labels"] == [{"category": "car", "box2d": {"x1": 2.0, "y1": 4.0, "x2": 8.0, "y2": 16.0}}]
+    # a box under one token of the served model (patch 2 on a 16 x 16 grid of a 16 px image: 2 px) comes back as an
+    # ignore region; the other boxes as before
+    tiny = {**LAYOUT, "boxes": [{"category": "car", "x1": 0, "y1": 0, "x2": 1.5, "y2": 1.5}, LAYOUT["boxes"][0]]}
+    labels = with_branch.post("/v1/samples", json={"scenario": "rainy", "seed": 5, "layout": tiny}).json()["labels"]
+    assert labels[0]["box2d"] == {"x1": 0.0, "y1": 0.0, "x2": 1.5, "y2": 1.5} and labels[0]["attributes"]["ignore"] is True
+    assert "attributes" not in labels[1]
 
 
 @pytest.mark.parametrize("box,loc,text", [

@@ -8,7 +8,7 @@ already exists) run in the job before any sampling; the checks here need only th
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -47,6 +47,17 @@ class BalanceSection(StrictModel):
         None, description="the scenarios to fill; default: every scenario of the model's vocabulary")
 
 
+# a side in output pixels (>= 0), or `token`: one DiT token's side (generate/undrawable.py resolves it)
+IgnoreUnder = Annotated[float, Field(ge=0)] | Literal["token"]
+IGNORE_UNDER_FIELD = Field(  # spec.layouts' and spec.transfer's
+    "token", description="boxes whose side (sqrt of the area, in output pixels) is under this are written as ignore "
+                         "regions (attributes {\"ignore\": true, \"marked_by\": ...}) rather than as objects: the "
+                         "model cannot promise an object smaller than one of its tokens (BENCHMARKS.md: the real-only "
+                         "detector finds 1-43 % of the generated objects under 16 px at 128 px, 92-100 % above). "
+                         "`token`: one DiT token's side in output pixels (patch size x the codec's downsampling x "
+                         "output / native size); 0: every box an object label")
+
+
 class LayoutsSection(StrictModel):
     """Generate from the layouts of real frames: each source frame's boxes, rendered under every requested
     scenario, `variants` images each (a model with a layout branch). The dataset's labels.json holds the
@@ -68,6 +79,7 @@ class LayoutsSection(StrictModel):
     layout_guidance: float = Field(
         4.0, ge=1.0, description="guidance on the layout (1: none), on top of sampler.guidance on the scenario; 4 "
                                  "holds the boxes best at no cost in condition accuracy (BENCHMARKS.md, layout branches)")
+    ignore_under: IgnoreUnder = IGNORE_UNDER_FIELD
 
 
 class TransferSection(StrictModel):
@@ -93,6 +105,7 @@ class TransferSection(StrictModel):
                                   "segmentation), with this guidance (>= 1) on the layout as spec.layouts does (1: the "
                                   "branch on, unguided; 4 as spec.layouts). null: plain SDEdit, the branch silent. "
                                   "A model without a branch refuses it")
+    ignore_under: IgnoreUnder = IGNORE_UNDER_FIELD
 
 
 class SpecSection(StrictModel):

@@ -35,6 +35,14 @@ SEGMENTATION_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole",
                         "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
                         "motorcycle", "bicycle")
 SEGMENTATION_IGNORE = 255
+# drivedit's box attribute for an ignore region: a box whose attributes say {"ignore": true} is neither an
+# object to find nor background (the detect job's training and scoring, the COCO export's iscrowd)
+IGNORE_ATTRIBUTE = "ignore"
+
+
+def is_ignore(attributes: dict | None) -> bool:
+    """Whether a label's attributes make it an ignore region."""
+    return bool(attributes) and attributes.get(IGNORE_ATTRIBUTE) is True
 SEGMENTATION_DIR = "labels/sem_seg/masks"
 
 

@@ -6,8 +6,9 @@ counted. Images are resized to `image_size` x `image_size` and their boxes scale
 reaching outside the image is clipped to it, and one with nothing left inside is dropped, both
 counted. A frame without boxes stays, as a negative. An image that cannot be decoded is skipped and
 listed. Ignore regions (drivedit.detect.ignore_regions) come from a training dataset's boxes under its
-`ignore_under` side (sqrt of the area, in resized pixels) and, with `ignore_attribute`, from boxes whose
-attributes say `"ignore": true` (drivedit.detect.unlabelled marks those), both counted; a dataset with
+`ignore_under` side (sqrt of the area, in resized pixels) and from boxes whose attributes say
+`"ignore": true` (drivedit.detect.unlabelled and the generate job mark those; in a scored folder they are
+COCO crowd regions), both counted; a dataset with
 `learn_background` false has its whole frame as one (only its boxes teach). Each frame's scenario comes from its attributes through the scenario vocabulary (frames the
 vocabulary drops still train and are scored; their scenario is `other`).
 """
@@ -22,10 +23,9 @@ import numpy as np
 import torch
 
 from drivedit import storage
-from drivedit.data.bdd100k import ScenarioVocabulary, load_label_file
+from drivedit.data.bdd100k import ScenarioVocabulary, is_ignore, load_label_file
 
 OTHER_SCENARIO = "other"
-IGNORE_ATTRIBUTE = "ignore"  # a box with attributes {"ignore": true} is an ignore region, not a target
 
 
 @dataclass
@@ -38,6 +38,7 @@ class DetFrame:
     boxes: np.ndarray  # (k, 4) float32, original pixels
     labels: np.ndarray  # (k,) int64, 1-based category ids
     ignore_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (m, 4) original px
+    ignore_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (m,) their ids, 0: unknown
     ignore_under: float = 0.0  # boxes with a smaller side (resized pixels) are ignore regions, not targets
     learn_background: bool = True  # False: the whole frame but its boxes is an ignore region
 
@@ -49,6 +50,7 @@ class DetItem(NamedTuple):
     boxes: np.ndarray  # (k, 4) float32: what the detector learns to find
     labels: np.ndarray  # (k,) int64
     ignore: np.ndarray  # (m, 4) float32: regions it is neither taught to find nor to call background
+    ignore_labels: np.ndarray  # (m,) int64: their category ids, 0 for any (scoring: COCO crowd of that category)
 
 
 @dataclass
@@ -85,20 +87,22 @@ class BoxReport:
 
 
 def read_frames(uri: str, labels_file: str, categories: list[str], category_map: dict[str, str],
-                scenarios: list[str], ignore_attribute: bool = False) -> tuple[list[DetFrame], LabelReport]:
-    """Frames of one folder and what was dropped; with `ignore_attribute`, boxes marked {"ignore": true} become
-    the frame's ignore regions (whatever their category). Raises LabelFileError for an unreadable label file."""
+                scenarios: list[str]) -> tuple[list[DetFrame], LabelReport]:
+    """Frames of one folder and what was dropped; boxes marked {"ignore": true} become the frame's ignore regions
+    (with their category id, 0 when it is not one of `categories`): in training neither object nor background,
+    in scoring COCO crowd regions. Raises LabelFileError for an unreadable label file."""
     index = {c: i + 1 for i, c in enumerate(categories)}
     vocab = ScenarioVocabulary(scenarios, night="night" if "night" in scenarios else None)
     report = LabelReport()
     frames = []
     for f in load_label_file(storage.join(uri, labels_file)):
-        boxes, labels, ignore = [], [], []
+        boxes, labels, ignore, ignore_labels = [], [], [], []
         for b in f.boxes:
-            if ignore_attribute and b.attributes.get(IGNORE_ATTRIBUTE) is True:
-                ignore.append((b.x1, b.y1, b.x2, b.y2))
-                continue
             name = category_map.get(b.category, b.category)
+            if is_ignore(b.attributes):
+                ignore.append((b.x1, b.y1, b.x2, b.y2))
+                ignore_labels.append(index.get(name, 0))
+                continue
             if name not in index:
                 report.unknown_categories[b.category] += 1
                 continue
@@ -114,7 +118,7 @@ def read_frames(uri: str, labels_file: str, categories: list[str], category_map:
         report.scenarios[scenario] += 1
         frames.append(DetFrame(f.name, storage.join(uri, "images", f.name), scenario,
                                np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
-                               np.asarray(ignore, np.float32).reshape(-1, 4)))
+                               np.asarray(ignore, np.float32).reshape(-1, 4), np.asarray(ignore_labels, np.int64)))
     return frames, report
 
 
@@ -171,11 +175,12 @@ class FrameStore:
         side = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))  # (k,)
         small = side < f.ignore_under
         self.report.ignored_small += int(small.sum())
-        marked, _ = fit_boxes(f.ignore_boxes, np.zeros(len(f.ignore_boxes), np.int64), w, h, self.size, BoxReport())
-        ignore = [boxes[small], marked]
+        marked, marked_labels = fit_boxes(f.ignore_boxes, f.ignore_labels, w, h, self.size, BoxReport())
+        ignore, ignore_labels = [boxes[small], marked], [labels[small], marked_labels]
         if not f.learn_background:  # a region past every edge: no anchor of the frame is background, targets stay
             ignore.append(np.array([[-self.size, -self.size, 2 * self.size, 2 * self.size]], np.float32))
-        item = DetItem(img, boxes[~small], labels[~small], np.concatenate(ignore))
+            ignore_labels.append(np.zeros(1, np.int64))
+        item = DetItem(img, boxes[~small], labels[~small], np.concatenate(ignore), np.concatenate(ignore_labels))
         if self.cache:
             self._cache[i] = item
         return item
@@ -187,7 +192,7 @@ def to_batch(items: list[DetItem], flips: np.ndarray | None = None) -> tuple[tor
     from drivedit.detect.ignore_regions import IGNORE_KEY
 
     images, targets = [], []
-    for i, (img, boxes, labels, ignore) in enumerate(items):
+    for i, (img, boxes, labels, ignore, _) in enumerate(items):
         boxes, ignore = boxes.copy(), ignore.copy()
         if flips is not None and flips[i]:
             img = img[:, ::-1]

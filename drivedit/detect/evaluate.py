@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,7 +31,8 @@ def area_ranges(image_size: int, reference: int = COCO_REFERENCE_SIDE) -> list[l
 
 @dataclass
 class GroundTruthImage:
-    """One scored image: its boxes (k, 4) x1, y1, x2, y2 in pixels and 1-based category ids (k,)."""
+    """One scored image: its boxes (k, 4) x1, y1, x2, y2 in pixels and 1-based category ids (k,), and its ignore
+    regions (m, 4) with their category ids (m,), 0 for a region of any category."""
 
     name: str
     scenario: str
@@ -39,19 +40,32 @@ class GroundTruthImage:
     height: int
     boxes: np.ndarray
     labels: np.ndarray
+    ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    ignore_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def coco_ground_truth(images: list[GroundTruthImage], categories: list[str]) -> dict:
-    """COCO instances JSON; image ids are 1-based positions, each image records its scenario."""
+    """COCO instances JSON; image ids are 1-based positions, each image records its scenario. An ignore region is
+    COCO's crowd annotation (`iscrowd` 1, `ignore_region` true): a detection on it counts neither as found nor as
+    false, and it is no box to find; a region of any category (id 0) is one crowd annotation per category."""
     out_images, annotations = [], []
+
+    def add(i: int, box, label: int, crowd: bool, any_category: bool = False) -> None:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        w, h = x2 - x1, y2 - y1
+        region = ({"ignore_region": True} if crowd else {}) | ({"any_category": True} if any_category else {})
+        annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(label),
+                            "bbox": [round(x1, 3), round(y1, 3), round(w, 3), round(h, 3)],
+                            "area": round(w * h, 4), "iscrowd": int(crowd), **region})
+
     for i, im in enumerate(images, start=1):
         out_images.append({"id": i, "file_name": im.name, "width": int(im.width), "height": int(im.height),
                            "scenario": im.scenario})
-        for (x1, y1, x2, y2), label in zip(np.asarray(im.boxes, np.float64).reshape(-1, 4), im.labels):
-            w, h = x2 - x1, y2 - y1
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(label),
-                                "bbox": [round(x1, 3), round(y1, 3), round(w, 3), round(h, 3)],
-                                "area": round(w * h, 4), "iscrowd": 0})
+        for box, label in zip(np.asarray(im.boxes, np.float64).reshape(-1, 4), im.labels):
+            add(i, box, label, False)
+        for box, label in zip(np.asarray(im.ignore, np.float64).reshape(-1, 4), im.ignore_labels):
+            for c in ([int(label)] if label > 0 else range(1, len(categories) + 1)):
+                add(i, box, c, True, any_category=label <= 0)
     return {"images": out_images, "annotations": annotations,
             "categories": [{"id": i + 1, "name": c} for i, c in enumerate(categories)]}
 
@@ -125,7 +139,7 @@ def _run_cocoeval(coco_gt, coco_dt, img_ids: list[int], image_size: int, referen
     for k, cat_id in enumerate(ev.params.catIds):
         name = coco_gt.cats[cat_id]["name"]
         p = precision[:, :, k, 0, -1]
-        n = sum(1 for a in coco_gt.getAnnIds(imgIds=img_ids, catIds=[cat_id]))
+        n = len(coco_gt.getAnnIds(imgIds=img_ids, catIds=[cat_id], iscrowd=0))  # ignore regions are no boxes
         per_category[name] = {"AP": _value(p[p > -1].mean()) if (p > -1).any() else None,
                               "AP50": _value(p[0][p[0] > -1].mean()) if (p[0] > -1).any() else None,
                               "num_boxes": n}

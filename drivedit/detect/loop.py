@@ -71,8 +71,7 @@ def load_sources(job: DetectJob):
     d = job.data
     frames, sizes = [], []
     for src in d.train:
-        f, _ = read_frames(src.uri, src.labels_file or d.labels_file, d.categories, d.category_map, d.scenarios,
-                           ignore_attribute=True)
+        f, _ = read_frames(src.uri, src.labels_file or d.labels_file, d.categories, d.category_map, d.scenarios)
         for frame in f:
             frame.ignore_under, frame.learn_background = src.ignore_under, src.learn_background
         frames += f

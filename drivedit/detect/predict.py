@@ -33,9 +33,10 @@ def predict(detector, spec: dict, store: FrameStore, batch_size: int, device: to
         scenarios = [store.frames[i].scenario for i, _ in chunk]
         with autocast():
             out = run_detector(detector, spec, x.to(device), scenarios)
-        for (i, (img, boxes, labels, _)), det in zip(chunk, out):
+        for (i, (img, boxes, labels, ignore, ignore_labels)), det in zip(chunk, out):
             f = store.frames[i]
-            images.append(GroundTruthImage(f.name, f.scenario, img.shape[1], img.shape[0], boxes, labels))
+            images.append(GroundTruthImage(f.name, f.scenario, img.shape[1], img.shape[0], boxes, labels,
+                                           ignore, ignore_labels))
             results += coco_results(len(images), det["boxes"].float().cpu().numpy(), det["scores"].float().cpu().numpy(),
                                     det["labels"].cpu().numpy())
     detector.train(was_training)
@@ -46,7 +47,7 @@ def score(detector, spec: dict, store: FrameStore, batch_size: int, device: torc
           out_dir: Path, autocast=contextlib.nullcontext) -> dict:
     """Predict, evaluate and write the score files to the local `out_dir`; returns the metrics."""
     gt, results = predict(detector, spec, store, batch_size, device, autocast)
-    if not gt["annotations"]:
+    if not any(a["iscrowd"] == 0 for a in gt["annotations"]):  # ignore regions are no boxes to find
         raise ValueError("the validation frames hold no box of the configured categories (or every image was "
                          "corrupt): there is nothing to score")
     metrics = evaluate(gt, results, spec["image_size"], reference)

@@ -50,13 +50,12 @@ def _absolute(raw: dict) -> dict:
 
 
 def read_folder(uri: str, job: DetectJob, categories: list[str], what: str, problems: list[str],
-                labels_file: str | None = None, training: bool = False) -> dict | None:
+                labels_file: str | None = None) -> dict | None:
     from drivedit.detect.dataset import read_frames
 
     d = job.data
     try:
-        _, report = read_frames(uri, labels_file or d.labels_file, categories, d.category_map, d.scenarios,
-                                ignore_attribute=training)
+        _, report = read_frames(uri, labels_file or d.labels_file, categories, d.category_map, d.scenarios)
     except (LabelFileError, OSError, ValueError) as e:
         problems.append(f"{what}: {e}")
         return None
@@ -111,7 +110,7 @@ def check(raw: dict, source: str = "(config)", eval_only: bool = False) -> Plan:
         if not job.data.train:
             problems.append("data.train is empty: list at least one BDD100K-format folder ({uri, weight})")
         for i, src in enumerate(job.data.train):
-            r = read_folder(src.uri, job, categories, f"data.train[{i}]", problems, src.labels_file, training=True)
+            r = read_folder(src.uri, job, categories, f"data.train[{i}]", problems, src.labels_file)
             if r is not None:
                 reports[src.uri] = r
         if job.data.train and reports and len(reports) == len(job.data.train):

@@ -17,8 +17,8 @@ import torch
 from torchvision.ops import box_iou
 
 from drivedit import storage
-from drivedit.data.bdd100k import Box, ScenarioVocabulary, load_label_file, write_label_file
-from drivedit.detect.dataset import IGNORE_ATTRIBUTE, DetItem, OTHER_SCENARIO, decode_image, to_batch
+from drivedit.data.bdd100k import IGNORE_ATTRIBUTE, Box, ScenarioVocabulary, load_label_file, write_label_file
+from drivedit.detect.dataset import DetItem, OTHER_SCENARIO, decode_image, to_batch
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def mark_unlabelled(detector, spec: dict, uri: str, labels_file: str = "labels.j
                 corrupt.append(f"{frames[i].name}: {type(e).__name__}: {e}"[:300])
                 continue
             chunk.append(i)
-            images.append(DetItem(img, empty, np.zeros(0, np.int64), empty))
+            images.append(DetItem(img, empty, np.zeros(0, np.int64), empty, np.zeros(0, np.int64)))
             sizes.append((w, h))
         if not chunk:
             continue

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     lf.add_argument("--generated-scores", help="`drivedit detect --eval-only --data.val FAKE` scores folder of a "
                                                "detector trained on real frames only (gt.json, predictions.json)")
     lf.add_argument("--real-scores", help="the same detector's scores folder on held-out real frames")
+    ap.add_argument("--ignore-under", type=float, default=None, metavar="PX",
+                    help="fidelity and survival: boxes with a side (sqrt of the area) under PX are ignore regions on both "
+                         "sides (default: what --fake's spec.json says the generator marked, 0 for older datasets)")
     ap.add_argument("--json", dest="json_out", help="also write the full result as JSON to this path or URI")
     mlf = ap.add_mutually_exclusive_group()
     mlf.add_argument("--mlflow-run", metavar="RUN",
@@ -102,12 +105,27 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def ignore_under(args) -> float:
+    """The side under which boxes are ignore regions on both sides of a fidelity or survival ratio: --ignore-under,
+    else what the generated dataset (--fake) marked (its spec.json), else 0."""
+    from drivedit.eval.fidelity import dataset_ignore_under
+
+    return args.ignore_under if args.ignore_under is not None else dataset_ignore_under(args.fake)
+
+
 def format_fidelity(lf: dict) -> str:
-    """Layout fidelity overall, per scenario and per object size: AP50 generated / real = fidelity."""
+    """Layout fidelity overall, per scenario and per object size: AP50 generated / real = fidelity; then over
+    every layout box (the generator's ignore marks and the size rule undone)."""
+    everything = lf.get("all_boxes")
+    rule = (f"; boxes under {lf['ignore_under']:g} px are ignore regions on both sides "
+            f"({lf['num_boxes_generated']} generated, {lf['num_boxes_real']} real boxes to find)"
+            if lf.get("ignore_under") else "")
     lines = [f"layout fidelity: AP50 {_fmt(lf['ap50_generated'], '.3f')} on {lf['num_generated']} generated frames "
-             f"/ {_fmt(lf['ap50_real'], '.3f')} on {lf['num_real']} real frames = {_fmt(lf['fidelity'], '.3f')}",
+             f"/ {_fmt(lf['ap50_real'], '.3f')} on {lf['num_real']} real frames = {_fmt(lf['fidelity'], '.3f')}{rule}",
              f"{'':<16}{'AP50 gen':>10}{'AP50 real':>11}{'fidelity':>10}"]
     rows = list(lf["per_scenario"].items()) + [(f"size {k}", v) for k, v in lf["per_size"].items()]
+    if everything is not None and lf.get("ignore_under"):
+        rows += [("all boxes", everything)] + [(f"  all, {k}", v) for k, v in everything["per_size"].items()]
     for name, r in rows:
         lines.append(f"{name:<16}{_fmt(r['ap50_generated'], '.3f'):>10}{_fmt(r['ap50_real'], '.3f'):>11}"
                      f"{_fmt(r['fidelity'], '.3f'):>10}")
@@ -152,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         elif all(score_args):
             from drivedit.eval.survival import label_survival_from_scores
 
-            result["label_survival"] = label_survival_from_scores(*score_args)
+            result["label_survival"] = label_survival_from_scores(*score_args, ignore_under=ignore_under(args))
         if all(fidelity_args):
             from drivedit.eval.fidelity import layout_fidelity
 
-            result["layout_fidelity"] = layout_fidelity(*fidelity_args)
+            result["layout_fidelity"] = layout_fidelity(*fidelity_args, ignore_under=ignore_under(args))
     except (ValueError, FileNotFoundError) as err:
         print(f"drivedit eval: {err}", file=sys.stderr)
         return 2
@@ -165,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         ls = result["label_survival"]
         print(f"\nlabel survival: AP50 {ls['ap50_transferred']:.3f} on the transferred frames / "
               f"{ls['ap50_original']:.3f} on their originals = {ls['survival']:.3f}")
+        if ls.get("ignore_under"):
+            print(f"  (boxes under {ls['ignore_under']:g} px are ignore regions on both sides; over every carried box: "
+                  f"{ls['ap50_transferred_all_boxes']:.3f} / {ls['ap50_original_all_boxes']:.3f} = "
+                  f"{ls['survival_all_boxes']:.3f})")
     if "layout_fidelity" in result:
         print("\n" + format_fidelity(result["layout_fidelity"]))
     if args.json_out:

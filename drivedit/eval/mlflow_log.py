@@ -11,8 +11,10 @@ measured on; `--mlflow-run` names another run (a run id, or a run directory hold
                               condition_accuracy, num_real, num_fake)
 
     eval.layout_fidelity.{fidelity,ap50_generated,ap50_real}, eval.layout_fidelity.<scenario>.fidelity,
-    eval.layout_fidelity.size_<small|medium|large>.fidelity   when layout fidelity was asked for
-    eval.label_survival.{survival,ap50_transferred,ap50_original}  when label survival was asked for
+    eval.layout_fidelity.size_<small|medium|large>.fidelity,
+    eval.layout_fidelity.all_boxes.fidelity, eval.layout_fidelity.all_boxes.size_<size>.fidelity
+                                                              when layout fidelity was asked for
+    eval.label_survival.{survival,survival_all_boxes,ap50_transferred,ap50_original}  when label survival was asked for
 
 A metric the evaluation could not compute (too few images) is not logged. The whole result is
 logged as `eval/result-<step>.json` too.
@@ -47,7 +49,7 @@ def eval_metrics(result: dict) -> dict[str, float]:
     if clf.get("heldout_accuracy") is not None:
         out[f"{PREFIX}.classifier_heldout_accuracy"] = float(clf["heldout_accuracy"])
     for key, value in (result.get("label_survival") or {}).items():  # a condition transfer's, when asked
-        if key in ("ap50_transferred", "ap50_original", "survival") and math.isfinite(value):
+        if key in ("ap50_transferred", "ap50_original", "survival", "survival_all_boxes") and math.isfinite(value):
             out[f"{PREFIX}.label_survival.{key}"] = float(value)
     if result.get("layout_fidelity"):
         from drivedit.eval.fidelity import fidelity_metrics

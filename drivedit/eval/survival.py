@@ -17,20 +17,41 @@ import json
 import numpy as np
 
 from drivedit import storage
-from drivedit.data.bdd100k import Frame, load_label_file
+from drivedit.data.bdd100k import Frame, is_ignore, load_label_file
 
 
 def _ground_truth(frames: list[Frame], categories: list[str]) -> dict:
-    """The frames' boxes of `categories` as COCO instances JSON (the detect job's layout: ids are positions + 1)."""
+    """The frames' boxes of `categories` as COCO instances JSON (the detect job's layout: ids are positions + 1);
+    boxes marked {"ignore": true} are crowd regions, as the detect job scores them."""
     from drivedit.detect.evaluate import GroundTruthImage, coco_ground_truth
 
     cat_id = {c: i + 1 for i, c in enumerate(categories)}
     images = []
     for f in frames:
-        kept = [b for b in f.boxes if b.category in cat_id]
+        kept = [b for b in f.boxes if b.category in cat_id and not is_ignore(b.attributes)]
+        marked = [b for b in f.boxes if is_ignore(b.attributes)]
         images.append(GroundTruthImage(f.name, "all", 0, 0, np.array([[b.x1, b.y1, b.x2, b.y2] for b in kept]),
-                                       np.array([cat_id[b.category] for b in kept], np.int64)))
+                                       np.array([cat_id[b.category] for b in kept], np.int64),
+                                       np.array([[b.x1, b.y1, b.x2, b.y2] for b in marked], np.float32).reshape(-1, 4),
+                                       np.array([cat_id.get(b.category, 0) for b in marked], np.int64)))
     return coco_ground_truth(images, categories)
+
+
+def apply_regions(gt: dict, ignore_under: float = 0.0, all_boxes: bool = False) -> dict:
+    """A copy of COCO ground truth as the detect job writes it, rescored under another labelling:
+    `ignore_under` > 0 makes every box with a side (sqrt of the area) under it an ignore region (crowd), as
+    the generate job labels what is under one token; `all_boxes` makes the ignore regions that name one
+    category boxes to find again (what the frames were asked to show, before any was marked)."""
+    annotations = []
+    for a in gt["annotations"]:
+        a = dict(a)
+        if all_boxes and a.get("ignore_region") and not a.get("any_category"):
+            a["iscrowd"] = 0
+            a.pop("ignore_region")
+        if ignore_under > 0 and not a["iscrowd"] and np.sqrt(max(a["bbox"][2], 0) * max(a["bbox"][3], 0)) < ignore_under:
+            a.update(iscrowd=1, ignore_region=True)
+        annotations.append(a)
+    return {**gt, "annotations": annotations}
 
 
 def _coco_results(predictions: list[dict], frames: list[Frame], categories: list[str], where: str) -> list[dict]:
@@ -62,14 +83,16 @@ def _coco_results(predictions: list[dict], frames: list[Frame], categories: list
     return out
 
 
-def ap50(frames: list[Frame], predictions: list[dict], categories: list[str], where: str = "predictions") -> float:
+def ap50(frames: list[Frame], predictions: list[dict], categories: list[str], where: str = "predictions",
+         all_boxes: bool = False) -> float:
     """COCO AP at IoU 0.5 (the detect job's COCOeval scoring, over the categories that have ground truth) of
-    `predictions` on `frames`' boxes. NaN when the frames hold no box of `categories`."""
+    `predictions` on `frames`' boxes (boxes marked as ignore regions are crowd, unless `all_boxes`). NaN when
+    the frames hold no box of `categories` to find."""
     from drivedit.detect.evaluate import evaluate
 
-    gt = _ground_truth(frames, categories)
+    gt = apply_regions(_ground_truth(frames, categories), all_boxes=all_boxes)
     results = _coco_results(predictions, frames, categories, where)
-    if not gt["annotations"]:
+    if not _boxes_to_find(gt):
         return float("nan")
     value = evaluate(gt, results, image_size=640)["AP50"]  # the size ranges play no part in AP50 over all areas
     return float("nan") if value is None else float(value)
@@ -91,21 +114,30 @@ def _load_predictions(uri: str) -> list[dict]:
 def label_survival(transferred_labels: str, transferred_predictions: str, original_labels: str,
                    original_predictions: str, categories: list[str] | None = None) -> dict:
     """{ap50_transferred, ap50_original, survival = their ratio, categories} from two labels.json and the
-    detector's COCO results on each set of images. `categories` default: those of the originals' boxes."""
+    detector's COCO results on each set of images. `categories` default: those of the originals' boxes.
+
+    Every carried box counts here, the ones the transfer marked as ignore regions too: the originals' boxes are
+    in their own images' pixels, so the transfer's size rule cannot be applied to them alike. The score-folder
+    route (`label_survival_from_scores`), where both sides are at the detector's size, gives both figures."""
     transferred, original = load_label_file(transferred_labels), load_label_file(original_labels)
     if categories is None:
         categories = sorted({b.category for f in original for b in f.boxes})
-    a_t = ap50(transferred, _load_predictions(transferred_predictions), categories, transferred_predictions)
-    a_o = ap50(original, _load_predictions(original_predictions), categories, original_predictions)
+    a_t = ap50(transferred, _load_predictions(transferred_predictions), categories, transferred_predictions, True)
+    a_o = ap50(original, _load_predictions(original_predictions), categories, original_predictions, True)
     survival = a_t / a_o if a_o > 0 and np.isfinite(a_t) else float("nan")
     return {"ap50_transferred": a_t, "ap50_original": a_o, "survival": survival, "categories": categories,
             "num_transferred": len(transferred), "num_original": len(original)}
 
 
-def rescore(scores_dir: str) -> dict:
+def _boxes_to_find(gt: dict) -> bool:
+    return any(not a.get("iscrowd") for a in gt["annotations"])
+
+
+def rescore(scores_dir: str, ignore_under: float = 0.0, all_boxes: bool = False) -> dict:
     """The detect job's evaluation (`detect.evaluate.evaluate`) of a `drivedit detect --eval-only` scores folder,
     recomputed from its gt.json and predictions.json at the scored image size (gt.json's image width), so
-    a folder written by any version scores alike. Raises ValueError when its ground truth holds no box."""
+    a folder written by any version scores alike; `ignore_under` and `all_boxes` relabel it (`apply_regions`).
+    Raises ValueError when its ground truth holds no box to find."""
     from drivedit.detect.evaluate import evaluate
 
     try:
@@ -114,24 +146,35 @@ def rescore(scores_dir: str) -> dict:
         raise FileNotFoundError(f"{scores_dir} is not a detect scores folder: it has no gt.json (write one with "
                                 f"`drivedit detect --eval-only --data.val DIR`)") from None
     results = _load_predictions(storage.join(scores_dir, "predictions.json"))
-    if not gt.get("annotations"):
+    gt = apply_regions({**gt, "annotations": gt.get("annotations") or []}, ignore_under, all_boxes)
+    if not _boxes_to_find(gt):
         raise ValueError(f"{scores_dir}: its ground truth holds no box, so there is no AP to score")
     size = max([max(int(im["width"]), int(im["height"])) for im in gt["images"]] or [640])
     return evaluate(gt, results, image_size=size)
 
 
-def _scores_ap50(scores_dir: str) -> float:
+def _scores_ap50(scores_dir: str, ignore_under: float = 0.0, all_boxes: bool = False) -> float:
     try:
-        value = rescore(scores_dir)["AP50"]
+        value = rescore(scores_dir, ignore_under, all_boxes)["AP50"]
     except ValueError:
         return float("nan")
     return float("nan") if value is None else float(value)
 
 
-def label_survival_from_scores(transferred_scores: str, original_scores: str) -> dict:
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 and np.isfinite(a) else float("nan")
+
+
+def label_survival_from_scores(transferred_scores: str, original_scores: str, ignore_under: float = 0.0) -> dict:
     """Label survival from two score folders of the detect job (`drivedit detect --eval-only --data.val DIR`
-    run once on the transferred dataset and once on its source): each holds gt.json and predictions.json."""
-    a_t, a_o = _scores_ap50(transferred_scores), _scores_ap50(original_scores)
-    survival = a_t / a_o if a_o > 0 and np.isfinite(a_t) else float("nan")
-    return {"ap50_transferred": a_t, "ap50_original": a_o, "survival": survival,
+    run once on the transferred dataset and once on its source): each holds gt.json and predictions.json.
+
+    `survival` scores the transferred frames' labels as written (boxes the transfer marked are crowd regions)
+    and the originals with the same rule (boxes with a side under `ignore_under` px, the transferred dataset's:
+    `fidelity.dataset_ignore_under`); `survival_all_boxes` counts every carried box on both sides."""
+    a_t, a_o = _scores_ap50(transferred_scores, ignore_under), _scores_ap50(original_scores, ignore_under)
+    all_t, all_o = _scores_ap50(transferred_scores, all_boxes=True), _scores_ap50(original_scores)
+    return {"ap50_transferred": a_t, "ap50_original": a_o, "survival": _ratio(a_t, a_o), "ignore_under": ignore_under,
+            "ap50_transferred_all_boxes": all_t, "ap50_original_all_boxes": all_o,
+            "survival_all_boxes": _ratio(all_t, all_o),
             "transferred_scores": transferred_scores, "original_scores": original_scores}

@@ -29,6 +29,7 @@ from drivedit.generate import dataset
 from drivedit.generate.model_ref import SamplingModel, load_sampling_model
 from drivedit.generate.report import log_summary, start_tracking
 from drivedit.generate.transfer import TransferPlan, plan_transfer
+from drivedit.generate.undrawable import resolve_ignore_under
 from drivedit.generate.spec import (ItemPlan, SpecError, existing_scenario_counts, plan_items, resolve_counts,
                                     spec_document, spec_hash)
 from drivedit.logs import setup_logging
@@ -56,7 +57,8 @@ class Prepared:
         return {"spec_hash": self.spec_hash, "model_version": sm.version, "image_size": self.image_size,
                 "native_size": sm.image_size, "codec": sm.codec_info,
                 "class_ids": dict(zip(sm.scenarios, sm.class_ids)), "attempt": self.attempt,
-                "box_categories": self.document.get("layouts", {}).get("box_categories", [])}
+                "box_categories": self.document.get("layouts", {}).get("box_categories", []),
+                "ignore_under": (self.document.get("layouts") or self.document.get("transfer") or {}).get("ignore_under", 0.0)}
 
 
 def absolute_local_paths(job: GenerateJob) -> GenerateJob:
@@ -108,6 +110,14 @@ def model_tracking_uri(job: GenerateJob) -> str | None:
         or None
 
 
+def _ignore_entry(value: float | str, job: GenerateJob, sm) -> dict:
+    """{"ignore_under": px} of a section's `ignore_under` (`token`: one token of this model at the output size) for
+    the spec document; {} for 0, so a dataset that marks nothing keeps the hash it had before there were marks."""
+    cfg = sm.model.config
+    px = resolve_ignore_under(value, job.output.image_size or sm.image_size, cfg.input_size, cfg.patch_size)
+    return {"ignore_under": px} if px > 0 else {}
+
+
 def _layout_plan(job: GenerateJob, sm) -> tuple[ItemPlan, dict]:
     """Items of a `spec.layouts` job and what of it enters the spec hash; SpecError lists every problem."""
     from drivedit.generate.layouts import frames_digest, layout_plan, read_layout_frames
@@ -128,7 +138,8 @@ def _layout_plan(job: GenerateJob, sm) -> tuple[ItemPlan, dict]:
     frames = read_layout_frames(section, categories, sm.image_size, list(branch.spec.segmentation_classes))
     plan = layout_plan(frames, section.scenarios, section.variants, job.spec.base_seed, job.spec.shard_size)
     document = {"source_digest": frames_digest(frames), "frames": len(frames), "variants": section.variants,
-                "layout_guidance": float(section.layout_guidance), "box_categories": categories}
+                "layout_guidance": float(section.layout_guidance), "box_categories": categories,
+                **_ignore_entry(section.ignore_under, job, sm)}
     if branch.spec.uses_segmentation:  # only then, so a box-only job's spec hash is what it was
         document["segmentation_classes"] = list(branch.spec.segmentation_classes)
     return plan, document
@@ -168,7 +179,7 @@ def prepare(job: GenerateJob) -> Prepared:
                              sampler=dataset.manifest_settings(job.sampler),
                              image_size=image_size, codec=sm.codec_id, layouts=layouts)
     if job.spec.transfer is not None:
-        document["transfer"] = plan.document()
+        document["transfer"] = {**plan.document(), **_ignore_entry(job.spec.transfer.ignore_under, job, sm)}
     sm.model = None  # the driver only plans; actors load their own copy
     return Prepared(job, sm, plan, document, spec_hash(document), image_size, tracking_uri)
 

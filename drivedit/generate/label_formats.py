@@ -12,7 +12,9 @@ scenes` output, a BDD100K release) gets, beside its `labels.json`:
 - `dataset.yaml`: the ultralytics dataset file (`path`, `train`, `val`, `names`).
 
 Boxes are clipped to the image; a box with nothing left inside it, and a box whose category is not in
-the vocabulary, is left out and counted. The default vocabulary is BDD100K's det_20 ten categories
+the vocabulary, is left out and counted. A box whose attributes say `"ignore": true` (an ignore region:
+generate/undrawable.py, `drivedit mark-unlabelled`) is COCO's `iscrowd: 1`; YOLO has no ignore label, so
+it is left out of the YOLO files and counted. The default vocabulary is BDD100K's det_20 ten categories
 followed by any other category the frames use (sorted), so the ids of the common classes are the same
 for every dataset converted.
 """
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from drivedit import storage
-from drivedit.data.bdd100k import Box, Frame, load_label_file
+from drivedit.data.bdd100k import Box, Frame, is_ignore, load_label_file
 
 FORMATS = ("coco", "yolo")
 LABELS_FILE = "labels.json"
@@ -77,16 +79,21 @@ def clip_box(box: Box, width: int, height: int) -> tuple[float, float, float, fl
     return x1, y1, x2, y2
 
 
-def _kept_boxes(frame: Frame, size: tuple[int, int], index: dict[str, int], report: ConversionReport):
-    """(category id from 0, x1, y1, x2, y2) of each usable box of `frame`, counting the others."""
+def _kept_boxes(frame: Frame, size: tuple[int, int], index: dict[str, int], report: ConversionReport,
+                keep_ignore: bool = True):
+    """(category id from 0, x1, y1, x2, y2, is an ignore region) of each usable box of `frame`, counting the
+    others; `keep_ignore` False leaves the ignore regions out (a format that cannot say "ignore")."""
     out = []
     for box in frame.boxes:
+        ignore = is_ignore(box.attributes)
         if box.category not in index:
             reason = f"category {box.category!r} not in the vocabulary"
+        elif ignore and not keep_ignore:
+            reason = "ignore region (the format has no way to say ignore)"
         else:
             corners = clip_box(box, *size)
             if corners is not None:
-                out.append((index[box.category], *corners))
+                out.append((index[box.category], *corners, ignore))
                 continue
             reason = "outside the image"
         report.skipped_boxes[reason] = report.skipped_boxes.get(reason, 0) + 1
@@ -102,11 +109,11 @@ def coco_document(frames: list[Frame], sizes: list[tuple[int, int]], categories:
     for image_id, (frame, (w, h)) in enumerate(zip(frames, sizes), start=1):
         images.append({"id": image_id, "file_name": frame.name.lstrip("/"), "width": int(w), "height": int(h),
                        "weather": frame.weather, "timeofday": frame.timeofday, "scene": frame.scene})
-        for cid, x1, y1, x2, y2 in _kept_boxes(frame, (w, h), index, report):
-            bw, bh = x2 - x1, y2 - y1
+        for cid, x1, y1, x2, y2, ignore in _kept_boxes(frame, (w, h), index, report):
+            bw, bh = x2 - x1, y2 - y1  # an ignore region is COCO's iscrowd: detections on it count neither way
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cid + 1,
                                 "bbox": [round(x1, 3), round(y1, 3), round(bw, 3), round(bh, 3)],
-                                "area": round(bw * bh, 3), "iscrowd": 0})
+                                "area": round(bw * bh, 3), "iscrowd": int(ignore)})
     return {"info": {"description": "converted from BDD100K labels by drivedit"},
             "images": images, "annotations": annotations,
             "categories": [{"id": i + 1, "name": c, "supercategory": "object"} for i, c in enumerate(categories)]}
@@ -118,7 +125,8 @@ def yolo_lines(frame: Frame, size: tuple[int, int], categories: list[str],
     report = report if report is not None else ConversionReport()
     w, h = size
     lines = []
-    for cid, x1, y1, x2, y2 in _kept_boxes(frame, size, {c: i for i, c in enumerate(categories)}, report):
+    for cid, x1, y1, x2, y2, _ in _kept_boxes(frame, size, {c: i for i, c in enumerate(categories)}, report,
+                                              keep_ignore=False):
         cx, cy, bw, bh = (x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h
         lines.append(f"{cid} " + " ".join(f"{v:.{_YOLO_DIGITS}f}" for v in (cx, cy, bw, bh)))
     return lines
@@ -164,7 +172,11 @@ def write_formats(root: str, frames: list[Frame], sizes: list[tuple[int, int]], 
         report.written["yolo"] = storage.join(root, YOLO_DATASET_FILE)
     count_report = ConversionReport()
     doc = coco_document(frames, sizes, vocab, count_report)
-    report.boxes, report.skipped_boxes = len(doc["annotations"]), count_report.skipped_boxes
+    report.boxes, report.skipped_boxes = len(doc["annotations"]), dict(count_report.skipped_boxes)
+    if "yolo" in formats:  # what only YOLO left out (its ignore regions), named as such
+        for reason, n in yolo_report.skipped_boxes.items():
+            if reason not in report.skipped_boxes:
+                report.skipped_boxes[f"yolo: {reason}"] = n
     if "coco" in formats:
         storage.write_text_atomic(storage.join(root, COCO_FILE), json.dumps(doc))
         report.written["coco"] = storage.join(root, COCO_FILE)

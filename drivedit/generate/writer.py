@@ -20,6 +20,7 @@ from drivedit.config.generate import GenerateJob
 from drivedit.generate import dataset, transfer
 from drivedit.generate.images import decode_to_uint8, encode_png
 from drivedit.generate.layouts import pixel_boxes
+from drivedit.generate.undrawable import mark_undrawable
 from drivedit.models.codec import load_codec
 
 def limit_threads(cpus: float) -> None:
@@ -100,6 +101,8 @@ def write_shard(job: GenerateJob, context: dict, shard: int, items: list[dict], 
             boxes = pixel_boxes(it["boxes"], context["box_categories"], size)
         elif carried[k] is not None and carried[k]["boxes"] is not None:  # transferred: the source's, carried
             boxes = transfer.carried_boxes(carried[k]["boxes"], native, size)
+        if boxes is not None:  # what is under a token is labelled an ignore region, not an object (undrawable.py)
+            boxes = mark_undrawable(boxes, context.get("ignore_under", 0.0))
         mask = None
         if mask_stack is not None and carried[k] is not None and carried[k]["mask"]:
             mask = dataset.write_mask(uri, name, mask_stack[k], size)

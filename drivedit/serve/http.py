@@ -148,7 +148,7 @@ def create_http_app(server) -> FastAPI:
             problems = layout_problems(req.layout, categories)
             if problems:
                 return error_response(422, problems)
-            layout, labels = normalised_boxes(req.layout, categories), pixel_labels(req.layout, served.image_size)
+            layout, labels = normalised_boxes(req.layout, categories), pixel_labels(req.layout, served.image_size, served.token_side)
         seed = req.seed if req.seed is not None else server.new_seed()
         job = SampleJob(label=served.label_of[req.scenario], seeds=tuple(seed + i for i in range(req.num_images)),
                         sampler=req.sampler, steps=req.steps, guidance=float(req.guidance), layout=layout,

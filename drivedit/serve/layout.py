@@ -36,9 +36,15 @@ def normalised_boxes(layout, categories: list[str]) -> tuple[tuple, ...]:
     return tuple((categories.index(b.category), b.x1 / w, b.y1 / h, b.x2 / w, b.y2 / h) for b in layout.boxes)
 
 
-def pixel_labels(layout, image_size: int) -> list[dict]:
-    """The layout's boxes as labels of the output image: {category, box2d: {x1, y1, x2, y2}} in its pixels."""
+def pixel_labels(layout, image_size: int, ignore_under: float = 0.0) -> list[dict]:
+    """The layout's boxes as labels of the output image: {category, box2d: {x1, y1, x2, y2}} in its pixels; a box
+    with a side under `ignore_under` px (one token of the served model) is labelled an ignore region, as the
+    generate job labels it (generate/undrawable.py): the model cannot promise an object smaller than a token."""
+    from drivedit.data.bdd100k import Box
+    from drivedit.generate.undrawable import mark_undrawable
+
     sx, sy = image_size / layout.width, image_size / layout.height
-    return [{"category": b.category, "box2d": {"x1": round(b.x1 * sx, 3), "y1": round(b.y1 * sy, 3),
-                                                "x2": round(b.x2 * sx, 3), "y2": round(b.y2 * sy, 3)}}
-            for b in layout.boxes]
+    boxes = [Box(b.category, round(b.x1 * sx, 3), round(b.y1 * sy, 3), round(b.x2 * sx, 3), round(b.y2 * sy, 3))
+             for b in layout.boxes]
+    return [{"category": b.category, "box2d": {"x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2},
+             **({"attributes": b.attributes} if b.attributes else {})} for b in mark_undrawable(boxes, ignore_under)]

@@ -23,6 +23,7 @@ class ServedModel:
     device: torch.device
     image_size: int
     box_categories: list[str] = ()  # the layout branch's categories; empty: the model takes no layout
+    token_side: float = 0.0  # one DiT token's side in output pixels: smaller layout boxes come back as ignore regions
 
 
 def pick_device(setting: str) -> torch.device:
@@ -48,6 +49,7 @@ def public_version(version: str, digest: str) -> str:
 
 def load_served_model(cfg: ServeApp) -> ServedModel:
     from drivedit.generate.model_ref import load_sampling_model
+    from drivedit.generate.undrawable import token_side
 
     device = pick_device(cfg.model.device)
     m = cfg.model
@@ -60,7 +62,8 @@ def load_served_model(cfg: ServeApp) -> ServedModel:
     return ServedModel(engine=engine, scenarios=list(sm.scenarios),
                        label_of={name: sm.label_of(name) for name in sm.scenarios},
                        version=public_version(str(sm.version), sm.digest), device=device,
-                       image_size=int(sm.image_size), box_categories=box_categories(sm.model))
+                       image_size=int(sm.image_size), box_categories=box_categories(sm.model),
+                       token_side=token_side(int(sm.image_size), sm.model.config.input_size, sm.model.config.patch_size))
 
 
 def box_categories(model) -> list[str]:

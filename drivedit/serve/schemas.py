@@ -105,7 +105,9 @@ class SamplesResponse(BaseModel):
     images: list[ImageOut] = Field(..., description="the images, image i drawn with seed + i")
     labels: list[dict] | None = Field(
         None, description="with a layout: every image's labels, BDD100K-style {category, box2d} in the image's "
-                          "pixels (the layout's boxes scaled to width x height)")
+                          "pixels (the layout's boxes scaled to width x height); a box smaller than one of the "
+                          "model's tokens is labelled an ignore region (attributes {\"ignore\": true, ...}): "
+                          "the model cannot promise to draw it")
 
 
 class ScenariosResponse(BaseModel):
