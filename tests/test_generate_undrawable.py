@@ -70,3 +70,32 @@ def test_survival_counts_the_transfers_ignore_regions_on_neither_side(tmp_path):
     out = label_survival_from_scores(str(tmp_path / "moved"), str(tmp_path / "orig"), ignore_under=16)
     assert out["survival"] == pytest.approx(1.0)  # the large box, the one it promised, held
     assert out["survival_all_boxes"] == pytest.approx(51 / 101, abs=1e-6)  # 1 of the 2 carried boxes
+
+
+def test_the_preview_grid_draws_objects_green_and_ignore_regions_magenta(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from drivedit.generate.grid import IGNORE_COLOUR, OBJECT_COLOUR, draw_boxes
+    from drivedit.generate.report import preview_grid
+
+    grey = np.full((32, 32, 3), 100, np.uint8)
+    labels = [{"category": "car", "box2d": {"x1": 4, "y1": 4, "x2": 20, "y2": 20}, "attributes": {}},
+              {"category": "car", "box2d": {"x1": 24, "y1": 24, "x2": 28, "y2": 28}, "attributes": {"ignore": True}}]
+    drawn = draw_boxes(grey, labels)
+    assert tuple(drawn[4, 10]) == OBJECT_COLOUR and tuple(drawn[19, 4]) == OBJECT_COLOUR  # top and bottom-left edges
+    assert tuple(drawn[24, 26]) == IGNORE_COLOUR and tuple(drawn[12, 12]) == (100, 100, 100)  # the inside untouched
+    assert (grey == 100).all()  # the caller's image is not changed
+
+    # a dataset of one labelled and one unlabelled frame: the first tile gets its boxes, the second none
+    (tmp_path / "images" / "00000").mkdir(parents=True)
+    for name in ("00000/00000000.png", "00000/00000001.png"):
+        Image.fromarray(grey).save(tmp_path / "images" / name)
+    pq.write_table(pa.table({"scenario": ["night", "rainy"], "name": ["00000/00000000.png", "00000/00000001.png"],
+                             "labels": [json.dumps(labels), None]}), tmp_path / "manifest.parquet")
+    grid = np.asarray(Image.open(preview_grid(str(tmp_path), tmp_path / "preview.png")).convert("RGB"))
+    assert (grid == np.array(OBJECT_COLOUR, np.uint8)).all(-1).sum() > 0
+    assert (grid == np.array(IGNORE_COLOUR, np.uint8)).all(-1).sum() > 0
+    second_row = grid[grid.shape[0] // 2 + 2:]  # the rainy row: no box drawn
+    assert not (second_row == np.array(OBJECT_COLOUR, np.uint8)).all(-1).any()

@@ -62,6 +62,24 @@ def grid_image(images: np.ndarray, nrow: int, labels: Sequence[str] | None = Non
     return canvas
 
 
+OBJECT_COLOUR = (0, 255, 0)  # a box the frame is labelled with
+IGNORE_COLOUR = (255, 0, 255)  # an ignore region: a box the generator does not promise (generate/undrawable.py)
+
+
+def draw_boxes(image: np.ndarray, labels: Sequence[dict]) -> np.ndarray:
+    """A copy of an image (H, W, 3) uint8 with its BDD100K labels' box2d drawn in its pixels: objects green,
+    ignore regions magenta."""
+    from drivedit.data.bdd100k import is_ignore
+
+    canvas = Image.fromarray(np.ascontiguousarray(image))
+    draw = ImageDraw.Draw(canvas)
+    for lab in labels:
+        b = lab["box2d"]
+        colour = IGNORE_COLOUR if is_ignore(lab.get("attributes")) else OBJECT_COLOUR
+        draw.rectangle([b["x1"], b["y1"], max(b["x1"], b["x2"] - 1), max(b["y1"], b["y2"] - 1)], outline=colour)
+    return np.asarray(canvas)
+
+
 def save_grid(images_uint8: np.ndarray, path: str | Path, nrow: int, labels: Sequence[str] | None = None) -> Path:
     """Write the grid as a PNG (temp name, then rename: never a half-written file)."""
     path = Path(path)

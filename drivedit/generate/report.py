@@ -1,6 +1,6 @@
 """What a generation job tells MLflow: one run per dataset (a resumed dataset logs into the run that
 started it), tagged with the model version it sampled, the summary of every execution as
-metrics and JSON, and a per-scenario preview grid of the finished dataset."""
+metrics and JSON, and a per-scenario preview grid of the finished dataset (labelled frames with their boxes drawn)."""
 from __future__ import annotations
 
 import io
@@ -52,26 +52,32 @@ def log_summary(run, summary: dict) -> None:
 
 
 def preview_grid(uri: str, path: Path) -> Path | None:
-    """A grid with the first images of each scenario, one row per scenario, from manifest.parquet."""
+    """A grid with the first images of each scenario, one row per scenario, from manifest.parquet; labelled items
+    (layouts, transfer) with their boxes drawn (objects green, ignore regions magenta)."""
+    import json
+
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from drivedit.generate.grid import save_grid
+    from drivedit.generate.grid import draw_boxes, save_grid
 
     table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, dataset.MANIFEST_FILE))),
-                          columns=["scenario", "name"])
-    rows: dict[str, list[str]] = {}
-    for scenario, name in zip(*table.to_pydict().values()):
+                          columns=["scenario", "name", "labels"]).to_pydict()
+    rows: dict[str, list[tuple[str, str | None]]] = {}
+    for scenario, name, labels in zip(table["scenario"], table["name"], table["labels"]):
         picked = rows.setdefault(scenario, [])
         if len(picked) < PREVIEW_PER_SCENARIO:
-            picked.append(name)
+            picked.append((name, labels))
     if not rows:
         return None
     width = max(len(v) for v in rows.values())
     tiles = []
-    for names in rows.values():
-        images = [np.asarray(Image.open(io.BytesIO(storage.read_bytes(storage.join(uri, dataset.IMAGES_DIR, n))))
-                             .convert("RGB")) for n in names]
+    for items in rows.values():
+        images = []
+        for name, labels in items:
+            image = np.asarray(Image.open(io.BytesIO(storage.read_bytes(storage.join(uri, dataset.IMAGES_DIR, name))))
+                               .convert("RGB"))
+            images.append(draw_boxes(image, json.loads(labels)) if labels else image)
         blank = np.full_like(images[0], 255)
         tiles += images + [blank] * (width - len(images))  # ragged rows padded white
     return save_grid(np.stack(tiles), path, nrow=width, labels=list(rows))
