@@ -288,7 +288,8 @@ def main(argv=None) -> int:
         ray.shutdown()
     timing = step_times(read_shard_metadata(str(out / "shards")).box_categories, len(scenarios), args)
     images = score_images(out, args)
-    fidelity = {kind: layout_fidelity(gen_scores[kind], real_scores, dataset_ignore_under(str(out / "synthetic" / kind)))
+    fidelity = {kind: layout_fidelity(gen_scores[kind], real_scores,
+                                      dataset_ignore_under(str(out / "synthetic" / kind), gen_scores[kind]))
                 for kind in KINDS[1:]}
     clf = images["plain"]["classifier"]
     result = {

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     rows = []
     for (arm, s), (folder, scores) in transferred.items():
         kind, lg = next((k, g) for a, k, g in arms(args) if a == arm)
-        sv = label_survival_from_scores(scores, original_scores, dataset_ignore_under(str(folder)))
+        sv = label_survival_from_scores(scores, original_scores, dataset_ignore_under(str(folder), scores))
         acc, _ = condition_accuracy(out, folder, args)
         rows.append({"arm": arm, "model": kind, "layout_guidance": lg, "strength": s, "condition_accuracy": acc,
                      "vs_plain": acc / base[kind] if base[kind] > 0 else None, "survival": sv["survival"],

@@ -102,8 +102,11 @@ def test_boxes_the_generator_marked_are_crowd_and_the_real_side_follows_the_same
 
     # the rule a generated dataset wrote in its spec.json; 0 for a folder without one
     (tmp_path / "ds").mkdir()
-    (tmp_path / "ds" / "spec.json").write_text(json.dumps({"spec_hash": "x", "spec": {"layouts": {"ignore_under": 16.0}}}))
+    (tmp_path / "ds" / "spec.json").write_text(json.dumps({"spec_hash": "x", "spec": {
+        "image_size": 64, "layouts": {"ignore_under": 16.0}}}))
     assert dataset_ignore_under(str(tmp_path / "ds")) == 16.0 and dataset_ignore_under(str(tmp_path / "real")) == 0.0
+    # frames of 64 px scored at 128 (the gen folder's gt.json): the rule in the scored pixels is twice the side
+    assert dataset_ignore_under(str(tmp_path / "ds"), str(tmp_path / "gen")) == 32.0
 
 
 def test_eval_takes_the_side_rule_from_the_flag_or_the_generated_dataset(tmp_path):
@@ -111,7 +114,7 @@ def test_eval_takes_the_side_rule_from_the_flag_or_the_generated_dataset(tmp_pat
 
     from drivedit.eval.cli import build_parser, ignore_under
 
-    (tmp_path / "spec.json").write_text(json.dumps({"spec": {"transfer": {"ignore_under": 32.0}}}))
+    (tmp_path / "spec.json").write_text(json.dumps({"spec": {"image_size": 128, "transfer": {"ignore_under": 32.0}}}))
     base = ["--real", "r", "--fake", str(tmp_path), "--train-classifier"]
     assert ignore_under(build_parser().parse_args(base)) == 32.0  # what the transfer marked
     assert ignore_under(build_parser().parse_args(base + ["--ignore-under", "0"])) == 0.0  # the flag wins

@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "detector trained on real frames only (gt.json, predictions.json)")
     lf.add_argument("--real-scores", help="the same detector's scores folder on held-out real frames")
     ap.add_argument("--ignore-under", type=float, default=None, metavar="PX",
-                    help="fidelity and survival: boxes with a side (sqrt of the area) under PX are ignore regions on both "
-                         "sides (default: what --fake's spec.json says the generator marked, 0 for older datasets)")
+                    help="fidelity and survival: boxes with a side (sqrt of the area, in the scored images' pixels) under PX "
+                         "are ignore regions on both sides (default: what --fake's spec.json says the generator marked, "
+                         "scaled to the size its scores were scored at; 0 for older datasets)")
     ap.add_argument("--json", dest="json_out", help="also write the full result as JSON to this path or URI")
     mlf = ap.add_mutually_exclusive_group()
     mlf.add_argument("--mlflow-run", metavar="RUN",
@@ -106,11 +107,14 @@ def format_report(result: dict) -> str:
 
 
 def ignore_under(args) -> float:
-    """The side under which boxes are ignore regions on both sides of a fidelity or survival ratio: --ignore-under,
-    else what the generated dataset (--fake) marked (its spec.json), else 0."""
+    """The side under which boxes are ignore regions on both sides of a fidelity or survival ratio, in the scored
+    pixels: --ignore-under, else what the generated dataset (--fake) marked (its spec.json), at the size its scores
+    folder was scored at, else 0."""
     from drivedit.eval.fidelity import dataset_ignore_under
 
-    return args.ignore_under if args.ignore_under is not None else dataset_ignore_under(args.fake)
+    if args.ignore_under is not None:
+        return args.ignore_under
+    return dataset_ignore_under(args.fake, getattr(args, "generated_scores", None) or getattr(args, "transferred_scores", None))
 
 
 def format_fidelity(lf: dict) -> str:

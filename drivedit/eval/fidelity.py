@@ -62,13 +62,22 @@ def layout_fidelity(generated_scores: str, real_scores: str, ignore_under: float
             "size_scaling": gen["size_scaling"], "generated_scores": generated_scores, "real_scores": real_scores}
 
 
-def dataset_ignore_under(uri: str) -> float:
-    """The side in px under which a generated dataset labels boxes as ignore regions (its spec.json's
-    layouts or transfer `ignore_under`); 0 for a dataset made before there was one, or not generated."""
+def dataset_ignore_under(uri: str, scores_dir: str | None = None) -> float:
+    """The side in px under which a generated dataset labels boxes as ignore regions (its spec.json's layouts or
+    transfer `ignore_under`, in its images' pixels), or, with `scores_dir` (the detect job's scores of it), in the
+    pixels that folder was scored at (the detect job resizes every image to its own size); 0 for a dataset made
+    before there was one, or not generated."""
+    import json
+
+    from drivedit import storage
     from drivedit.generate.dataset import read_spec
 
     spec = (read_spec(uri) or {}).get("spec", {})
-    return float((spec.get("layouts") or spec.get("transfer") or {}).get("ignore_under", 0.0))
+    side = float((spec.get("layouts") or spec.get("transfer") or {}).get("ignore_under", 0.0))
+    if side and scores_dir is not None and spec.get("image_size"):
+        images = json.loads(storage.read_bytes(storage.join(scores_dir, "gt.json")))["images"]
+        side *= max([int(im["width"]) for im in images] or [spec["image_size"]]) / float(spec["image_size"])
+    return side
 
 
 def fidelity_metrics(result: dict, prefix: str) -> dict[str, float]:
