@@ -111,6 +111,11 @@ def _load_predictions(uri: str) -> list[dict]:
     return data
 
 
+def _ratio(a: float, b: float) -> float:
+    """Survival a / b: NaN when the originals score nothing or the transferred AP is undefined."""
+    return a / b if b > 0 and np.isfinite(a) else float("nan")
+
+
 def label_survival(transferred_labels: str, transferred_predictions: str, original_labels: str,
                    original_predictions: str, categories: list[str] | None = None) -> dict:
     """{ap50_transferred, ap50_original, survival = their ratio, categories} from two labels.json and the
@@ -124,8 +129,7 @@ def label_survival(transferred_labels: str, transferred_predictions: str, origin
         categories = sorted({b.category for f in original for b in f.boxes})
     a_t = ap50(transferred, _load_predictions(transferred_predictions), categories, transferred_predictions, True)
     a_o = ap50(original, _load_predictions(original_predictions), categories, original_predictions, True)
-    survival = a_t / a_o if a_o > 0 and np.isfinite(a_t) else float("nan")
-    return {"ap50_transferred": a_t, "ap50_original": a_o, "survival": survival, "categories": categories,
+    return {"ap50_transferred": a_t, "ap50_original": a_o, "survival": _ratio(a_t, a_o), "categories": categories,
             "num_transferred": len(transferred), "num_original": len(original)}
 
 
@@ -159,10 +163,6 @@ def _scores_ap50(scores_dir: str, ignore_under: float = 0.0, all_boxes: bool = F
     except ValueError:
         return float("nan")
     return float("nan") if value is None else float(value)
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b > 0 and np.isfinite(a) else float("nan")
 
 
 def label_survival_from_scores(transferred_scores: str, original_scores: str, ignore_under: float = 0.0) -> dict:
