@@ -82,14 +82,16 @@ def condition_accuracy(out: Path, folder: Path, args) -> tuple[float, float]:
     return report["overall"]["condition_accuracy"], report["classifier"]["heldout_accuracy"]
 
 
-def arms(args) -> list[tuple[str, str, float | None]]:
-    """(arm name, fine-tuning run, layout guidance or None): the layout-free baseline first, then, with --model,
-    the branch model's plain SDEdit and its guided transfers. Arm `plain`'s folders keep their old names."""
+def arms(args) -> list[tuple[str, str, float | None, str]]:
+    """(arm name, fine-tuning run, layout guidance or None, start): the layout-free baseline first, then, with
+    --model, the branch model's plain SDEdit and its guided transfers; each with every --starts (an inversion arm's
+    name ends in -inv). Arm `plain`'s folders keep their old names."""
     out = [("plain", "plain", None)]
     if args.model != "plain":
         out.append((args.model, args.model, None))
         out += [(f"{args.model}-lg{g:g}", args.model, g) for g in args.layout_guidance]
-    return out
+    return [(name + ("-inv" if begin == "inversion" else ""), kind, lg, begin)
+            for begin in args.starts for name, kind, lg in out]
 
 
 def main(argv=None) -> int:
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
                          "baseline: a layout-branch model (light, controlnet) with --layout-guidance")
     ap.add_argument("--layout-guidance", type=float, nargs="*", default=[],
                     help="spec.transfer.layout_guidance values to measure with --model's layout branch")
+    ap.add_argument("--starts", nargs="+", choices=["noise", "inversion"], default=["noise"],
+                    help="spec.transfer.start values to measure (noise: SDEdit's q_sample; inversion: DDIM inversion)")
     ap.add_argument("--generate-only", action="store_true",
                     help="stop after generating (e.g. while bench/layout.py still trains the detector this reuses)")
     args = ap.parse_args(argv)
@@ -117,16 +121,17 @@ def main(argv=None) -> int:
     counts = ["--spec.counts", json.dumps({t: args.frames for t in args.targets})]
     try:
         real_data(out, args)
-        kinds = dict.fromkeys(k for _, k, _ in arms(args))
+        kinds = dict.fromkeys(k for _, k, _, _ in arms(args))
         runs = {kind: finetune(kind, out, args) for kind in kinds}  # a finished run is returned as it is
         sources = source_subset(out, args.frames)
         plain = {kind: generate(ft, out, "plain" if kind == "plain" else f"{kind}-plain", counts, args)
                  for kind, ft in runs.items()}
         folders = {}
-        for arm, kind, lg in arms(args):
+        for arm, kind, lg, begin in arms(args):
             for s in args.strengths:
                 spec = {"source": str(sources), "targets": args.targets, "strength": s,
-                        **({"layout_guidance": lg} if lg is not None else {})}
+                        **({"layout_guidance": lg} if lg is not None else {}),
+                        **({"start": begin} if begin != "noise" else {})}
                 name = f"s{s:g}" if arm == "plain" else f"{arm}-s{s:g}"
                 folders[arm, s] = generate(runs[kind], out, name, ["--spec.transfer", json.dumps(spec)], args)
         if args.generate_only:
@@ -143,10 +148,10 @@ def main(argv=None) -> int:
         base[kind], heldout = condition_accuracy(out, folder, args)
     rows = []
     for (arm, s), (folder, scores) in transferred.items():
-        kind, lg = next((k, g) for a, k, g in arms(args) if a == arm)
+        kind, lg, begin = next((k, g, st) for a, k, g, st in arms(args) if a == arm)
         sv = label_survival_from_scores(scores, original_scores, dataset_ignore_under(str(folder), scores))
         acc, _ = condition_accuracy(out, folder, args)
-        rows.append({"arm": arm, "model": kind, "layout_guidance": lg, "strength": s, "condition_accuracy": acc,
+        rows.append({"arm": arm, "model": kind, "layout_guidance": lg, "start": begin, "strength": s, "condition_accuracy": acc,
                      "vs_plain": acc / base[kind] if base[kind] > 0 else None, "survival": sv["survival"],
                      "ap50_transferred": sv["ap50_transferred"], "ap50_original": sv["ap50_original"],
                      "ignore_under": sv["ignore_under"], "survival_all_boxes": sv["survival_all_boxes"]})
@@ -155,6 +160,8 @@ def main(argv=None) -> int:
               "classifier_heldout_accuracy": heldout, "models": {k: ft["bundle_uri"] for k, ft in runs.items()},
               "detector": det["detector_uri"], "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
     name = "transfer_strength.json" if args.model == "plain" else f"transfer_strength-{args.model}.json"
+    if args.starts != ["noise"]:
+        name = name.replace(".json", "-" + "-".join(args.starts) + ".json")
     (out / name).write_text(json.dumps(result, indent=2, default=str))
     print(f"\n{args.frames} held-out frames x targets {', '.join(args.targets)}; DDIM {args.sampler_steps} steps, "
           f"guidance {args.guidance}; classifier held-out accuracy {heldout:.3f}; detector AP50 on the "
@@ -166,7 +173,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['arm']:<14}{r['strength']:>5.2f}{r['survival']:>10.3f}{r['survival_all_boxes']:>11.3f}"
               f"{r['ap50_transferred']:>8.3f}{r['condition_accuracy']:>10.3f}{(r['vs_plain'] or float('nan')):>9.2f}")
-    for arm, _, _ in arms(args):
+    for arm, *_ in arms(args):
         ok = [r["strength"] for r in rows
               if r["arm"] == arm and r["survival"] >= 0.9 and r["condition_accuracy"] >= 0.8]
         print(f"{arm}: goal (survival >= 0.9 where condition accuracy >= 0.8) "

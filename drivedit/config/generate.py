@@ -98,6 +98,11 @@ class TransferSection(StrictModel):
     strength: float = Field(
         0.6, description="SDEdit strength s in (0, 1]: the source latent is noised to t = s * T and denoised "
                          "under the target; low s keeps the frame (and its labels), high s follows the target")
+    start: Literal["noise", "inversion"] = Field(
+        "noise", description="how the source latent reaches t = s * T: `noise` draws it there (q_sample, SDEdit: "
+                             "each item's seed decides the noise); `inversion` runs the model's deterministic "
+                             "DDIM ODE up to it, label-free, so the start keeps the source's structure and the "
+                             "denoising under the target redraws less of it (DDIB)")
     max_frames: int | None = Field(None, ge=1, description="use only the first N labelled source frames")
     layout_guidance: float | None = Field(
         None, ge=1.0, description="with a model that has a layout branch: steer the denoising with the branch on "

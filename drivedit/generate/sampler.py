@@ -14,6 +14,7 @@ each of its DDPM noise draws, so an item's image never depends on what else is i
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -24,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 SAMPLERS = ("ddim", "ddpm")
 GUIDANCE_KINDS = ("cfg", "superclass")
+TRANSFER_STARTS = ("noise", "inversion")  # how SDEdit reaches its first timestep
 _MAX_SEED = 2**63 - 1
 
 
@@ -205,7 +207,8 @@ class DiTSampler:
     @torch.no_grad()  # not inference_mode: under it autocast casts every weight again at every step
     def sample(self, labels: torch.Tensor, seeds: Sequence[int], settings: SamplerSettings,
                uncond_labels: torch.Tensor | None = None, layout: torch.Tensor | None = None,
-               init_latents: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+               init_latents: torch.Tensor | None = None, strength: float = 1.0,
+               start: Literal["noise", "inversion"] = "noise") -> torch.Tensor:
         """Latents (N, C, h, w) on the sampler's device for labels (N,), one seed per item; `layout`
         (N, K_in, h, w) conditions a model with a layout branch (models/control.layout_input makes it).
 
@@ -213,7 +216,14 @@ class DiTSampler:
         first of the sampler's timesteps below strength * T (its own seed's noise), and only
         the steps from there on are run. Strength 0 returns the latents unchanged; strength 1 starts
         from (almost) pure noise, like plain sampling.
+
+        `start` "inversion" reaches that first timestep by DDIM inversion instead (`invert`): the latent is
+        run up the same grid by the model's own deterministic ODE, label-free, so the starting point encodes
+        the source's layout rather than a fresh draw, and the denoising under the target follows it (DDIB,
+        Su et al. 2023). The seed then plays no part in a DDIM run.
         """
+        if start not in TRANSFER_STARTS:
+            raise ValueError(f"start must be one of {', '.join(TRANSFER_STARTS)}, got {start!r}")
         settings.validate(self.num_train_timesteps)
         cfg = self.config
         if settings.guide_channels is not None and settings.guide_channels > cfg.in_channels:
@@ -245,8 +255,8 @@ class DiTSampler:
             x0 = self._init_latents(init_latents, shape)
             if len(timesteps) == 0:
                 return x0
-            # q_sample: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at the first step that will run
-            x = scheduler.add_noise(x0, x, timesteps[:1].expand(n))
+            if start == "noise":  # q_sample: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at the first step that will run
+                x = scheduler.add_noise(x0, x, timesteps[:1].expand(n))
         else:
             x = x * scheduler.init_noise_sigma
         model_timesteps = timesteps.to(self.device)  # (S',)
@@ -259,11 +269,36 @@ class DiTSampler:
         casting = amp or (self.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(self.device.type))
         with torch.autocast("cuda", dtype=self.amp_dtype) if amp else contextlib.nullcontext(), \
                 cached_weight_casts(self.model, casting):
+            if init_latents is not None and start == "inversion":
+                x = self.invert(x0, timesteps.flip(0), scheduler.alphas_cumprod, settings, layout)  # (N, C, h, w)
             for i, t in enumerate(timesteps):
                 x_in = scheduler.scale_model_input(x, t)
                 out = self.predict(x_in, model_timesteps[i].expand(n), labels, uncond, settings,
                                    layout)  # (N, C_out, h, w)
                 x = scheduler.step(out[:, :keep], t, x, generator=generators).prev_sample  # (N, C, h, w)
+        return x
+
+    def invert(self, x0: torch.Tensor, ascending: torch.Tensor, alphas_cumprod: torch.Tensor,
+               settings: SamplerSettings, layout: torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM inversion: clean latents x0 (N, C, h, w) -> latents at ascending[-1], up the timesteps `ascending`.
+
+        Each step runs DDIM's update backwards, x_next = sqrt(a_next) x0_hat + sqrt(1 - a_next) eps, with eps the
+        model's prediction at the current level (the clean start is fed as t = 0). The prediction is label-free
+        (the null label, no guidance: the source's scenario is what the transfer replaces) and, with a layout,
+        the branch on unguided, so the inverted point holds the source's objects where the layout says.
+        """
+        n = x0.shape[0]
+        plain = SamplerSettings(sampler=settings.sampler, steps=settings.steps, guidance=1.0, layout_guidance=1.0)
+        null = torch.full((n,), self.null_label, dtype=torch.long, device=self.device)
+        c = self.config.in_channels
+        x, a_cur, t_cur = x0, 1.0, 0  # alpha-bar of the clean latent is 1
+        for t_next in ascending.tolist():
+            a_next = float(alphas_cumprod[int(t_next)])
+            t_in = torch.full((n,), t_cur, dtype=torch.long, device=self.device)
+            eps = self.predict(x, t_in, null, None, plain, layout)[:, :c]  # (N, C, h, w)
+            x0_hat = (x - math.sqrt(1 - a_cur) * eps) / math.sqrt(a_cur)
+            x = math.sqrt(a_next) * x0_hat + math.sqrt(1 - a_next) * eps  # (N, C, h, w)
+            a_cur, t_cur = a_next, int(t_next)
         return x
 
     def _init_latents(self, init_latents: torch.Tensor, shape: tuple) -> torch.Tensor:

@@ -138,6 +138,7 @@ class TransferPlan(ShardedItems):
     shard_size: int
     layout_guidance: float | None = None  # None: plain SDEdit
     branch: dict | None = None  # guided: what of the branch decides its input (box categories, segmentation)
+    start: str = "noise"  # how the source latent reaches t = s * T (TransferSection.start)
 
     @property
     def num_items(self) -> int:
@@ -146,7 +147,7 @@ class TransferPlan(ShardedItems):
     def item(self, i: int) -> dict:
         f, j = divmod(i, len(self.targets))
         return {"index": i, "seed": self.base_seed + i, "scenario": self.targets[j], "strength": self.strength,
-                **self.records[f]}
+                "start": self.start, **self.records[f]}
 
     def shard_items(self, shard: int) -> list[dict]:
         return [self.item(i) for i in self.shard_range(shard)]
@@ -161,6 +162,8 @@ class TransferPlan(ShardedItems):
                     "frames_sha256": digest}
         if self.layout_guidance is not None:  # only then: unguided datasets keep the hashes they had
             document.update(layout_guidance=float(self.layout_guidance), branch=self.branch)
+        if self.start != "noise":  # likewise: noised datasets keep their hashes
+            document["start"] = self.start
         return document
 
 
@@ -182,7 +185,8 @@ def plan_transfer(job, vocabulary: list[str], branch_spec=None, model_version: s
     return TransferPlan(records=source_records(section, source), targets=list(section.targets),
                         scenarios=[s for s in vocabulary if s in section.targets], strength=float(section.strength),
                         base_seed=job.spec.base_seed, shard_size=job.spec.shard_size,
-                        layout_guidance=float(section.layout_guidance) if guided else None, branch=branch)
+                        layout_guidance=float(section.layout_guidance) if guided else None, branch=branch,
+                        start=section.start)
 
 
 # ----------------------------------------------------------------------------- on the sampler actor

@@ -81,16 +81,16 @@ class ShardSampler:
                                   device=self.device)  # (n,)
             seeds = [int(it["seed"]) for it in chunk]
             uncond = self.sm.superclass_of(labels) if self.settings.guidance_kind == "superclass" else None
-            layout, init, strength = None, None, 1.0
+            layout, init, strength, start_from = None, None, 1.0, "noise"
             if "source_frame" in chunk[0]:  # spec.layouts: the frame's boxes (and segmentation) on the latent grid
                 layout = self.layout_of(chunk)  # (n, K_in, h, w)
             if "source" in chunk[0]:  # condition transfer: SDEdit from the source frames' latents
                 init = self.source_latents(chunk)  # (n, C, h, w)
-                strength = float(chunk[0]["strength"])
+                strength, start_from = float(chunk[0]["strength"]), chunk[0].get("start", "noise")
                 if self.guided_transfer:  # the boxes just carried over, as the branch's layout
                     layout = self.transfer_layout(chunk)  # (n, K_in, h, w)
             latents = self.sampler.sample(labels, seeds, self.settings, uncond_labels=uncond, layout=layout,
-                                          init_latents=init, strength=strength)  # (n, C, h, w)
+                                          init_latents=init, strength=strength, start=start_from)  # (n, C, h, w)
             out.append(latents.float())
         return torch.cat(out)
 
