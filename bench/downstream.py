@@ -129,7 +129,7 @@ def stage_synthetic(cfg: DownstreamBench, out: Path, scenes: dict, model_uri: st
         else:
             spec = {"source": scenes["train"], "labels": scenes["common_source"], "targets": rare,
                     "strength": y.strength, "max_frames": y.per_scenario,
-                    "layout_guidance": y.transfer_layout_guidance}
+                    "layout_guidance": y.transfer_layout_guidance, "start": y.start}
         uri = str(out / synthetic_name(cfg, mode))
         job = load_config(GenerateJob, DEMO_CONFIGS / "generate.yaml", [
             "--model.ref", model_uri, "--tracking.tracking_uri", tracking_uri, "--tracking.experiment", cfg.experiment,
@@ -146,6 +146,8 @@ def synthetic_name(cfg: DownstreamBench, mode: str) -> str:
     how = f"s{y.strength:g}" if mode == "transfer" else f"lg{y.layout_guidance:g}"
     if mode == "transfer" and y.transfer_layout_guidance is not None:
         how += f"-lg{y.transfer_layout_guidance:g}"
+    if mode == "transfer" and y.start == "inversion":
+        how += "-inv"
     return f"synthetic-{mode}-{how}-n{y.per_scenario}-{y.sampler}{y.sampler_steps}-g{y.guidance:g}"
 
 
@@ -259,6 +261,7 @@ def _setup_line(cfg: DownstreamBench, summary: dict) -> str:
     s, y, sc = cfg.scenes, cfg.synthetic, summary["scenes"]
     how = {"layouts": f"layouts (layout guidance {y.layout_guidance:g})",
            "transfer": f"transfer (SDEdit strength {y.strength:g}"
+                       + (", DDIM-inverted start" if y.start == "inversion" else "")
                        + (f", layout-guided {y.transfer_layout_guidance:g})" if y.transfer_layout_guidance else ")"),
            "both": f"layouts and transfer (strength {y.strength:g})"}[y.mode]
     synth = " + ".join(str(x["images"]) for x in summary["synthetic"])

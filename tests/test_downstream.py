@@ -25,10 +25,12 @@ def _scenario(frame: dict) -> str:
 def test_bad_config_lists_every_problem():
     with pytest.raises(ConfigError) as e:
         load_config(DownstreamBench, CONFIG, ["--scenes.rare", "[night, foggy]", "--detector.real_per_step", "3",
-                                              "--detector.seeds", "[1, 1]", "--scenes.common", "[night]"])
+                                              "--detector.seeds", "[1, 1]", "--scenes.common", "[night]",
+                                              "--synthetic.mode", "transfer", "--synthetic.start", "inversion",
+                                              "--synthetic.sampler", "ddpm"])
     text = str(e.value)
     for part in ("unknown scenarios ['foggy']", "['night'] are both common and rare", "real_per_step (3)",
-                 "seeds must be distinct"):
+                 "seeds must be distinct", "synthetic.start inversion needs synthetic.sampler ddim, got ddpm"):
         assert part in text
 
 

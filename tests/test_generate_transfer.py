@@ -118,6 +118,10 @@ def test_plan_items_frame_major_with_seeds(models, source, tmp_path):
     inverted = prepare(_job(str(models.bundle), source, tmp_path / "out", start="inversion"))
     assert inverted.document["transfer"]["start"] == "inversion" and inverted.spec_hash != prep.spec_hash
     assert {it["start"] for it in inverted.plan.shard_items(0)} == {"inversion"}
+    ddpm = _job(str(models.bundle), source, tmp_path / "out", start="inversion")
+    ddpm.sampler.sampler = "ddpm"
+    with pytest.raises(SpecError, match="spec.transfer.start inversion needs sampler.sampler ddim, got ddpm"):
+        prepare(ddpm)
     with pytest.raises(ConfigError, match=r"spec\.transfer\.start"):
         _job(str(models.bundle), source, tmp_path / "out", start="invert")
 
@@ -226,6 +230,19 @@ def test_transfer_job_carries_labels_and_resumes_byte_identical(models, source, 
     assert a["labels.json"] == b["labels.json"]
     assert {k: v for k, v in a.items() if k.startswith("labels/")} == {k: v for k, v in b.items() if k.startswith("labels/")}
     assert pq.read_table(io.BytesIO(a["manifest.parquet"])).equals(pq.read_table(io.BytesIO(b["manifest.parquet"])))
+
+
+def test_inverted_transfer_job_is_the_same_whatever_the_seed(models, source, ray_session, tmp_path):
+    """The job hands spec.transfer.start to the sampler: with DDIM from an inverted start no seed enters an image,
+    so two base seeds make the same pictures (with the noise start each item's seed draws its noise: they would
+    differ)."""
+    def images(name: str, seed: int, start: str) -> dict:
+        job = _job(str(models.bundle), source, tmp_path / name, start=start)
+        job.spec.base_seed = seed
+        assert run_generate(job)["complete"]
+        return _images(_files(str(tmp_path / name)))
+
+    assert images("inv3", 3, "inversion") == images("inv11", 11, "inversion")
 
 
 def test_parts_of_the_older_transfer_schema_read_into_the_one_schema(tmp_path):

@@ -50,6 +50,9 @@ class SyntheticSection(StrictModel):
         None, ge=1, description="transfer: steer the SDEdit with the generator's layout branch on each source frame's "
                                 "own boxes, with this guidance on the layout (spec.transfer.layout_guidance; label "
                                 "survival 0.52 vs 0.02 at s 0.8, BENCHMARKS.md); null: plain SDEdit")
+    start: Literal["noise", "inversion"] = Field(
+        "noise", description="transfer: how the source latent reaches t = s T (spec.transfer.start; inversion "
+                             "needs sampler ddim)")
     layout_guidance: float = Field(4.0, ge=1, description="layouts: guidance on the layout")
     sampler: Literal["ddpm", "ddim"] = Field("ddpm", description="the generate job's sampler")
     sampler_steps: int = Field(25, ge=1, description="denoising steps (a transfer runs strength x steps of them)")
@@ -131,6 +134,10 @@ class DownstreamBench(StrictModel):
         unknown = [c for c in d.categories if c not in SCENE_CATEGORIES]
         if unknown:
             problems.append(f"detector.categories: {unknown} are not among the scenes' {SCENE_CATEGORIES}")
+        y = self.synthetic
+        if y.mode != "layouts" and y.start == "inversion" and y.sampler != "ddim":
+            problems.append(f"synthetic.start inversion needs synthetic.sampler ddim, got {y.sampler} (DDPM's fresh "
+                            f"noise forgets the inverted start)")
         if len(set(d.seeds)) != len(d.seeds):
             problems.append(f"detector.seeds must be distinct, got {d.seeds}")
         if problems:

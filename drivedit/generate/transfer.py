@@ -67,6 +67,15 @@ def guidance_problems(section, branch_spec, model_version: str) -> list[str]:
     return []
 
 
+def start_problems(section, sampler: str) -> list[str]:
+    """Why `section.start` cannot run with the job's sampler: an inverted start is a point on DDIM's ODE, which
+    DDPM's fresh noise at every step would not follow."""
+    if section.start == "inversion" and sampler != "ddim":
+        return [f"spec.transfer.start inversion needs sampler.sampler ddim, got {sampler}: DDPM draws fresh noise at "
+                f"every step and forgets the inverted start; set sampler.sampler ddim, or spec.transfer.start noise"]
+    return []
+
+
 def transfer_problems(section, vocabulary: list[str], source: SourceFrames | None, read_error: str | None,
                       branch_spec=None, model_version: str = "the model") -> list[str]:
     """Every reason `section` cannot run against a model with `vocabulary` (and layout branch `branch_spec`, or
@@ -177,6 +186,7 @@ def plan_transfer(job, vocabulary: list[str], branch_spec=None, model_version: s
     except (LabelFileError, FileNotFoundError, ValueError) as e:
         read_error = str(e)
     problems = transfer_problems(section, vocabulary, source, read_error, branch_spec, model_version)
+    problems += start_problems(section, job.sampler.sampler)
     if problems:
         raise SpecError(problems)
     guided = section.layout_guidance is not None
