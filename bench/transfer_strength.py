@@ -107,6 +107,9 @@ def main(argv=None) -> int:
                     help="spec.transfer.layout_guidance values to measure with --model's layout branch")
     ap.add_argument("--starts", nargs="+", choices=["noise", "inversion"], default=["noise"],
                     help="spec.transfer.start values to measure (noise: SDEdit's q_sample; inversion: DDIM inversion)")
+    ap.add_argument("--bootstrap", type=int, default=200,
+                    help="draws of the bootstrap interval of survival over the source frames, for the rows where "
+                         "condition accuracy reaches the goal's 0.8 (0: none)")
     ap.add_argument("--generate-only", action="store_true",
                     help="stop after generating (e.g. while bench/layout.py still trains the detector this reuses)")
     args = ap.parse_args(argv)
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
     import ray
 
     from drivedit.eval.fidelity import dataset_ignore_under
-    from drivedit.eval.survival import label_survival_from_scores
+    from drivedit.eval.survival import label_survival_from_scores, survival_interval, transfer_sources
 
     out, t0 = start(args)
     counts = ["--spec.counts", json.dumps({t: args.frames for t in args.targets})]
@@ -149,12 +152,16 @@ def main(argv=None) -> int:
     rows = []
     for (arm, s), (folder, scores) in transferred.items():
         kind, lg, begin = next((k, g, st) for a, k, g, st in arms(args) if a == arm)
-        sv = label_survival_from_scores(scores, original_scores, dataset_ignore_under(str(folder), scores))
+        under = dataset_ignore_under(str(folder), scores)
+        sv = label_survival_from_scores(scores, original_scores, under)
         acc, _ = condition_accuracy(out, folder, args)
+        spread = (survival_interval(scores, original_scores, transfer_sources(str(folder)), under, args.bootstrap,
+                                    seed=args.seed) if args.bootstrap and acc >= 0.8 else None)
         rows.append({"arm": arm, "model": kind, "layout_guidance": lg, "start": begin, "strength": s, "condition_accuracy": acc,
                      "vs_plain": acc / base[kind] if base[kind] > 0 else None, "survival": sv["survival"],
                      "ap50_transferred": sv["ap50_transferred"], "ap50_original": sv["ap50_original"],
-                     "ignore_under": sv["ignore_under"], "survival_all_boxes": sv["survival_all_boxes"]})
+                     "ignore_under": sv["ignore_under"], "survival_all_boxes": sv["survival_all_boxes"],
+                     "survival_interval": spread})
     result = {"command": "python bench/transfer_strength.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "frames": args.frames, "targets": args.targets, "plain_condition_accuracy": base,
               "classifier_heldout_accuracy": heldout, "models": {k: ft["bundle_uri"] for k, ft in runs.items()},
@@ -169,9 +176,14 @@ def main(argv=None) -> int:
           + ", ".join(f"{base[k]:.3f} ({k})" for k in base))
     print("survival: of the boxes the transfer labels as objects (those under one token are ignore regions, on the "
           "originals too); all boxes: of every carried box")
-    print(f"{'arm':<14}{'s':>5}{'survival':>10}{'all boxes':>11}{'AP50':>8}{'cond.acc':>10}{'/ plain':>9}")
+    print(f"survival's 95 % interval: a bootstrap over the {args.frames} source frames ({args.bootstrap} draws), where "
+          f"condition accuracy >= 0.8")
+    print(f"{'arm':<16}{'s':>5}{'survival':>10}{'95 % interval':>16}{'all boxes':>11}{'AP50':>8}{'cond.acc':>10}"
+          f"{'/ plain':>9}")
     for r in rows:
-        print(f"{r['arm']:<14}{r['strength']:>5.2f}{r['survival']:>10.3f}{r['survival_all_boxes']:>11.3f}"
+        ci = r["survival_interval"]
+        ci = f"[{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""
+        print(f"{r['arm']:<16}{r['strength']:>5.2f}{r['survival']:>10.3f}{ci:>16}{r['survival_all_boxes']:>11.3f}"
               f"{r['ap50_transferred']:>8.3f}{r['condition_accuracy']:>10.3f}{(r['vs_plain'] or float('nan')):>9.2f}")
     for arm, *_ in arms(args):
         ok = [r["strength"] for r in rows

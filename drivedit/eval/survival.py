@@ -178,3 +178,76 @@ def label_survival_from_scores(transferred_scores: str, original_scores: str, ig
             "ap50_transferred_all_boxes": all_t, "ap50_original_all_boxes": all_o,
             "survival_all_boxes": _ratio(all_t, all_o),
             "transferred_scores": transferred_scores, "original_scores": original_scores}
+
+
+# ----------------------------------------------------------------------------- spread over source frames
+
+
+def _scored(scores_dir: str, ignore_under: float) -> tuple[dict, dict[int, list[dict]]]:
+    """A score folder's ground truth under the side rule and its detections grouped by image id."""
+    gt = json.loads(storage.read_bytes(storage.join(scores_dir, "gt.json")))
+    gt = apply_regions({**gt, "annotations": gt.get("annotations") or []}, ignore_under)
+    by_image: dict[int, list[dict]] = {}
+    for r in _load_predictions(storage.join(scores_dir, "predictions.json")):
+        by_image.setdefault(int(r["image_id"]), []).append(r)
+    return gt, by_image
+
+
+def _resampled_ap50(gt: dict, by_image: dict[int, list[dict]], image_ids: list[int]) -> float:
+    """AP50 of the images `image_ids` (repeats allowed: each copy is its own image), as `rescore` scores."""
+    from drivedit.detect.evaluate import ap50 as coco_ap50
+
+    images = {im["id"]: im for im in gt["images"]}
+    anns: dict[int, list[dict]] = {}
+    for a in gt["annotations"]:
+        anns.setdefault(int(a["image_id"]), []).append(a)
+    new_images, new_anns, results = [], [], []
+    for k, old in enumerate(image_ids, start=1):
+        new_images.append({**images[old], "id": k})
+        new_anns += [{**a, "id": len(new_anns) + n + 1, "image_id": k} for n, a in enumerate(anns.get(old, []))]
+        results += [{**r, "image_id": k} for r in by_image.get(old, [])]
+    sub = {**gt, "images": new_images, "annotations": new_anns}
+    if not _boxes_to_find(sub):
+        return float("nan")
+    size = max(max(int(im["width"]), int(im["height"])) for im in new_images)
+    value = coco_ap50(sub, results, image_size=size)
+    return float("nan") if value is None else float(value)
+
+
+def survival_interval(transferred_scores: str, original_scores: str, source_of: dict[str, str],
+                      ignore_under: float = 0.0, draws: int = 200, level: float = 0.95, seed: int = 0) -> dict:
+    """A percentile bootstrap interval of label survival over the source frames: each draw resamples the source
+    frames with replacement and scores, on both sides, the drawn frames' images (a frame's every transfer goes
+    with it), so the spread is that of the frames a survival figure rests on. `source_of` maps each transferred
+    image's file name to its source frame's (the transferred dataset's manifest: `transfer_sources`); the
+    originals' gt.json names its frames by file name. Returns {low, high, level, draws, frames}."""
+    t_gt, t_pred = _scored(transferred_scores, ignore_under)
+    o_gt, o_pred = _scored(original_scores, ignore_under)
+    original_id = {im["file_name"]: im["id"] for im in o_gt["images"]}
+    transferred_ids: dict[str, list[int]] = {}
+    for im in t_gt["images"]:
+        frame = source_of.get(im["file_name"])
+        if frame not in original_id:
+            raise ValueError(f"{transferred_scores}: image {im['file_name']} comes from source frame {frame!r}, "
+                             f"which {original_scores} did not score; score the transfer's own source folder")
+        transferred_ids.setdefault(frame, []).append(im["id"])
+    frames = sorted(transferred_ids)
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(draws):
+        drawn = [frames[k] for k in rng.integers(0, len(frames), len(frames))]
+        a_t = _resampled_ap50(t_gt, t_pred, [i for f in drawn for i in transferred_ids[f]])
+        a_o = _resampled_ap50(o_gt, o_pred, [original_id[f] for f in drawn])
+        ratios.append(_ratio(a_t, a_o))
+    ratios = np.asarray([r for r in ratios if np.isfinite(r)])
+    tail = (1 - level) / 2 * 100
+    low, high = (np.percentile(ratios, [tail, 100 - tail]) if len(ratios) else (float("nan"), float("nan")))
+    return {"low": float(low), "high": float(high), "level": level, "draws": int(len(ratios)), "frames": len(frames)}
+
+
+def transfer_sources(dataset_uri: str) -> dict[str, str]:
+    """A transferred dataset's image name -> the source frame it was made from (its manifest's source_frame)."""
+    from drivedit.generate.dataset import read_manifest
+
+    rows = read_manifest(dataset_uri).select(["name", "source_frame"]).to_pylist()
+    return {r["name"]: r["source_frame"] for r in rows if r["source_frame"] is not None}
