@@ -133,7 +133,7 @@ def test_reduced_experiment_writes_every_stage_and_keeps_the_arms_fair(tmp_path,
     assert rare["key"] == "group/night,snowy/AP50"
     metrics = json.loads((out / "detect" / "real-seed0" / "scores" / "metrics.json").read_text())
     assert sorted(p.name for p in (out / "detect").iterdir() if p.is_dir()) == [
-        "mixed-layouts-lg4-n1-ddpm2-g4_transfer-s0.5-n1-ddpm2-g4-x2-ign19.2-nobg-seed0", "real-seed0"]
+        "mixed-layouts-lg4-n1-ddim2-g4_transfer-s0.7-lg4-inv-n1-ddim2-g4-x2-ign19.2-nobg-seed0", "real-seed0"]
     night, snowy = metrics["per_scenario"]["night"]["AP50"], metrics["per_scenario"]["snowy"]["AP50"]
     assert rare["real"] == [pytest.approx(100 * (night + snowy) / 2)]
     # one MLflow experiment: the generator, the two generate jobs, each detector run (tagged) and the table
