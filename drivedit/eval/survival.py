@@ -137,6 +137,17 @@ def _boxes_to_find(gt: dict) -> bool:
     return any(not a.get("iscrowd") for a in gt["annotations"])
 
 
+def _read_scores(scores_dir: str, ignore_under: float = 0.0, all_boxes: bool = False) -> tuple[dict, list[dict]]:
+    """A `drivedit detect --eval-only` scores folder -> (its gt.json relabelled by `apply_regions`, its detections)."""
+    try:
+        gt = json.loads(storage.read_bytes(storage.join(scores_dir, "gt.json")))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{scores_dir} is not a detect scores folder: it has no gt.json (write one with "
+                                f"`drivedit detect --eval-only --data.val DIR`)") from None
+    results = _load_predictions(storage.join(scores_dir, "predictions.json"))
+    return apply_regions({**gt, "annotations": gt.get("annotations") or []}, ignore_under, all_boxes), results
+
+
 def rescore(scores_dir: str, ignore_under: float = 0.0, all_boxes: bool = False) -> dict:
     """The detect job's evaluation (`detect.evaluate.evaluate`) of a `drivedit detect --eval-only` scores folder,
     recomputed from its gt.json and predictions.json at the scored image size (gt.json's image width), so
@@ -144,13 +155,7 @@ def rescore(scores_dir: str, ignore_under: float = 0.0, all_boxes: bool = False)
     Raises ValueError when its ground truth holds no box to find."""
     from drivedit.detect.evaluate import evaluate
 
-    try:
-        gt = json.loads(storage.read_bytes(storage.join(scores_dir, "gt.json")))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{scores_dir} is not a detect scores folder: it has no gt.json (write one with "
-                                f"`drivedit detect --eval-only --data.val DIR`)") from None
-    results = _load_predictions(storage.join(scores_dir, "predictions.json"))
-    gt = apply_regions({**gt, "annotations": gt.get("annotations") or []}, ignore_under, all_boxes)
+    gt, results = _read_scores(scores_dir, ignore_under, all_boxes)
     if not _boxes_to_find(gt):
         raise ValueError(f"{scores_dir}: its ground truth holds no box, so there is no AP to score")
     size = max([max(int(im["width"]), int(im["height"])) for im in gt["images"]] or [640])
@@ -185,10 +190,9 @@ def label_survival_from_scores(transferred_scores: str, original_scores: str, ig
 
 def _scored(scores_dir: str, ignore_under: float) -> tuple[dict, dict[int, list[dict]]]:
     """A score folder's ground truth under the side rule and its detections grouped by image id."""
-    gt = json.loads(storage.read_bytes(storage.join(scores_dir, "gt.json")))
-    gt = apply_regions({**gt, "annotations": gt.get("annotations") or []}, ignore_under)
+    gt, results = _read_scores(scores_dir, ignore_under)
     by_image: dict[int, list[dict]] = {}
-    for r in _load_predictions(storage.join(scores_dir, "predictions.json")):
+    for r in results:
         by_image.setdefault(int(r["image_id"]), []).append(r)
     return gt, by_image
 
