@@ -12,7 +12,9 @@
    (the detect job's `per_step` counts draw each dataset from its own random stream); the mixed arm's
    batch holds the synthetic frames on top. So both arms see the real data for the same number of
    epochs (Dream4Drive's point): each run records its steps and images drawn per dataset, and the table
-   shows them.
+   shows them. Optional control arms (`detector.controls`) put as many more *real* frames in the batch
+   instead (of every scenario, or of the rare ones only: oversampling), so the mixed arm's gain can be told
+   from a larger batch's and from repeating the rare frames one has.
 5. Scores on the held-out real frames: AP and AP50 per scenario and per object size, mean ± sd over seeds,
    mixed - real per seed with a 95 % t-interval over the paired seeds; all runs in one MLflow
    experiment (tagged by arm and seed) and the markdown table in <out>/table.md.
@@ -39,8 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from drivedit.config.base import ConfigError, field_help_lines, load_config  # noqa: E402
 from drivedit.config.downstream import SCENE_CATEGORIES, DownstreamBench  # noqa: E402
+from drivedit.eval.downstream import CONTROL_PREFIX  # noqa: E402
 
 TABLE_FILE = "table.md"
+RARE_LABELS = "rare.json"  # the real training frames of the rare scenarios, beside scenes/labels.json
 SUMMARY_FILE = "downstream.json"
 
 
@@ -88,6 +92,9 @@ def stage_scenes(cfg: DownstreamBench, out: Path) -> dict:
     # the synthetic frames start from the common-scenario training frames (their layouts or their pixels)
     common = [f for f in train if (f.weather in s.common and f.timeofday != "night")]
     write_label_file(common, str(out / "scenes" / "common.json"))
+    # the rare-real control arm oversamples the rare-scenario training frames
+    names = {f.name for f in common}
+    write_label_file([f for f in train if f.name not in names], str(out / "scenes" / RARE_LABELS))
     total = len(train)
     return {"train": str(out / "scenes"), "heldout": str(out / "heldout"), "train_frames": total,
             "train_counts": train_counts, "rare_share": {r: rare_n / total for r in s.rare},
@@ -156,6 +163,8 @@ def arm_name(cfg: DownstreamBench, arm: str, seed: int) -> str:
     synthetic data share it; the mixed arm's name says which synthetic data and how much of it per step."""
     if arm == "real":
         return f"real-seed{seed}"
+    if arm.startswith(CONTROL_PREFIX):  # real frames alone: the synthetic data's settings do not enter
+        return f"{arm}-x{cfg.detector.synthetic_per_step}-seed{seed}"
     modes = ["layouts", "transfer"] if cfg.synthetic.mode == "both" else [cfg.synthetic.mode]
     data = "_".join(synthetic_name(cfg, m)[len("synthetic-"):] for m in modes)
     d = cfg.detector
@@ -192,6 +201,9 @@ def detect_job(cfg: DownstreamBench, out: Path, arm: str, seed: int, synthetic: 
                    "ignore_under": d.synthetic_ignore_under, "labels_file": teacher_labels(cfg, seed),
                    "learn_background": d.synthetic_background}
                   for s in synthetic]
+    elif arm.startswith(CONTROL_PREFIX):  # a second stream of real frames in place of the synthetic ones
+        extra = {"more-real": None, "rare-real": RARE_LABELS}[arm[len(CONTROL_PREFIX):]]
+        train.append({"uri": str(out / "scenes"), "per_step": d.synthetic_per_step, "labels_file": extra})
     return load_config(DetectJob, DEMO_CONFIGS / "detect.yaml", [
         "--data.train", json.dumps(train), "--data.val", str(out / "heldout"),
         "--data.categories", json.dumps(d.categories),
@@ -212,7 +224,7 @@ def stage_detectors(cfg: DownstreamBench, out: Path, synthetic: list[dict], trac
 
     runs = []
     for seed in cfg.detector.seeds:
-        for arm in ("real", "mixed"):
+        for arm in ("real", "mixed", *(CONTROL_PREFIX + c for c in cfg.detector.controls)):
             _log(f"4/5 detector, arm {arm}, seed {seed}")
             if arm == "mixed" and cfg.detector.teacher_score is not None:
                 mark_teacher(cfg, seed, runs[-1]["run_dir"], synthetic)
@@ -275,12 +287,15 @@ def _setup_line(cfg: DownstreamBench, summary: dict) -> str:
                if cfg.detector.synthetic_ignore_under else "")
             + (f"; the real-only detector's unlabelled detections (score >= {cfg.detector.teacher_score:g}) in the "
                "synthetic frames are ignore regions" if cfg.detector.teacher_score is not None else "")
-            + ("; the synthetic frames teach no background" if not cfg.detector.synthetic_background else "") + ".")
+            + ("; the synthetic frames teach no background" if not cfg.detector.synthetic_background else "")
+            + "".join(f"; control arm {CONTROL_PREFIX}{c}: {cfg.detector.synthetic_per_step} more real frames per "
+                      f"step{' of the rare scenarios' if c == 'rare-real' else ''} instead of the synthetic ones"
+                      for c in cfg.detector.controls) + ".")
 
 
 def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict, tracking_uri: str) -> str:
     from drivedit import tracking
-    from drivedit.eval.downstream import compare, fairness_table, markdown_table, table_keys, verdict
+    from drivedit.eval.downstream import compare, control_arms, fairness_table, markdown_table, table_keys, verdict
 
     _log("5/5 the comparison")
     s, g = cfg.scenes, cfg.goal
@@ -295,6 +310,7 @@ def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict
         "AP points = COCO AP x 100 on the held-out real frames; rare / common rows are the mean over their "
         "scenarios; ± is the sd over seeds; the interval is the 95 % t-interval of the mean paired (same seed) "
         f"difference over {seeds} seeds.", "",
+        *control_lines(runs, keys, seeds),
         fairness_table(runs), "",
         f"Goal: rare AP50 +{g.rare_gain:g} with the interval above 0, common AP50 cost <= {g.common_cost:g}: "
         f"rare {v['rare_gain']:+.1f} (interval low {v['rare_gain_ci_low']:+.1f}), common {v['common_change']:+.1f} -> "
@@ -302,7 +318,10 @@ def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict
     ]
     table = "\n".join(lines) + "\n"
     (out / TABLE_FILE).write_text(table)
-    summary.update(comparison=[c.as_dict() for c in comparisons], verdict=v,
+    controls = {arm: {"vs_real": [c.as_dict() for c in compare(runs, [k for _, k in keys], "real", arm)],
+                      "mixed_vs": [c.as_dict() for c in compare(runs, [k for _, k in keys], arm, "mixed")]}
+                for arm in control_arms(runs)}
+    summary.update(comparison=[c.as_dict() for c in comparisons], controls=controls, verdict=v,
                    runs=[{k: r[k] for k in r if k != "metrics"} for r in runs])
     tracked = tracking.start_run(tracking_uri, cfg.experiment, "downstream-comparison",
                                  tags={"drivedit.job": "downstream", "drivedit.downstream.synthetic": cfg.synthetic.mode})
@@ -311,6 +330,21 @@ def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict
     tracked.log_dict(summary, SUMMARY_FILE)
     tracked.end("FINISHED")
     return table
+
+
+def control_lines(runs: list[dict], keys: list[tuple[str, str]], seeds: int) -> list[str]:
+    """A table per control arm (its AP50 rows): the control against the real-only arm and the mixed arm
+    against the control, paired over seeds."""
+    from drivedit.eval.downstream import compare, control_arms, control_table
+
+    lines = []
+    ap50 = [(label, key) for label, key in keys if key.endswith("AP50")]
+    for arm in control_arms(runs):
+        vs_real = compare(runs, [k for _, k in ap50], "real", arm)
+        mixed_vs = compare(runs, [k for _, k in ap50], arm, "mixed")
+        lines += [f"Control arm `{arm}`:", "", control_table([(label, a, b) for (label, _), a, b in
+                                                               zip(ap50, vs_real, mixed_vs)], arm, seeds), ""]
+    return lines
 
 
 # ----------------------------------------------------------------------------- the experiment

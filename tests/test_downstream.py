@@ -74,6 +74,56 @@ def test_per_step_counts_give_both_arms_the_same_real_frames(tmp_path):
                                   "optim": {"global_batch_size": 4}})
 
 
+def _run(arm: str, seed: int, ap50: float, night: float, snowy: float) -> dict:
+    return {"arm": arm, "seed": seed, "steps": 10, "real_epochs": 1.0, "images_per_step": [8, 4],
+            "metrics": {"AP50": ap50, "per_scenario": {"night": {"AP50": night}, "snowy": {"AP50": snowy}}}}
+
+
+def test_control_arms_are_compared_with_both_other_arms():
+    from drivedit.eval.downstream import compare, control_arms, control_table, fairness_table
+
+    runs = []
+    for seed, (real, mixed, more) in enumerate([(0.30, 0.36, 0.31), (0.32, 0.35, 0.35), (0.28, 0.36, 0.30)]):
+        runs += [_run("real", seed, real, real, real), _run("mixed", seed, mixed, mixed + 0.1, mixed),
+                 _run("control-more-real", seed, more, more, more)]
+    assert control_arms(runs) == ["control-more-real"]
+    keys = ["AP50", "group/night,snowy/AP50"]
+    vs_real = compare(runs, keys, "real", "control-more-real")
+    mixed_vs = compare(runs, keys, "control-more-real", "mixed")
+    assert vs_real[0].diffs == pytest.approx([1.0, 3.0, 2.0])  # control - real, AP points
+    assert mixed_vs[1].diffs == pytest.approx([10.0, 5.0, 11.0])  # mixed - control on the rare group
+    d = vs_real[0].as_dict()
+    assert d["real"] == pytest.approx([30.0, 32.0, 30 - 2.0]) and d["control-more-real_mean"] == pytest.approx(32.0)
+    assert d["diff"] == pytest.approx(2.0) and d["diff_ci95"][0] < 2.0 < d["diff_ci95"][1]
+    table = control_table([("all AP50", vs_real[0], mixed_vs[0])], "control-more-real", 3)
+    # sd of 31, 35, 30 = sqrt(7); t(0.975, 2) = 4.303: +2 +- 4.303 x 1 / sqrt(3), +3.7 +- 4.303 x 3.21 / sqrt(3)
+    assert "| all AP50 | 32.0 ± 2.6 | +2.0 [-0.5, +4.5] | +3.7 [-4.3, +11.7] |" in table
+    order = [line.split(" | ")[0] for line in fairness_table(runs).splitlines()[2:5]]
+    assert order == ["| real", "| mixed", "| control-more-real"]
+    with pytest.raises(ValueError, match="control-rare-real seed 0"):
+        compare(runs, keys, "real", "control-rare-real")
+
+
+def test_control_arms_draw_more_real_frames_on_the_shared_stream(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from bench.downstream import RARE_LABELS, arm_name, detect_job
+
+    cfg = load_config(DownstreamBench, CONFIG, ["--detector.controls", "[more-real, rare-real]",
+                                                "--detector.seeds", "[3]"])
+    jobs = {arm: detect_job(cfg, tmp_path, arm, 3, [], "sqlite:///x.db")
+            for arm in ("real", "control-more-real", "control-rare-real")}
+    real, more, rare = ([(t.uri, t.per_step, t.labels_file) for t in jobs[a].data.train] for a in jobs)
+    scenes = str(tmp_path / "scenes")
+    assert real == [(scenes, 8, None)]
+    assert more == [(scenes, 8, None), (scenes, 4, None)] and rare == [(scenes, 8, None), (scenes, 4, RARE_LABELS)]
+    assert jobs["control-rare-real"].optim.global_batch_size == 12 and jobs["real"].optim.seed == 3
+    assert jobs["control-rare-real"].run.name == arm_name(cfg, "control-rare-real", 3) == "control-rare-real-x4-seed3"
+    with pytest.raises(ConfigError, match="detector.controls must be distinct"):
+        load_config(DownstreamBench, CONFIG, ["--detector.controls", "[more-real, more-real]"])
+    with pytest.raises(ConfigError, match="detector.controls"):
+        load_config(DownstreamBench, CONFIG, ["--detector.controls", "[fewer-real]"])
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_reduced_experiment_writes_every_stage_and_keeps_the_arms_fair(tmp_path, ray_session):

@@ -83,6 +83,13 @@ class DetectorSection(StrictModel):
         0.0, ge=0, description="the synthetic frames' boxes with a side under this (128 px image pixels) are ignore "
                                "regions, not targets (the detect job's data.train[].ignore_under): sizes whose "
                                "layout fidelity is low; 19.2 = COCO's medium/large limit at 128 px, 6.4 its small")
+    controls: list[Literal["more-real", "rare-real"]] = Field(
+        default_factory=list,
+        description="control arms, each with `synthetic_per_step` more *real* images in every step's batch in place "
+                    "of the synthetic ones (the same real stream as the other arms, plus a stream of its own): "
+                    "`more-real` draws them from all real training frames (is the mixed arm's gain the larger "
+                    "batch?), `rare-real` from the real frames of the rare scenarios (oversampling them: does "
+                    "synthetic data beat repeating the rare frames one has?)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="one run per arm and seed")
     lr: float = Field(2e-3, gt=0, description="peak learning rate")
     warmup_steps: int = Field(20, ge=0, description="linear warmup steps")
@@ -138,6 +145,8 @@ class DownstreamBench(StrictModel):
         if y.mode != "layouts" and y.start == "inversion" and y.sampler != "ddim":
             problems.append(f"synthetic.start inversion needs synthetic.sampler ddim, got {y.sampler} (DDPM's fresh "
                             f"noise forgets the inverted start)")
+        if len(set(d.controls)) != len(d.controls):
+            problems.append(f"detector.controls must be distinct, got {d.controls}")
         if len(set(d.seeds)) != len(d.seeds):
             problems.append(f"detector.seeds must be distinct, got {d.seeds}")
         if problems:

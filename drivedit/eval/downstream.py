@@ -1,11 +1,13 @@
 """The downstream comparison's numbers: per-arm means and spreads over seeds, paired differences with a
 t-interval, the goal verdict and the markdown table (bench/downstream.py).
 
-Input: one record per detector run, {"arm": "real" | "mixed", "seed": int, "metrics": the run's
-scores/metrics.json, "steps": int, "real_epochs": float, "images_per_step": {dataset: n}}. Every value
-in the table is in AP points (x 100). The difference of a metric is mixed - real per seed (both arms of a
-seed start from the same weights and draw the same real frames), summarised as its mean and the 95 %
-t-interval of that mean over the paired seeds (n - 1 degrees of freedom; none with a single seed).
+Input: one record per detector run, {"arm": "real" | "mixed" | "control-<kind>", "seed": int, "metrics": the
+run's scores/metrics.json, "steps": int, "real_epochs": float, "images_per_step": {dataset: n}}. Every value
+in the table is in AP points (x 100). The difference of a metric is arm - base per seed (every arm of a
+seed starts from the same weights and draws the same real frames), summarised as its mean and the 95 %
+t-interval of that mean over the paired seeds (n - 1 degrees of freedom; none with a single seed). The main
+comparison is mixed - real; a control arm (more real frames per step instead of synthetic ones) is compared
+with both, so a gain of the mixed arm can be told from the gain of a larger batch.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ARMS = ("real", "mixed")
+CONTROL_PREFIX = "control-"
 SIZES = ("small", "medium", "large")
 
 
@@ -39,11 +42,14 @@ def metric_value(metrics: dict, key: str) -> float:
 
 @dataclass
 class Comparison:
-    """One metric over both arms: per-seed values, their mean and spread, the paired difference."""
+    """One metric over two arms (`arm` against `base`, mixed against real by default): per-seed values, their
+    mean and spread, the paired difference."""
 
     key: str
-    real: list[float]
-    mixed: list[float]
+    base: list[float]
+    arm: list[float]
+    base_name: str = "real"
+    arm_name: str = "mixed"
 
     @staticmethod
     def _mean_sd(v: list[float]) -> tuple[float, float]:
@@ -52,10 +58,10 @@ class Comparison:
 
     @property
     def diffs(self) -> np.ndarray:
-        return np.asarray(self.mixed, float) - np.asarray(self.real, float)
+        return np.asarray(self.arm, float) - np.asarray(self.base, float)
 
     def difference(self) -> tuple[float, float, float]:
-        """(mean of mixed - real over paired seeds, 95 % t-interval low, high); NaN bounds with one seed."""
+        """(mean of arm - base over paired seeds, 95 % t-interval low, high); NaN bounds with one seed."""
         from scipy import stats
 
         d = self.diffs
@@ -66,21 +72,28 @@ class Comparison:
         return mean, mean - half, mean + half
 
     def as_dict(self) -> dict:
-        (rm, rs), (mm, ms) = self._mean_sd(self.real), self._mean_sd(self.mixed)
+        """Values, mean and sd under each arm's name (`real`, `mixed_mean`, ...), the difference and its interval."""
+        (bm, bs), (am, as_) = self._mean_sd(self.base), self._mean_sd(self.arm)
         diff, lo, hi = self.difference()
-        return {"key": self.key, "real": self.real, "mixed": self.mixed, "real_mean": rm, "real_sd": rs,
-                "mixed_mean": mm, "mixed_sd": ms, "diff": diff, "diff_ci95": [lo, hi]}
+        b, a = self.base_name, self.arm_name
+        return {"key": self.key, "base_name": b, "arm_name": a, b: self.base, a: self.arm, f"{b}_mean": bm,
+                f"{b}_sd": bs, f"{a}_mean": am, f"{a}_sd": as_, "diff": diff, "diff_ci95": [lo, hi]}
 
 
-def compare(runs: list[dict], keys: list[str]) -> list[Comparison]:
-    """Pair the arms' runs by seed; every seed must have both arms."""
+def compare(runs: list[dict], keys: list[str], base: str = "real", arm: str = "mixed") -> list[Comparison]:
+    """Pair two arms' runs by seed; every seed must have both."""
     seeds = sorted({r["seed"] for r in runs})
     by = {(r["arm"], r["seed"]): r for r in runs}
-    missing = [f"{a} seed {s}" for s in seeds for a in ARMS if (a, s) not in by]
+    missing = [f"{a} seed {s}" for s in seeds for a in (base, arm) if (a, s) not in by]
     if missing:
         raise ValueError(f"runs missing for the paired comparison: {', '.join(missing)}")
-    return [Comparison(k, [metric_value(by["real", s]["metrics"], k) for s in seeds],
-                       [metric_value(by["mixed", s]["metrics"], k) for s in seeds]) for k in keys]
+    return [Comparison(k, [metric_value(by[base, s]["metrics"], k) for s in seeds],
+                       [metric_value(by[arm, s]["metrics"], k) for s in seeds], base, arm) for k in keys]
+
+
+def control_arms(runs: list[dict]) -> list[str]:
+    """The control arms among the runs, in the order they first appear."""
+    return list(dict.fromkeys(r["arm"] for r in runs if r["arm"].startswith(CONTROL_PREFIX)))
 
 
 def table_keys(rare: list[str], common: list[str]) -> list[tuple[str, str]]:
@@ -129,11 +142,26 @@ def markdown_table(rows: list[tuple[str, Comparison]], n_seeds: int) -> str:
     return "\n".join(head + body)
 
 
+def control_table(rows: list[tuple[str, Comparison, Comparison]], control: str, n_seeds: int) -> str:
+    """One control arm against both others: its mean ± sd, control - real and mixed - control per metric, each
+    paired over the seeds with its 95 % t-interval. rows: (label, control against real, mixed against control)."""
+    head = [f"| metric (AP points, {n_seeds} seed{'s' * (n_seeds > 1)}) | {control} | {control} − real | "
+            f"mixed − {control} |", "|---|---|---|---|"]
+    body = []
+    for label, vs_real, vs_mixed in rows:
+        d, m = vs_real.as_dict(), vs_mixed.as_dict()
+        body.append(f"| {label} | {_fmt(d[f'{control}_mean'], d[f'{control}_sd'])} | {_fmt_diff(d)} | "
+                    f"{_fmt_diff(m)} |")
+    return "\n".join(head + body)
+
+
 def fairness_table(runs: list[dict]) -> str:
-    """What each detector run recorded: optimizer steps, images per step by dataset, epochs over the real data."""
-    rows = ["| arm | seed | optimizer steps | images per step (real + synthetic) | real epochs |",
+    """What each detector run recorded: optimizer steps, images per step by dataset, epochs of the real stream
+    every arm shares (a control arm's extra real frames come from a stream of their own, not counted there)."""
+    rows = ["| arm | seed | optimizer steps | images per step (real + extra) | real epochs (shared stream) |",
             "|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (r["seed"], ARMS.index(r["arm"]))):
+    order = [*ARMS, *control_arms(runs)]
+    for r in sorted(runs, key=lambda r: (r["seed"], order.index(r["arm"]))):
         per = " + ".join(str(n) for n in r["images_per_step"])
         rows.append(f"| {r['arm']} | {r['seed']} | {r['steps']} | {per} | {r['real_epochs']:.3f} |")
     return "\n".join(rows)
