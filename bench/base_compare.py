@@ -72,6 +72,7 @@ def one_arm(base: str, args, real_small: np.ndarray, clf) -> tuple[dict, np.ndar
     from drivedit.train.inprocess import run_in_process
 
     job = load_config(FinetuneJob, ROOT / "configs" / "demo" / "finetune.yaml", [
+        "--layout.kind", "none",  # the bases are compared on the scenario adapter alone, as recorded
         "--data.shards", str(args.run / "shards"), "--optim.total_steps", str(args.steps),
         "--optim.global_batch_size", str(args.batch), "--optim.warmup_steps", str(min(20, args.steps // 4)),
         "--run.checkpoint_every", str(args.steps), "--run.log_every", str(max(1, args.steps // 10)),

@@ -69,7 +69,7 @@ def finetune(kind: str, out: Path, args) -> dict:
     from drivedit.config.finetune import FinetuneJob
     from drivedit.train.trainer import run_finetune
 
-    layout = [] if kind == "plain" else ["--layout.kind", kind]
+    layout = ["--layout.kind", "none" if kind == "plain" else kind]
     job = load_config(FinetuneJob, DEMO_CONFIGS / "finetune.yaml", [
         *layout, "--data.shards", str(out / "shards"),
         "--run.name", kind, "--run.storage_path", str(out / "finetune"),

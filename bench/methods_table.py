@@ -181,7 +181,7 @@ def build_job(spec: dict, data: Path, args, steps: int | None = None, lr: float 
     return load_config(FinetuneJob, DEMO / "finetune.yaml", [
         # every arm at the init the recorded table used (denoise), the init ablations excepted; the default
         # is now `auto` (text here) because those ablations showed denoise never ahead
-        "--method.name", method, "--method.scenario_init", "denoise", *recipe(method), *overrides,
+        "--method.name", method, "--method.scenario_init", "denoise", "--layout.kind", "none", *recipe(method), *overrides,
         "--data.shards", str(data / "train"), "--data.materialize", "false",
         "--optim.total_steps", str(steps), "--optim.global_batch_size", str(args.batch),
         "--optim.lr", str(lr if lr is not None else spec["lr"]), "--optim.seed", str(spec["seed"]),

@@ -1,8 +1,9 @@
 """`make demo` / `drivedit demo`: the whole platform on one machine, end to end.
 
-scenes -> encode (Ray Data) -> fine-tune the shipped tiny DiT with driveditfit (Ray Train, 2 workers)
--> registered bundle in MLflow -> generate a labelled dataset (Ray Data) -> serve it (Ray Serve) and
-ask for one sample per scenario -> evaluate the generated set against the real frames.
+scenes -> encode (Ray Data) -> fine-tune the shipped tiny DiT with driveditfit and a light layout branch
+(Ray Train, 2 workers) -> registered bundle in MLflow -> generate a labelled dataset from the real frames'
+layouts under every scenario (Ray Data) -> serve it (Ray Serve) and ask for one sample per scenario, drawn
+to a real frame's boxes -> evaluate the generated set against the real frames.
 
 Every step is the same job a user runs from its config in configs/demo/; the demo only points all
 of their paths under one output directory and shares one local Ray between them.
@@ -10,6 +11,7 @@ of their paths under one output directory and shares one local Ray between them.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -86,7 +88,7 @@ def step_finetune(out: Path, size: DemoSize, extra: Sequence[str] = ()) -> dict:
     from drivedit.config.finetune import FinetuneJob
     from drivedit.train.trainer import run_finetune
 
-    _log("3/6 fine-tune the shipped tiny DiT with driveditfit on Ray Train (2 workers)")
+    _log("3/6 fine-tune the shipped tiny DiT with driveditfit and a layout branch on Ray Train (2 workers)")
     job = load_config(FinetuneJob, DEMO_CONFIGS / "finetune.yaml", [
         "--data.shards", str(out / "shards"),
         "--run.storage_path", str(out / "finetune"),
@@ -106,17 +108,32 @@ def step_generate(out: Path, size: DemoSize, model_uri: str, tracking_uri: str, 
     from drivedit.generate.job import run_generate
 
     total = size.per_scenario * len(scenarios)
-    _log(f"4/6 generate {total} labelled images ({size.per_scenario} per scenario) with Ray Data")
-    counts = "{" + ", ".join(f"{s}: {size.per_scenario}" for s in scenarios) + "}"
+    _log(f"4/6 generate {total} labelled images with Ray Data: the boxes of {size.per_scenario} real frames drawn "
+         f"under each of the {len(scenarios)} scenarios")
+    layouts = {"source": str(out / "scenes" / "labels.json"), "images": str(out / "scenes" / "images"),
+               "scenarios": scenarios, "limit": size.per_scenario}
     job = load_config(GenerateJob, DEMO_CONFIGS / "generate.yaml", [
         "--model.ref", model_uri,
         "--tracking.tracking_uri", tracking_uri,
         "--spec.balance", "null",
-        "--spec.counts", counts,
+        "--spec.layouts", json.dumps(layouts),
         "--sampler.steps", str(size.sampler_steps),
         "--output.uri", str(out / "synthetic"),
     ])
-    return run_generate(job)
+    result = run_generate(job)
+    # the picture to look at: the first frames of each scenario with their labels drawn (also in MLflow)
+    from drivedit.generate.report import preview_grid
+
+    result["preview"] = str(preview_grid(str(out / "synthetic"), out / "synthetic-preview.png"))
+    return result
+
+
+def layout_request(frame, categories: list[str], image_size: tuple[int, int]) -> dict:
+    """The `layout` of a `POST /v1/samples` body from a real frame's boxes (those of the served categories)."""
+    w, h = image_size
+    boxes = [{"category": b.category, "x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2}
+             for b in frame.boxes if b.category in categories]
+    return {"width": w, "height": h, "boxes": boxes}
 
 
 def step_serve(out: Path, size: DemoSize, model_uri: str, tracking_uri: str, scenarios: list[str]) -> dict:
@@ -126,8 +143,12 @@ def step_serve(out: Path, size: DemoSize, model_uri: str, tracking_uri: str, sce
     from drivedit.config.serve import ServeApp
     from drivedit.serve.app import build_app
 
+    from PIL import Image
+
+    from drivedit.data.bdd100k import load_label_file
+
     port = _free_port()
-    _log(f"5/6 Ray Serve on 127.0.0.1:{port}: one sample per scenario")
+    _log(f"5/6 Ray Serve on 127.0.0.1:{port}: one sample per scenario, drawn to a real frame's boxes")
     cfg = load_config(ServeApp, DEMO_CONFIGS / "serve.yaml", [
         "--model.ref", model_uri, "--model.tracking_uri", tracking_uri, "--http.port", str(port)])
     serve.start(http_options={"host": cfg.http.host, "port": port})
@@ -135,26 +156,39 @@ def step_serve(out: Path, size: DemoSize, model_uri: str, tracking_uri: str, sce
     samples_dir = out / "served"
     samples_dir.mkdir(parents=True, exist_ok=True)
     base = f"http://127.0.0.1:{port}"
-    written = {}
+    written, labels = {}, {}
+    frame = next(iter(load_label_file(str(out / "scenes" / "labels.json"))))
+    with Image.open(out / "scenes" / "images" / frame.name) as im:
+        frame_size = im.size
     try:
         with urllib.request.urlopen(f"{base}/healthz", timeout=60) as r:
             health = json.loads(r.read())
+        layout = layout_request(frame, health["box_categories"], frame_size) if health["box_categories"] else None
         for i, scenario in enumerate(scenarios):
-            body = json.dumps({"scenario": scenario, "seed": 1000 + i, "steps": size.sampler_steps,
-                               "sampler": "ddpm"}).encode()
-            req = urllib.request.Request(f"{base}/v1/samples", data=body,
+            ask = {"scenario": scenario, "seed": 1000 + i, "steps": size.sampler_steps, "sampler": "ddpm"}
+            req = urllib.request.Request(f"{base}/v1/samples", data=json.dumps({**ask, "layout": layout}).encode()
+                                         if layout else json.dumps(ask).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
             with urllib.request.urlopen(req, timeout=300) as r:
-                png = r.read()
-                if r.headers.get("Content-Type") != "image/png" or not png.startswith(b"\x89PNG"):
-                    raise RuntimeError(f"the endpoint did not answer a PNG for {scenario}")
+                answer = r.read()
+                kind = r.headers.get("Content-Type")
+            # with a layout the answer is JSON: the image and its labels (the layout's boxes in its pixels)
+            png = base64.b64decode(json.loads(answer)["images"][0]["png_base64"]) if layout else answer
+            if kind != ("application/json" if layout else "image/png") or not png.startswith(b"\x89PNG"):
+                raise RuntimeError(f"the endpoint did not answer {'JSON with a PNG' if layout else 'a PNG'} "
+                                   f"for {scenario}")
             path = samples_dir / f"{scenario.replace(' ', '_')}.png"
             path.write_bytes(png)
             written[scenario] = str(path)
-            print(f"POST /v1/samples {{scenario: {scenario!r}}} -> {path} ({len(png)} bytes)")
+            if layout:
+                labels[scenario] = json.loads(answer)["labels"]
+                path.with_suffix(".json").write_text(json.dumps(labels[scenario], indent=1))
+            print(f"POST /v1/samples {{scenario: {scenario!r}" + (f", layout: {len(layout['boxes'])} boxes of "
+                  f"{frame.name}" if layout else "") + f"}} -> {path} ({len(png)} bytes)")
     finally:
         serve.shutdown()
-    return {"health": health, "samples": written}
+    return {"health": health, "samples": written, "labels": labels, "layout": layout,
+            "layout_frame": frame.name if layout else None}
 
 
 def step_eval(out: Path, size: DemoSize) -> dict:
@@ -242,6 +276,9 @@ def _print_where(summary: dict, scenarios: list[str]) -> None:
     if grids:
         print(f"  sample grid        {grids[-1]}")
     print(f"  generated dataset  {summary['generate'].get('output', summary['out'] + '/synthetic')}")
+    if summary["generate"].get("preview"):
+        print(f"  labelled frames    {summary['generate']['preview']}  (boxes drawn: objects green, ignore "
+              "regions magenta)")
     print(f"  served samples     {summary['out']}/served")
     print(f"  evaluation         {summary['out']}/eval/report.json")
     acc = clf.get("heldout_accuracy")

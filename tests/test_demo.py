@@ -62,6 +62,15 @@ def test_small_demo_writes_everything_it_reports(tmp_path, ray_session):
                   for f in gen_labels) == sorted(s for s in scenarios for _ in range(size.per_scenario))
     manifest = pq.read_table(out / "synthetic" / "manifest.parquet").to_pydict()
     assert sorted(manifest["index"]) == list(range(total))
+    # drawn from the layouts of the first real frames: each one's boxes under every scenario, in labels.json
+    real = {f["name"]: f for f in labels[:size.per_scenario]}
+    assert sorted(manifest["source_frame"]) == sorted(n for n in real for _ in scenarios)
+    by_name = {f["name"]: f for f in gen_labels}
+    for name, source in zip(manifest["name"], manifest["source_frame"]):
+        boxes = [lab["category"] for lab in by_name[name].get("labels", [])]
+        assert sorted(boxes) == sorted(lab["category"] for lab in real[source].get("labels", [])
+                                       if lab["category"] in info["spec"]["layout"]["box_categories"])
+    assert Path(gen["preview"]).is_file()
     # 5. one served PNG per scenario
     served = summary["serve"]["samples"]
     assert sorted(served) == sorted(scenarios)
@@ -69,6 +78,12 @@ def test_small_demo_writes_everything_it_reports(tmp_path, ray_session):
         with Image.open(path) as im:
             assert im.size == (128, 128)
     assert summary["serve"]["health"]["model_version"] == ft["model_uri"]
+    # ... each drawn to the first real frame's boxes, which come back as its labels
+    layout = summary["serve"]["layout"]
+    assert layout["boxes"] and summary["serve"]["layout_frame"] == labels[0]["name"]
+    for scenario, got in summary["serve"]["labels"].items():
+        assert [(g["category"], g["box2d"]["x1"], g["box2d"]["y2"]) for g in got] == [
+            (b["category"], pytest.approx(b["x1"]), pytest.approx(b["y2"])) for b in layout["boxes"]]
     # 6. evaluation report per scenario
     report = json.loads((out / "eval" / "report.json").read_text())
     assert set(report["per_scenario"]) == set(scenarios)

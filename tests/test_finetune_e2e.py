@@ -92,6 +92,7 @@ def test_ray_job_submit_demo_config(local_cluster, tmp_path):
     url, env = local_cluster
     # the demo config as shipped (builtin:tiny-dit on 32x32x4 tiny-VAE latents), on small demo-like shards
     shards = write_shards(tmp_path / "shards", size=32, channels=4, codec_id="autoencoder_kl:builtin:tiny-vae",
+                          with_layout=True,  # the demo config trains a layout branch
                           resolution=128)
     storage = tmp_path / "runs"
     sid = f"finetune-{uuid.uuid4().hex[:8]}"
