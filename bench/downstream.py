@@ -303,6 +303,9 @@ def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict
     comparisons = compare(runs, [k for _, k in keys])
     rows = [(label, c) for (label, _), c in zip(keys, comparisons)]
     v = verdict(comparisons[0], comparisons[1], g.rare_gain, g.common_cost)
+    # each control against the real-only arm and the mixed arm against it, once, for the table and the summary
+    controls = {arm: (compare(runs, [k for _, k in keys], "real", arm), compare(runs, [k for _, k in keys], arm, "mixed"))
+                for arm in control_arms(runs)}
     seeds = len(cfg.detector.seeds)
     lines = [
         _setup_line(cfg, summary),
@@ -310,7 +313,7 @@ def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict
         "AP points = COCO AP x 100 on the held-out real frames; rare / common rows are the mean over their "
         "scenarios; ± is the sd over seeds; the interval is the 95 % t-interval of the mean paired (same seed) "
         f"difference over {seeds} seeds.", "",
-        *control_lines(runs, keys, seeds),
+        *control_lines(controls, keys, seeds),
         fairness_table(runs), "",
         f"Goal: rare AP50 +{g.rare_gain:g} with the interval above 0, common AP50 cost <= {g.common_cost:g}: "
         f"rare {v['rare_gain']:+.1f} (interval low {v['rare_gain_ci_low']:+.1f}), common {v['common_change']:+.1f} -> "
@@ -318,10 +321,9 @@ def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict
     ]
     table = "\n".join(lines) + "\n"
     (out / TABLE_FILE).write_text(table)
-    controls = {arm: {"vs_real": [c.as_dict() for c in compare(runs, [k for _, k in keys], "real", arm)],
-                      "mixed_vs": [c.as_dict() for c in compare(runs, [k for _, k in keys], arm, "mixed")]}
-                for arm in control_arms(runs)}
-    summary.update(comparison=[c.as_dict() for c in comparisons], controls=controls, verdict=v,
+    summary.update(comparison=[c.as_dict() for c in comparisons], verdict=v,
+                   controls={arm: {"vs_real": [c.as_dict() for c in vs_real], "mixed_vs": [c.as_dict() for c in mixed_vs]}
+                             for arm, (vs_real, mixed_vs) in controls.items()},
                    runs=[{k: r[k] for k in r if k != "metrics"} for r in runs])
     tracked = tracking.start_run(tracking_uri, cfg.experiment, "downstream-comparison",
                                  tags={"drivedit.job": "downstream", "drivedit.downstream.synthetic": cfg.synthetic.mode})
@@ -332,18 +334,15 @@ def stage_table(cfg: DownstreamBench, out: Path, runs: list[dict], summary: dict
     return table
 
 
-def control_lines(runs: list[dict], keys: list[tuple[str, str]], seeds: int) -> list[str]:
-    """A table per control arm (its AP50 rows): the control against the real-only arm and the mixed arm
-    against the control, paired over seeds."""
-    from drivedit.eval.downstream import compare, control_arms, control_table
+def control_lines(controls: dict, keys: list[tuple[str, str]], seeds: int) -> list[str]:
+    """A table per control arm, its AP50 rows: controls[arm] = (the control against the real-only arm, the mixed
+    arm against the control), one Comparison per key of `keys`."""
+    from drivedit.eval.downstream import control_table
 
     lines = []
-    ap50 = [(label, key) for label, key in keys if key.endswith("AP50")]
-    for arm in control_arms(runs):
-        vs_real = compare(runs, [k for _, k in ap50], "real", arm)
-        mixed_vs = compare(runs, [k for _, k in ap50], arm, "mixed")
-        lines += [f"Control arm `{arm}`:", "", control_table([(label, a, b) for (label, _), a, b in
-                                                               zip(ap50, vs_real, mixed_vs)], arm, seeds), ""]
+    for arm, (vs_real, mixed_vs) in controls.items():
+        rows = [(label, a, b) for (label, key), a, b in zip(keys, vs_real, mixed_vs) if key.endswith("AP50")]
+        lines += [f"Control arm `{arm}`:", "", control_table(rows, arm, seeds), ""]
     return lines
 
 

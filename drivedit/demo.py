@@ -137,15 +137,13 @@ def layout_request(frame, categories: list[str], image_size: tuple[int, int]) ->
 
 
 def step_serve(out: Path, size: DemoSize, model_uri: str, tracking_uri: str, scenarios: list[str]) -> dict:
+    from PIL import Image
     from ray import serve
 
     from drivedit.config import load_config
     from drivedit.config.serve import ServeApp
-    from drivedit.serve.app import build_app
-
-    from PIL import Image
-
     from drivedit.data.bdd100k import load_label_file
+    from drivedit.serve.app import build_app
 
     port = _free_port()
     _log(f"5/6 Ray Serve on 127.0.0.1:{port}: one sample per scenario, drawn to a real frame's boxes")
