@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 
 install: $(STAMP)
 
+# Two workers (pytest-xdist): the shared-Ray tests in one, in order; the rest beside them (tests/conftest.py).
 test: install
-	$(PY) -m pytest tests -q --timeout=900 -p no:cacheprovider
+	$(PY) -m pytest tests -q --timeout=900 -p no:cacheprovider -n 2 --dist loadgroup
 
 test-unit: install  # no Ray, no servers
 	$(PY) -m pytest tests -m unit -q --timeout=900 -p no:cacheprovider

@@ -5,7 +5,9 @@ Tiers (markers, registered in pyproject.toml; every test gets exactly one, here)
 - `integration`: uses the shared local Ray and/or the S3 server (any test that asks, directly or
   through another fixture, for one of INTEGRATION_FIXTURES).
 - `e2e`: the jobs as users run them (a module or test marked `pytest.mark.e2e`).
-`make test` runs all three.
+`make test` runs all three, in two pytest-xdist workers: the tests on the shared local Ray and servers
+in one (in order, as in a single process), the unit tests and the e2e tests that start their own
+processes in the other (a module at a time). Run `pytest tests` without `-n` for one process.
 
 - One local Ray per test session (`ray_session`), started lazily by the first test that needs it,
   with 4 logical CPUs as the machine notes ask; tests leave CPUs free for Ray Data.
@@ -31,12 +33,19 @@ INTEGRATION_FIXTURES = {"ray_session", "s3_server", "s3_bucket", "mlflow_server"
 TIERS = ("unit", "integration", "e2e")
 
 
+SHARED_GROUP = "shared-ray"
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        shared = bool(INTEGRATION_FIXTURES & set(item.fixturenames))
+        # pytest-xdist's loadgroup (`make test`: two workers): every test on the shared Ray and servers runs in
+        # one worker, in collection order, exactly as in a single process; the rest go a module at a time (so
+        # module fixtures are built once) to the other worker. Without xdist the marker does nothing.
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUP if shared else item.module.__name__))
         if item.get_closest_marker("e2e"):
             continue
-        tier = "integration" if INTEGRATION_FIXTURES & set(item.fixturenames) else "unit"
-        item.add_marker(getattr(pytest.mark, tier))
+        item.add_marker(getattr(pytest.mark, "integration" if shared else "unit"))
 
 
 def random_tiny_dit(name: str = "DiT-N/2", std: float = 0.1, seed: int = 0):
