@@ -34,35 +34,11 @@ TIERS = ("unit", "integration", "e2e")
 
 
 SHARED_GROUP = "shared-ray"
-# Ray starts its workers at this niceness: under xdist, a worker running the other tests at nice 0 would take
-# the CPU from the shared Ray's workers (the suite's longest path), so it steps down to their level.
-RAY_WORKER_NICENESS = 15
-
-
-def _uses_shared_services(item) -> bool:
-    return bool(INTEGRATION_FIXTURES & set(item.fixturenames))
-
-
-def _step_down_to(niceness: int) -> None:
-    """Every thread of this process to at least `niceness` (Linux sets it per thread: torch's thread pool too);
-    threads and processes started later inherit it."""
-    tids = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
-    for tid in map(int, tids):
-        try:
-            if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
-                os.setpriority(os.PRIO_PROCESS, tid, niceness)
-        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
-            pass
-
-
-def pytest_runtest_setup(item):
-    if os.environ.get("PYTEST_XDIST_WORKER") and not _uses_shared_services(item):
-        _step_down_to(RAY_WORKER_NICENESS)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        shared = _uses_shared_services(item)
+        shared = bool(INTEGRATION_FIXTURES & set(item.fixturenames))
         # pytest-xdist's loadgroup (`make test`: two workers): every test on the shared Ray and servers runs in
         # one worker, in collection order, exactly as in a single process; the rest go a module at a time (so
         # module fixtures are built once) to the other worker. Without xdist the marker does nothing.
