@@ -29,9 +29,9 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 
 install: $(STAMP)
 
-# Two workers (pytest-xdist): the shared-Ray tests in one, in order; the rest beside them (tests/conftest.py).
+# Two workers (pytest-xdist), a module at a time, the slowest modules first (tests/conftest.py).
 test: install
-	$(PY) -m pytest tests -q --timeout=900 -p no:cacheprovider -n 2 --dist loadgroup
+	$(PY) -m pytest tests -q --timeout=900 -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder
 
 test-unit: install  # no Ray, no servers
 	$(PY) -m pytest tests -m unit -q --timeout=900 -p no:cacheprovider

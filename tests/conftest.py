@@ -5,12 +5,12 @@ Tiers (markers, registered in pyproject.toml; every test gets exactly one, here)
 - `integration`: uses the shared local Ray and/or the S3 server (any test that asks, directly or
   through another fixture, for one of INTEGRATION_FIXTURES).
 - `e2e`: the jobs as users run them (a module or test marked `pytest.mark.e2e`).
-`make test` runs all three, in two pytest-xdist workers: the tests on the shared local Ray and servers
-in one (in order, as in a single process), the unit tests and the e2e tests that start their own
-processes in the other (a module at a time). Run `pytest tests` without `-n` for one process.
+`make test` runs all three in two pytest-xdist workers, a whole module at a time (`--dist loadfile`, so a
+module's fixtures are built once), the slowest modules first (SLOWEST_FIRST) so that neither worker is left
+with a long module at the end. Run `pytest tests` without `-n` for one process.
 
-- One local Ray per test session (`ray_session`), started lazily by the first test that needs it,
-  with 4 logical CPUs as the machine notes ask; tests leave CPUs free for Ray Data.
+- One local Ray per test process (`ray_session`: one per xdist worker), started lazily by the first test
+  that needs it, with 4 logical CPUs as the machine notes ask; tests leave CPUs free for Ray Data.
 - A real S3 endpoint on loopback (moto's server mode), reached through s3fs / pyarrow exactly as a
   user's bucket is. Its environment (endpoint, credentials) is set before Ray starts so that Ray
   workers inherit it.
@@ -33,19 +33,21 @@ INTEGRATION_FIXTURES = {"ray_session", "s3_server", "s3_bucket", "mlflow_server"
 TIERS = ("unit", "integration", "e2e")
 
 
-SHARED_GROUP = "shared-ray"
+# Modules by their measured time (`pytest --durations`, 2-core VM, two workers), the slowest first: xdist hands
+# out whole modules in collection order, so these start at once and the short ones fill in around them.
+SLOWEST_FIRST = ("test_downstream", "test_demo", "test_gpu_suite", "test_finetune", "test_finetune_e2e",
+                 "test_detect_job", "test_detect_train", "test_generate_layouts", "test_generate_transfer",
+                 "test_generate_transfer_guided", "test_generate_job", "test_serve_http")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        shared = bool(INTEGRATION_FIXTURES & set(item.fixturenames))
-        # pytest-xdist's loadgroup (`make test`: two workers): every test on the shared Ray and servers runs in
-        # one worker, in collection order, exactly as in a single process; the rest go a module at a time (so
-        # module fixtures are built once) to the other worker. Without xdist the marker does nothing.
-        item.add_marker(pytest.mark.xdist_group(SHARED_GROUP if shared else item.module.__name__))
         if item.get_closest_marker("e2e"):
             continue
+        shared = bool(INTEGRATION_FIXTURES & set(item.fixturenames))
         item.add_marker(getattr(pytest.mark, "integration" if shared else "unit"))
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: order within a module kept
 
 
 def random_tiny_dit(name: str = "DiT-N/2", std: float = 0.1, seed: int = 0):
