@@ -45,7 +45,7 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(num_scenes=900, finetune_steps=1000, checkpoint_every=500, grid_every=500, per_scenario=40,
+    "full": DemoSize(num_scenes=900, finetune_steps=750, checkpoint_every=500, grid_every=500, per_scenario=40,
                      sampler_steps=50, eval_classifier_steps=400),
     "small": DemoSize(num_scenes=120, finetune_steps=12, checkpoint_every=6, grid_every=0, per_scenario=3,
                       sampler_steps=5, eval_classifier_steps=60),
