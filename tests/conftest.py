@@ -28,6 +28,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("TQDM_DISABLE", "0")
 
+# Intra-op threads of this test process's own torch work. Under `make test` two xdist workers share the two
+# cores: a second thread per worker has no core to run on, and OpenMP threads spinning at a barrier take the
+# time the other worker needs (the shipped tiny model's class test: 45 s beside the other worker with torch's
+# default two threads, 12 s with one; BENCHMARKS.md, "The test suite"). Alone, torch's default.
+# Subprocesses and Ray workers set their own (Ray: one per CPU the task or actor asks for).
+TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else torch.get_num_threads()
+torch.set_num_threads(TEST_THREADS)
+
 
 INTEGRATION_FIXTURES = {"ray_session", "s3_server", "s3_bucket", "mlflow_server"}
 TIERS = ("unit", "integration", "e2e")
@@ -68,6 +76,15 @@ def random_tiny_dit(name: str = "DiT-N/2", std: float = 0.1, seed: int = 0):
 def base():
     """The tiny base model most model tests start from (random_tiny_dit's defaults); a module may override it."""
     return random_tiny_dit()
+
+
+@pytest.fixture
+def test_threads():
+    """This process's thread budget (TEST_THREADS) for a test that trains for minutes, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(TEST_THREADS)
+    yield TEST_THREADS
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -141,7 +141,6 @@ def test_unknown_categories_and_boxes_outside_the_image_are_reported_and_trainin
             seen["meta"] = st.read_meta(directory)
             seen["scores"] = json.loads((Path(directory) / "scores" / "metrics.json").read_text())
 
-    torch.set_num_threads(2)
     DetectLoop(plan.job, DetectContext(run_dir=plan.run_dir),
                Edges(0, 1, torch.device("cpu"), None, report, lambda m, ignore: m)).run()
     counted = {"clipped_boxes": 1, "dropped_outside_boxes": 1, "ignored_small_boxes": 0, "corrupt_images": []}

@@ -36,7 +36,6 @@ def train(cfg: dict) -> tuple[dict, object]:
     from drivedit.config.detect import DetectJob
     from drivedit.detect.loop import DetectContext, DetectLoop, Edges
 
-    torch.set_num_threads(2)
     job = DetectJob.model_validate(cfg)
     final = {}
 
@@ -57,14 +56,14 @@ def short_run(scenes, name: str, model: dict, steps: int, batch: int, lr: float)
                     run={"checkpoint_every": 10 ** 6, "log_every": 50})
 
 
-def test_resnet_fpn_detector_reaches_the_ap50_floor(scenes):
+def test_resnet_fpn_detector_reaches_the_ap50_floor(scenes, test_threads):
     metrics, _ = train(short_run(scenes, "resnet", {"backbone": "resnet18"}, steps=100, batch=8, lr=2e-3))
     print(f"ResNet-18 FPN: AP50 {metrics['AP50']:.4f} on {metrics['num_boxes']['all']} boxes")
     assert metrics["num_boxes"]["all"] > 100
     assert metrics["AP50"] >= RESNET_AP50_FLOOR, metrics["AP50"]
 
 
-def test_dit_backbone_reaches_the_ap50_floor_and_keeps_frozen_blocks(scenes):
+def test_dit_backbone_reaches_the_ap50_floor_and_keeps_frozen_blocks(scenes, test_threads):
     from safetensors.torch import load_file
 
     from drivedit.models.checkpoint import resolve_model_source

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import torch
 from bench.attention_paths import check_paths
 from bench.gpu_report import markdown, summarise
 from bench.host_syncs import loop_syncs, record
+from conftest import TEST_THREADS
 from drivedit.generate.sampler import DiTSampler, SamplerSettings
 from drivedit.models.dit import build_dit, dit_config
 
@@ -186,8 +188,10 @@ def test_report_arithmetic_from_rows():
 
 
 def _suite(tmp_path, *args, timeout=600):
+    # the parts' own torch work on this test process's thread budget (conftest.TEST_THREADS)
     return subprocess.run([sys.executable, "bench/gpu_suite.py", "--out", str(tmp_path), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": str(TEST_THREADS)})
 
 
 @pytest.mark.e2e  # the suite's command as users run it (subprocesses)
@@ -216,7 +220,6 @@ def test_suite_stops_a_part_at_its_cap_and_still_writes_results(tmp_path):
 
 @pytest.mark.e2e  # the suite's command as users run it (subprocesses)
 def test_suite_stopped_with_sigterm_stops_its_part_and_keeps_the_results(tmp_path):
-    import os
     import signal
 
     # encode: the dry-run part that runs longest (it starts a local Ray), so the suite is stopped mid-part
