@@ -42,17 +42,14 @@ class DemoSize:
     per_scenario: int
     sampler_steps: int
     eval_classifier_steps: int
-    train_workers: int  # Ray Train (DDP) workers: one per core for the full demo; the small one's 12 steps on one
     sampler_actors: int  # one per core for the full demo's 240 frames; the small demo's 18 do not pay for a second
 
 
 SIZES = {
-    "full": DemoSize(num_scenes=900, finetune_steps=750, checkpoint_every=500, grid_every=500, per_scenario=40,
-                     sampler_steps=50, eval_classifier_steps=400, train_workers=2,
-                     sampler_actors=2),
+    "full": DemoSize(num_scenes=900, finetune_steps=750, checkpoint_every=500, grid_every=0, per_scenario=30,
+                     sampler_steps=50, eval_classifier_steps=400, sampler_actors=2),
     "small": DemoSize(num_scenes=120, finetune_steps=12, checkpoint_every=6, grid_every=0, per_scenario=3,
-                      sampler_steps=5, eval_classifier_steps=60, train_workers=1,
-                      sampler_actors=1),
+                      sampler_steps=5, eval_classifier_steps=60, sampler_actors=1),
 }
 
 
@@ -92,8 +89,7 @@ def step_finetune(out: Path, size: DemoSize, extra: Sequence[str] = ()) -> dict:
     from drivedit.config.finetune import FinetuneJob
     from drivedit.train.trainer import run_finetune
 
-    _log("3/6 fine-tune the shipped tiny DiT with driveditfit and a layout branch on Ray Train "
-         f"({size.train_workers} worker{'s' if size.train_workers > 1 else ''})")
+    _log("3/6 fine-tune the shipped tiny DiT with driveditfit and a layout branch on Ray Train")
     job = load_config(FinetuneJob, DEMO_CONFIGS / "finetune.yaml", [
         "--data.shards", str(out / "shards"),
         "--run.storage_path", str(out / "finetune"),
@@ -102,7 +98,6 @@ def step_finetune(out: Path, size: DemoSize, extra: Sequence[str] = ()) -> dict:
         "--run.checkpoint_every", str(size.checkpoint_every),
         "--sampling.every_steps", str(size.grid_every),
         "--run.log_every", str(max(1, min(20, size.finetune_steps // 4))),
-        "--scaling.num_workers", str(size.train_workers),
         *extra,
     ])
     return run_finetune(job)

@@ -33,7 +33,7 @@ def test_shipped_configs_validate(path):
         assert job.scaling.num_workers == 8 and job.scaling.use_gpu and job.optim.precision == "bf16"
         assert job.method.resolve().schedule == "progressive" and job.method.lambda_obj == 2.0
     else:
-        assert job.scaling.num_workers == 2 and not job.scaling.use_gpu
+        assert (job.scaling.num_workers, job.scaling.cpus_per_worker, job.scaling.use_gpu) == (1, 2, False)
         assert job.tracking.registered_model == "drivedit-demo"
 
 
