@@ -97,6 +97,7 @@ def step_finetune(out: Path, size: DemoSize, extra: Sequence[str] = ()) -> dict:
         "--optim.warmup_steps", str(min(20, size.finetune_steps // 4)),
         "--run.checkpoint_every", str(size.checkpoint_every),
         "--sampling.every_steps", str(size.grid_every),
+        "--sampling.steps", str(size.sampler_steps),  # the grids' sampler, as the generated set's
         "--run.log_every", str(max(1, min(20, size.finetune_steps // 4))),
         *extra,
     ])

@@ -43,9 +43,9 @@ TIERS = ("unit", "integration", "e2e")
 
 # Modules by their measured time (`pytest --durations`, 2-core VM, two workers), the slowest first: xdist hands
 # out whole modules in collection order, so these start at once and the short ones fill in around them.
-SLOWEST_FIRST = ("test_downstream", "test_demo", "test_gpu_suite", "test_finetune", "test_finetune_e2e",
-                 "test_detect_job", "test_detect_train", "test_generate_layouts", "test_generate_transfer",
-                 "test_generate_transfer_guided", "test_generate_job", "test_serve_http")
+SLOWEST_FIRST = ("test_demo", "test_gpu_suite", "test_downstream", "test_detect_train", "test_finetune",
+                 "test_finetune_e2e", "test_generate_layouts", "test_serve_http", "test_detect_job",
+                 "test_generate_transfer", "test_generate_transfer_guided", "test_generate_job")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -134,7 +134,8 @@ def test_reduced_experiment_writes_every_stage_and_keeps_the_arms_fair(tmp_path,
 
     cfg = load_config(DownstreamBench, CONFIG, [
         "--out", str(tmp_path / "ds"), "--scenes.common_per_scenario", "4", "--scenes.heldout_per_scenario", "2",
-        "--generator.steps", "2", "--generator.overrides", "{optim.global_batch_size: 8, data.probe_rows: 16}",
+        "--generator.steps", "2", "--generator.overrides",
+        "{optim.global_batch_size: 8, data.probe_rows: 16, sampling.steps: 2}",
         "--synthetic.mode", "both", "--synthetic.per_scenario", "1", "--synthetic.sampler_steps", "2",
         "--detector.steps", "2", "--detector.real_per_step", "2", "--detector.synthetic_per_step", "2",
         "--detector.num_workers", "1", "--detector.seeds", "[0]"])
