@@ -1,7 +1,7 @@
 """`make demo` / `drivedit demo`: the whole platform on one machine, end to end.
 
 scenes -> encode (Ray Data) -> fine-tune the shipped tiny DiT with driveditfit and a light layout branch
-(Ray Train, 2 workers) -> registered bundle in MLflow -> generate a labelled dataset from the real frames'
+(Ray Train, one worker on both CPUs) -> registered bundle in MLflow -> generate a labelled dataset from the real frames'
 layouts under every scenario (Ray Data) -> serve it (Ray Serve) and ask for one sample per scenario, drawn
 to a real frame's boxes -> evaluate the generated set against the real frames.
 
@@ -42,7 +42,7 @@ class DemoSize:
     per_scenario: int
     sampler_steps: int
     eval_classifier_steps: int
-    sampler_actors: int  # one per core for the full demo's 240 frames; the small demo's 18 do not pay for a second
+    sampler_actors: int  # one per core for the full demo's 180 frames; the small demo's 18 do not pay for a second
 
 
 SIZES = {
