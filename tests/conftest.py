@@ -79,7 +79,7 @@ def base():
 
 
 @pytest.fixture
-def test_threads():
+def worker_threads():
     """This process's thread budget (TEST_THREADS) for a test that trains for minutes, restored after."""
     before = torch.get_num_threads()
     torch.set_num_threads(TEST_THREADS)

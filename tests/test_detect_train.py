@@ -56,14 +56,14 @@ def short_run(scenes, name: str, model: dict, steps: int, batch: int, lr: float)
                     run={"checkpoint_every": 10 ** 6, "log_every": 50})
 
 
-def test_resnet_fpn_detector_reaches_the_ap50_floor(scenes, test_threads):
+def test_resnet_fpn_detector_reaches_the_ap50_floor(scenes, worker_threads):
     metrics, _ = train(short_run(scenes, "resnet", {"backbone": "resnet18"}, steps=100, batch=8, lr=2e-3))
     print(f"ResNet-18 FPN: AP50 {metrics['AP50']:.4f} on {metrics['num_boxes']['all']} boxes")
     assert metrics["num_boxes"]["all"] > 100
     assert metrics["AP50"] >= RESNET_AP50_FLOOR, metrics["AP50"]
 
 
-def test_dit_backbone_reaches_the_ap50_floor_and_keeps_frozen_blocks(scenes, test_threads):
+def test_dit_backbone_reaches_the_ap50_floor_and_keeps_frozen_blocks(scenes, worker_threads):
     from safetensors.torch import load_file
 
     from drivedit.models.checkpoint import resolve_model_source
