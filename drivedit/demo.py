@@ -42,12 +42,12 @@ class DemoSize:
     per_scenario: int
     sampler_steps: int
     eval_classifier_steps: int
-    sampler_actors: int  # one per core for the full demo's 180 frames; the small demo's 18 do not pay for a second
+    sampler_actors: int | None  # None: configs/demo/generate.yaml's (one per core); the small demo's 18 frames: one
 
 
 SIZES = {
     "full": DemoSize(num_scenes=900, finetune_steps=750, checkpoint_every=500, grid_every=0, per_scenario=30,
-                     sampler_steps=50, eval_classifier_steps=400, sampler_actors=2),
+                     sampler_steps=50, eval_classifier_steps=400, sampler_actors=None),
     "small": DemoSize(num_scenes=120, finetune_steps=12, checkpoint_every=6, grid_every=0, per_scenario=3,
                       sampler_steps=5, eval_classifier_steps=60, sampler_actors=1),
 }
@@ -120,8 +120,8 @@ def step_generate(out: Path, size: DemoSize, model_uri: str, tracking_uri: str, 
         "--spec.balance", "null",
         "--spec.layouts", json.dumps(layouts),
         "--sampler.steps", str(size.sampler_steps),
-        "--scaling.num_workers", str(size.sampler_actors),
         "--output.uri", str(out / "synthetic"),
+        *(["--scaling.num_workers", str(size.sampler_actors)] if size.sampler_actors else []),
     ])
     result = run_generate(job)
     # the picture to look at: the first frames of each scenario with their labels drawn (also in MLflow)
