@@ -124,6 +124,17 @@ def test_control_arms_draw_more_real_frames_on_the_shared_stream(tmp_path):
         load_config(DownstreamBench, CONFIG, ["--detector.controls", "[fewer-real]"])
 
 
+def test_a_guidance_interval_names_its_own_synthetic_dataset():
+    sys.path.insert(0, str(REPO))
+    from bench.downstream import synthetic_name
+
+    every = load_config(DownstreamBench, CONFIG)
+    limited = load_config(DownstreamBench, CONFIG, ["--synthetic.guidance_interval", "[0.28, 3]"])
+    assert every.synthetic.guidance_interval is None and limited.synthetic.guidance_interval == (0.28, 3.0)
+    assert "-gi" not in synthetic_name(every, "layouts")  # the recorded arms' folders keep their names
+    assert synthetic_name(limited, "layouts") == synthetic_name(every, "layouts").replace("-n", "-gi0.28-3-n", 1)
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_reduced_experiment_writes_every_stage_and_keeps_the_arms_fair(tmp_path, ray_session):

@@ -104,6 +104,8 @@ def test_cli_reports_config_errors_and_help(tmp_path, capsys):
     assert main(["--config", str(cfg), "--sampler.steps", "0"]) == 2
     err = capsys.readouterr().err
     assert "sampler.steps" in err
+    assert main(["--config", str(cfg), "--sampler.guidance_interval", "[5.4, 0.3]"]) == 2
+    assert "sampler.guidance_interval" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the job

@@ -157,6 +157,20 @@ def test_spec_hash_covers_what_decides_the_images():
     assert np.array_equal(plan.scenario_pos, plan_items({"rainy": 4, "night": 2}, 0, 3).scenario_pos)
 
 
+def test_a_guidance_interval_enters_the_spec_only_when_set():
+    """Datasets sampled with guidance at every step keep their hashes; an interval makes another dataset."""
+    from drivedit.config.generate import SamplerSection
+    from drivedit.generate.dataset import manifest_settings, spec_settings
+
+    plain, limited = SamplerSection(), SamplerSection(guidance_interval=(0.28, 5.42))
+    assert spec_settings(plain) == manifest_settings(plain) and "guidance_interval" not in spec_settings(plain)
+    assert spec_settings(limited) == {**manifest_settings(limited), "guidance_interval": [0.28, 5.42]}
+    plan = plan_items({"rainy": 2}, base_seed=0, shard_size=2)
+    docs = [spec_document(plan, model_digest="m", sampler=spec_settings(s), image_size=32, codec="pixel")
+            for s in (plain, limited)]
+    assert spec_hash(docs[0]) != spec_hash(docs[1])
+
+
 def test_a_rerun_started_right_after_a_kill_is_safe_from_the_old_writers(tmp_path):
     """A killed execution's writer lives on: once a rerun has begun, it must neither clear a shard folder the
     rerun is writing into (deleting its in-flight temporary files) nor commit a manifest part."""

@@ -158,6 +158,69 @@ def test_guidance_one_is_the_conditional_prediction(model):
         hook.remove()
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(model):
+    """(lo, hi] in sigma = sqrt((1 - abar) / abar): steps outside run the plain conditional forward alone."""
+    settings = SamplerSettings(sampler="ddpm", steps=50, guidance_interval=(0.28, 5.42))
+    sched = build_scheduler(settings)
+    sched.set_timesteps(50)
+    abar = np.cumprod(1.0 - linear_betas(1000))
+    sigma = np.sqrt((1 - abar) / abar)
+    want = [bool(0.28 < sigma[t] <= 5.42) for t in sched.timesteps.tolist()]
+    assert settings.guided_steps(sched.alphas_cumprod, sched.timesteps) == want
+    # the guided steps are one run in the middle: t = 571 .. 82 for DiT's linear betas
+    guided_t = [t for t, g in zip(sched.timesteps.tolist(), want) if g]
+    assert (max(guided_t), min(guided_t), len(guided_t)) == (571, 82, 25)
+    assert guided_t == [t for t in sched.timesteps.tolist() if 82 <= t <= 571]
+    assert SamplerSettings().guided_steps(sched.alphas_cumprod, sched.timesteps) == [True] * 50
+
+    sampler = DiTSampler(model)
+    y, seeds = torch.tensor([2, 8]), [1, 2]
+    batch_sizes = []
+    hook = model.x_embedder.register_forward_hook(lambda m, i, o: batch_sizes.append(i[0].shape[0]))
+    try:
+        sampler.sample(y, seeds, SamplerSettings(sampler="ddpm", steps=6, guidance=4.0, guidance_interval=(1.0, 20.0)))
+    finally:
+        hook.remove()
+    # DDPM-6 runs t = 999 799 599 400 200 0: sigma 157, 25.5, 6.1, 2.0, 0.72, 0.01
+    assert batch_sizes == [2, 2, 4, 4, 2, 2]
+    # an interval holding every step is plain guidance; one holding none is guidance 1
+    for kind in ("ddim", "ddpm"):
+        def run(guidance=4.0, interval=None):
+            return sampler.sample(y, seeds, SamplerSettings(sampler=kind, steps=4, guidance=guidance,
+                                                            guidance_interval=interval))
+
+        every, always = run(interval=(0, 1e9)), run()
+        assert torch.equal(every, always)
+        none, unguided = run(interval=(1e8, 1e9)), run(guidance=1.0)
+        assert torch.equal(none, unguided) and (none - always).abs().max() > 1e-3
+    for bad in [(5.0, 1.0), (-1.0, 2.0), (0.0, float("inf")), (1.0,)]:
+        with pytest.raises(ValueError, match="guidance_interval must be"):
+            sampler.sample(y, seeds, SamplerSettings(steps=2, guidance_interval=bad))
+
+
+def test_fine_tune_grids_sample_with_the_configured_interval(model, monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from drivedit.config.finetune import SamplingSection
+    from drivedit.train.grids import draw_grid
+
+    seen = []
+
+    def spy(self, labels, seeds, settings, uncond=None):
+        seen.append(settings)
+        raise StopIteration  # the settings are what this test is about
+
+    monkeypatch.setattr(DiTSampler, "sample", spy)
+    meta = SimpleNamespace(scenarios=["rainy", "night"], codec_id="pixel", scale_factor=1.0)
+    for interval in (None, (0.28, 3.0)):
+        with pytest.raises(StopIteration):
+            draw_grid(model, meta, SamplingSection(guidance_interval=interval), None, torch.device("cpu"),
+                      tmp_path / "g.png")
+    assert [s.guidance_interval for s in seen] == [None, (0.28, 3.0)]
+    with pytest.raises(ValueError, match="must be"):
+        SamplingSection(guidance_interval=(3.0, 0.28))
+
+
 def test_superclass_guidance_uses_the_given_uncond_labels(model):
     sampler = DiTSampler(model)
     y, seeds = torch.tensor([1, 2]), [3, 4]

@@ -58,3 +58,23 @@ def test_layout_changes_samples_and_bad_layouts_are_explained(model):
         sampler.sample(torch.tensor([1]), [5], SamplerSettings(layout_guidance=-1.0), layout=_layout(1))
     with pytest.raises(ValueError, match="no layout branch"):
         DiTSampler(random_tiny_dit()).sample(torch.tensor([1]), [5], s, layout=_layout(1))
+
+
+def test_outside_the_guidance_interval_one_forward_with_the_layout(model):
+    """Guided steps run e(y, L), e(y, -), e(null, -) in one batch; the others e(y, L) alone, the layout kept."""
+    sampler = DiTSampler(model)
+    y, seeds = torch.tensor([1, 2]), [5, 6]
+    sizes = []
+    hook = model.x_embedder.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    try:
+        # DDPM-6: t = 999 799 599 400 200 0, sigma 157, 25.5, 6.1, 2.0, 0.72, 0.01; (1, 20] guides 599 and 400
+        sampler.sample(y, seeds, SamplerSettings(sampler="ddpm", steps=6, guidance=2.0, layout_guidance=2.0,
+                                                 guidance_interval=(1.0, 20.0)), layout=_layout())
+    finally:
+        hook.remove()
+    assert sizes == [2, 2, 6, 6, 2, 2]
+    never = sampler.sample(y, seeds, SamplerSettings(steps=3, guidance=2.0, layout_guidance=2.0,
+                                                     guidance_interval=(1e8, 1e9)), layout=_layout())
+    plain = sampler.sample(y, seeds, SamplerSettings(steps=3, guidance=1.0, layout_guidance=1.0), layout=_layout())
+    free = sampler.sample(y, seeds, SamplerSettings(steps=3, guidance=1.0, layout_guidance=1.0))
+    assert torch.equal(never, plain) and (never - free).abs().max() > 1e-4  # the branch still draws the layout

@@ -105,6 +105,19 @@ def test_registry_bundle_with_superclass_guidance():
         SampleEngine(tiered.engine.sampler.model, tiered.engine.codec)
 
 
+def test_the_servers_guidance_interval_reaches_every_request(ckpt, served):
+    cfg = ServeApp.model_validate({"model": {"ref": str(ckpt), "class_names": {"snowy": 4, "night": 5},
+                                             "device": "cpu"}, "sampler": {"guidance_interval": [1.0, 20.0]}})
+    limited = load_served_model(cfg)
+    job = SampleJob(label=4, seeds=(7,), sampler="ddpm", steps=6, guidance=3.0)
+    assert limited.engine.settings(job).guidance_interval == (1.0, 20.0)
+    assert served.engine.settings(job).guidance_interval is None
+    # DDPM-6 guides t = 599 and 400 only (sigma 6.1, 2.0): another image than guidance at every step
+    assert not np.array_equal(pixels(limited.engine.run([job])[0].pngs[0]), pixels(served.engine.run([job])[0].pngs[0]))
+    with pytest.raises(ValueError, match="sampler.guidance_interval"):
+        ServeApp.model_validate({"model": {"ref": "x"}, "sampler": {"guidance_interval": [3.0, 1.0]}})
+
+
 def test_build_app_takes_its_options_from_the_config():
     from drivedit.serve.app import build_app, resolve_gpus
 

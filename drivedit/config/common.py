@@ -1,13 +1,28 @@
 """Config sections shared by several jobs. Each job's root model lives in its own module here."""
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from drivedit.config.base import StrictModel
 
 DEFAULT_SCENARIOS = ["clear", "overcast", "partly cloudy", "rainy", "snowy", "night"]
+
+
+def _ordered_interval(v: tuple[float, float] | None) -> tuple[float, float] | None:
+    if v is not None and not (all(map(math.isfinite, v)) and 0 <= v[0] < v[1]):
+        raise ValueError(f"must be [lo, hi] with 0 <= lo < hi, got {list(v)}")
+    return v
+
+
+GuidanceInterval = Annotated[tuple[float, float] | None, AfterValidator(_ordered_interval)]
+GUIDANCE_INTERVAL_FIELD = Field(  # the generate job's and the server's sampler.guidance_interval
+    None, description="guide only the steps whose noise level sigma = sqrt((1 - abar_t) / abar_t) lies in (lo, hi]; "
+                      "the rest take one plain conditional forward instead of two (three with a layout). "
+                      "Kynkaenniemi et al. 2024: guidance harms at high noise and idles at low noise; their "
+                      "(0.28, 5.42] is half of DDPM-50's steps (t = 82..571 on DiT's betas). null: every step")
 
 
 class CodecConfig(StrictModel):

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from drivedit.config.base import StrictModel
+from drivedit.config.common import GUIDANCE_INTERVAL_FIELD, GuidanceInterval
 
 SCENE_SCENARIOS = ["clear", "overcast", "partly cloudy", "rainy", "snowy", "night"]  # the demo encode vocabulary
 SCENE_CATEGORIES = ["car", "truck", "bus", "pedestrian", "traffic light", "traffic sign"]
@@ -57,6 +58,7 @@ class SyntheticSection(StrictModel):
     sampler: Literal["ddpm", "ddim"] = Field("ddpm", description="the generate job's sampler")
     sampler_steps: int = Field(25, ge=1, description="denoising steps (a transfer runs strength x steps of them)")
     guidance: float = Field(4.0, ge=1, description="guidance on the scenario")
+    guidance_interval: GuidanceInterval = GUIDANCE_INTERVAL_FIELD  # null: what the recorded arms were made with
 
 
 class DetectorSection(StrictModel):

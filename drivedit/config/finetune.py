@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from drivedit.config.base import StrictModel
-from drivedit.config.common import RayConfig, ScalingConfig, TrackingConfig
+from drivedit.config.common import GUIDANCE_INTERVAL_FIELD, GuidanceInterval, RayConfig, ScalingConfig, TrackingConfig
 from drivedit.config.method import MethodConfig
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -122,6 +122,7 @@ class SamplingSection(StrictModel):
     sampler: Literal["ddim", "ddpm"] = Field("ddim", description="sampling loop")
     steps: int = Field(50, ge=1, description="sampling steps")
     guidance: float = Field(4.0, ge=1.0, description="classifier-free (or superclass) guidance scale")
+    guidance_interval: GuidanceInterval = GUIDANCE_INTERVAL_FIELD
     seed: int = Field(0, ge=0, description="item i of a grid uses seed + i, so grids at different steps compare")
 
 

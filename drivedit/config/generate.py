@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from drivedit.config.base import StrictModel
-from drivedit.config.common import CodecConfig, RayConfig, ScalingConfig, TrackingConfig
+from drivedit.config.common import (GUIDANCE_INTERVAL_FIELD, CodecConfig, GuidanceInterval, RayConfig,
+                                    ScalingConfig, TrackingConfig)
 
 FRACTION_TOLERANCE = 1e-6
 
@@ -181,6 +182,7 @@ class SamplerSection(StrictModel):
     guide_channels: int | None = Field(
         None, ge=1, description="guide only the first k latent channels (the official sample.py guides 3); "
                                 "default: all latent channels, as diffusers' DiTPipeline")
+    guidance_interval: GuidanceInterval = GUIDANCE_INTERVAL_FIELD
     batch_size: int = Field(16, ge=1, description="images per forward pass on one actor")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="autocast dtype of the DiT on GPU (CPU always uses float32)")

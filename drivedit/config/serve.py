@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from drivedit.config.base import StrictModel
-from drivedit.config.common import CodecConfig, RayConfig
+from drivedit.config.common import GUIDANCE_INTERVAL_FIELD, CodecConfig, GuidanceInterval, RayConfig
 
 SamplerName = Literal["ddim", "ddpm"]
 
@@ -53,6 +53,7 @@ class ServeSamplerConfig(StrictModel):
                            "each scenario's superclass (needs a model with a tiered embedder)")
     guide_channels: int | None = Field(
         None, ge=1, description="guide only the first k latent channels (default: all; the official sample.py uses 3)")
+    guidance_interval: GuidanceInterval = GUIDANCE_INTERVAL_FIELD
     max_images: int = Field(8, ge=1, description="most images one request may ask for (`num_images`)")
     max_image_steps: int = Field(
         800, ge=1, description="per-request compute budget: num_images x steps may not exceed this; a request over it "

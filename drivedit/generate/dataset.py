@@ -86,6 +86,15 @@ def manifest_settings(sampler) -> dict:
             "guidance_kind": sampler.guidance_kind, "guide_channels": sampler.guide_channels}
 
 
+def spec_settings(sampler) -> dict:
+    """The sampler settings in the spec hash: the manifest's, and the guidance interval where one is set (only
+    then: datasets sampled with guidance at every step keep the hashes they had)."""
+    settings = manifest_settings(sampler)
+    if sampler.guidance_interval is not None:
+        settings["guidance_interval"] = [float(v) for v in sampler.guidance_interval]
+    return settings
+
+
 def image_name(shard: int, index: int) -> str:
     """Path of an item's image relative to images/ (the BDD100K `name`)."""
     return f"{shard:05d}/{index:08d}.png"

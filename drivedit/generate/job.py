@@ -176,7 +176,7 @@ def prepare(job: GenerateJob) -> Prepared:
         plan = plan_items(counts, job.spec.base_seed, job.spec.shard_size)
     image_size = job.output.image_size or sm.image_size
     document = spec_document(plan, model_digest=sm.digest,
-                             sampler=dataset.manifest_settings(job.sampler),
+                             sampler=dataset.spec_settings(job.sampler),
                              image_size=image_size, codec=sm.codec_id, layouts=layouts)
     if job.spec.transfer is not None:
         document["transfer"] = {**plan.document(), **_ignore_entry(job.spec.transfer.ignore_under, job, sm)}

@@ -36,7 +36,8 @@ def sampler_settings(job: GenerateJob) -> SamplerSettings:
     s = job.sampler
     guidance = layout_guidance(job)
     return SamplerSettings(sampler=s.sampler, steps=s.steps, guidance=s.guidance, guidance_kind=s.guidance_kind,
-                           guide_channels=s.guide_channels, layout_guidance=1.0 if guidance is None else guidance)
+                           guide_channels=s.guide_channels, layout_guidance=1.0 if guidance is None else guidance,
+                           guidance_interval=s.guidance_interval)
 
 
 def _device(job: GenerateJob) -> torch.device:

@@ -69,6 +69,7 @@ class SampleEngine:
 
     def __init__(self, model: torch.nn.Module, codec, *, betas: np.ndarray | None = None, device: str = "cpu",
                  guidance_kind: str = "cfg", guide_channels: int | None = None,
+                 guidance_interval: tuple[float, float] | None = None,
                  superclass_of: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if guidance_kind == "superclass" and superclass_of is None:
             raise ValueError("sampler.guidance_kind is 'superclass' but the served model has no superclass mapping "
@@ -88,12 +89,13 @@ class SampleEngine:
         self.codec = codec.to(self.device)
         self.guidance_kind = guidance_kind
         self.guide_channels = guide_channels
+        self.guidance_interval = guidance_interval  # the server's: every request's guided steps
         self.superclass_of = superclass_of
 
     def settings(self, job: SampleJob) -> SamplerSettings:
         return SamplerSettings(sampler=job.sampler, steps=job.steps, guidance=job.guidance,
                                guidance_kind=self.guidance_kind, guide_channels=self.guide_channels,
-                               layout_guidance=job.layout_guidance)
+                               layout_guidance=job.layout_guidance, guidance_interval=self.guidance_interval)
 
     def run(self, jobs: Sequence[SampleJob]) -> list[SampleResult]:
         """Answer every job, in order, grouped by settings; every image is drawn on its own (see the module doc)."""

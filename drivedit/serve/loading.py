@@ -58,7 +58,7 @@ def load_served_model(cfg: ServeApp) -> ServedModel:
     s = cfg.sampler
     engine = SampleEngine(sm.model, sm.load_codec(device), betas=sm.betas, device=str(device),
                           guidance_kind=s.guidance_kind, guide_channels=s.guide_channels,
-                          superclass_of=sm.superclass_of)
+                          guidance_interval=s.guidance_interval, superclass_of=sm.superclass_of)
     return ServedModel(engine=engine, scenarios=list(sm.scenarios),
                        label_of={name: sm.label_of(name) for name in sm.scenarios},
                        version=public_version(str(sm.version), sm.digest), device=device,

@@ -33,7 +33,8 @@ def draw_grid(model, meta, sampling: SamplingSection, betas: np.ndarray, device:
     labels = torch.arange(len(scenarios)).repeat_interleave(k)  # (S*k,)
     seeds = [sampling.seed + i for i in range(len(labels))]
     settings = SamplerSettings(sampler=sampling.sampler, steps=sampling.steps, guidance=sampling.guidance,
-                               guidance_kind="superclass" if superclass else "cfg")
+                               guidance_kind="superclass" if superclass else "cfg",
+                               guidance_interval=sampling.guidance_interval)
     uncond = model.y_embedder.superclass_of(labels.to(device)) if superclass else None
     codec = codec_for(meta.codec_id, meta.scale_factor).to(device)
     sampler = DiTSampler(model, betas, device, clip_x0=sample_clip_range(codec.kind))
