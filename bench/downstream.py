@@ -141,7 +141,8 @@ def stage_synthetic(cfg: DownstreamBench, out: Path, scenes: dict, model_uri: st
         job = load_config(GenerateJob, DEMO_CONFIGS / "generate.yaml", [
             "--model.ref", model_uri, "--tracking.tracking_uri", tracking_uri, "--tracking.experiment", cfg.experiment,
             "--spec.balance", "null", f"--spec.{mode}", json.dumps(spec), "--sampler.sampler", y.sampler,
-            "--sampler.steps", str(y.sampler_steps), "--sampler.guidance", str(y.guidance), "--output.uri", uri])
+            "--sampler.steps", str(y.sampler_steps), "--sampler.guidance", str(y.guidance),
+            "--sampler.guidance_interval", json.dumps(y.guidance_interval), "--output.uri", uri])
         result = run_generate(job)
         done.append({"mode": mode, "uri": uri, "images": _count_frames(uri), "result": result})
     return done
@@ -155,6 +156,8 @@ def synthetic_name(cfg: DownstreamBench, mode: str) -> str:
         how += f"-lg{y.transfer_layout_guidance:g}"
     if mode == "transfer" and y.start == "inversion":
         how += "-inv"
+    if y.guidance_interval is not None:
+        how += f"-gi{y.guidance_interval[0]:g}-{y.guidance_interval[1]:g}"
     return f"synthetic-{mode}-{how}-n{y.per_scenario}-{y.sampler}{y.sampler_steps}-g{y.guidance:g}"
 
 

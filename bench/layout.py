@@ -126,7 +126,8 @@ def generate(kind: str, ft: dict, out: Path, scenarios: list[str], args) -> dict
         "--model.ref", ft["bundle_uri"], "--tracking.tracking_uri", ft["tracking_uri"],
         "--tracking.experiment", EXPERIMENT, "--spec.balance", "null", *spec, "--spec.base_seed", str(args.seed),
         "--sampler.sampler", "ddim", "--sampler.steps", str(args.sampler_steps),
-        "--sampler.guidance", str(args.guidance), "--output.uri", str(out / "synthetic" / kind)])
+        "--sampler.guidance", str(args.guidance), "--sampler.guidance_interval", json.dumps(args.guidance_interval),
+        "--output.uri", str(out / "synthetic" / kind)])
     return run_generate(job)
 
 
@@ -265,6 +266,8 @@ def main(argv=None) -> int:
                     help="held-out frames whose layouts each branch renders under every scenario")
     ap.add_argument("--layout-guidance", type=float, default=2.0,
                     help="2: what BENCHMARKS.md's tables recorded (the generate job's default is 4 since)")
+    ap.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="guide only the steps with sigma in (LO, HI] (sampler.guidance_interval); default: every step")
     ap.add_argument("--time-steps", type=int, default=10, help="timed steps per model (median)")
     ap.add_argument("--time-warmup", type=int, default=2)
     ap.add_argument("--time-batch", type=int, default=16)
