@@ -18,7 +18,8 @@ def _ordered_interval(v: tuple[float, float] | None) -> tuple[float, float] | No
 
 
 GuidanceInterval = Annotated[tuple[float, float] | None, AfterValidator(_ordered_interval)]
-GUIDANCE_INTERVAL_FIELD = Field(  # the generate job's and the server's sampler.guidance_interval
+# one definition for generate's and serve's `sampler`, the fine-tune's `sampling` and the downstream bench's `synthetic`
+GUIDANCE_INTERVAL_FIELD = Field(
     None, description="guide only the steps whose noise level sigma = sqrt((1 - abar_t) / abar_t) lies in (lo, hi]; "
                       "the rest take one plain conditional forward instead of two (three with a layout). "
                       "Kynkaenniemi et al. 2024: guidance harms at high noise and idles at low noise; their "
