@@ -15,6 +15,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from ray.data.dataset import MaterializedDataset
 
 from drivedit import storage
 from drivedit.config.base import ConfigError, load_config
@@ -255,7 +256,8 @@ def test_shards_carry_boxes_layout_and_segmentation(local_run):
     assert layout_box[DEFAULT_CATEGORIES.index("car"), :16, :16].all() and layout_box.sum() == 256
 
 
-def test_read_latent_dataset_with_ray(local_run):
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_read_latent_dataset_with_ray(local_run, in_memory):
     root, *_ = local_run
     meta = read_shard_metadata(str(root / "shards"))
     seen = []
@@ -263,8 +265,9 @@ def test_read_latent_dataset_with_ray(local_run):
             "box_category", "boxes"]
     rows = read_rows(str(root / "shards"))
     k = len(meta.box_categories)
-    for batch in read_latent_dataset(str(root / "shards"), columns=cols).iter_batches(batch_size=5,
-                                                                                       batch_format="numpy"):
+    dataset = read_latent_dataset(str(root / "shards"), columns=cols, in_memory=in_memory)
+    assert isinstance(dataset, MaterializedDataset) == in_memory
+    for batch in dataset.iter_batches(batch_size=5, batch_format="numpy"):
         assert sorted(batch) == sorted(cols)
         out = training_batch(batch, meta, torch.Generator().manual_seed(0))
         n = len(batch["frame_id"])

@@ -49,8 +49,8 @@ class DataSection(StrictModel):
         None, description="optional shards of source-domain latents (what the base was trained on) for the gap "
                           "measurement; without them the base model's own behaviour is the source reference")
     materialize: bool = Field(
-        False, description="read the shards into Ray's object store once before training instead of streaming "
-                           "them every epoch (small datasets that fit in memory)")
+        False, description="read the shards into Ray's object store once before training (with pyarrow, in the "
+                           "driver) instead of streaming them every epoch (small datasets that fit in memory)")
     shuffle_buffer_rows: int = Field(
         0, ge=0, description="rows in each worker's local shuffle buffer on top of Ray Data's file shuffle "
                              "(0: off)")

@@ -100,9 +100,7 @@ def _run(plan: preflight.Plan) -> dict:
                       tracking=tracked.to_dict() if tracked else None, run_dir=plan.run_dir)
 
     def make_trainer():
-        dataset = read_latent_dataset(job.data.shards, columns=data_columns(job))
-        if job.data.materialize:
-            dataset = dataset.materialize()
+        dataset = read_latent_dataset(job.data.shards, columns=data_columns(job), in_memory=job.data.materialize)
         return TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"job": job.model_dump(mode="json"), "context": ctx.model_dump(mode="json")},
