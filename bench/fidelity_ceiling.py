@@ -26,23 +26,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.layout import detector, detector_scores, real_data, shared_args, start  # noqa: E402
+from bench.layout import _f, detector, detector_scores, real_data, shared_args, start  # noqa: E402
 
 
 def write_round_trips(real: Path, dest: Path, codec_kind: str, codec_source: str | None) -> dict:
     """`real`'s frames through the codec into `dest` (images/<stem>.png, labels.json naming them, the
-    segmentation masks copied): {frames, seconds}."""
+    segmentation masks copied): {frames, image_size, codec_seconds}."""
     import shutil
 
+    import numpy as np
     from PIL import Image
 
-    from drivedit.eval.vae_quality import reconstruct
     from drivedit.eval.folders import load_image
+    from drivedit.eval.vae_quality import reconstruct
     from drivedit.models.codec import load_codec
 
     labels = json.loads((real / "labels.json").read_text())
-    size = min(Image.open(real / "images" / labels[0]["name"]).size)  # square frames at their stored size
-    images = __import__("numpy").stack([load_image(str(real / "images" / f["name"]), size) for f in labels])
+    with Image.open(real / "images" / labels[0]["name"]) as first:
+        size = min(first.size)  # square frames at their stored size
+    images = np.stack([load_image(str(real / "images" / f["name"]), size) for f in labels])  # (N, H, W, 3)
     t = time.perf_counter()
     recons = reconstruct(load_codec(codec_kind, codec_source), images)  # uint8 (N, H, W, 3)
     seconds = time.perf_counter() - t
@@ -58,10 +60,6 @@ def write_round_trips(real: Path, dest: Path, codec_kind: str, codec_source: str
         shutil.copytree(real / "labels" / "sem_seg", dest / "labels" / "sem_seg")
     (dest / "labels.json").write_text(json.dumps(labels))
     return {"frames": len(labels), "image_size": size, "codec_seconds": round(seconds, 2)}
-
-
-def _f(v, spec=".3f") -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def table(rows: dict[str, dict]) -> str:

@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.guidance_interval import parse_interval  # noqa: E402
-from bench.layout import KINDS, detector, detector_scores, finetune, generate, real_data, shared_args, start  # noqa: E402
+from bench.layout import (KINDS, _f, detector, detector_scores, finetune, generate, real_data,  # noqa: E402
+                          shared_args, start)
 
 
 def main(argv=None) -> int:
@@ -79,9 +80,7 @@ def main(argv=None) -> int:
 
 
 def table(rows: dict, scenarios: list[str]) -> str:
-    def f(v, spec=".3f"):
-        return "-" if v is None else format(v, spec)
-
+    f = _f
     base = next(iter(rows.values()))["generate_seconds"]
     lines = ["| | " + " | ".join("every step" if r["interval"] is None else f"({r['interval'][0]:g}, {r['interval'][1]:g}]"
                                   for r in rows.values()) + " |", "|---" * (len(rows) + 1) + "|"]
