@@ -55,6 +55,8 @@ demo-downstream: install
 bench: install
 	$(PY) bench/sampling.py
 	$(PY) bench/vae_codec.py
+	$(PY) bench/cpu_precision.py
+	$(PY) bench/shared_cores.py
 	$(PY) bench/encode.py
 	$(PY) bench/finetune_step.py
 	$(PY) bench/finetune_scaling.py

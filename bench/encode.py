@@ -135,7 +135,7 @@ def plain_loop(job: EncodeJob) -> int:
 
 def codec_alone(job: EncodeJob, num: int, channels_last: bool | None = None) -> float:
     """Images/s of the codec on preloaded uint8 crops (image + mirror per item): the pipeline's ceiling.
-    `channels_last` overrides the codec's memory layout (None: its default, NHWC on CUDA)."""
+    `channels_last` overrides the codec's memory layout (None: its default, NHWC)."""
     codec = preflight(job)
     g = job.data.resolution // codec.factor
     encoder = CodecEncoder(job.codec.model_dump(mode="json"), [codec.latent_channels, g, g],

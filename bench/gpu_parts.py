@@ -230,7 +230,7 @@ def part_encode(sizes: dict, emit: Emitter) -> None:
         emit("pipeline", frames=summary["encoded"], seconds=seconds, images_per_s=summary["encoded"] / seconds,
              first_rows_s=first, after_startup_images_per_s=steady)
         job = be.encode_job(ns, data_root, f"{out_root}/alone", source)
-        for layout, flag in (("default (NHWC on CUDA)", None), ("NCHW", False)):
+        for layout, flag in (("default (NHWC)", None), ("NCHW", False)):
             emit("codec_alone", layout=layout, images_per_s=be.codec_alone(job, max(ns.num, 4 * ns.encode_batch),
                                                                             channels_last=flag))
     finally:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from drivedit.logs import quiet_ray_noise, setup_logging
-from drivedit.raylocal import QUIET_WORKERS_HOOK
+from drivedit.raylocal import start_local_ray
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIGS = REPO / "configs" / "demo"
@@ -229,8 +229,7 @@ def local_ray(num_cpus: int = 4) -> Iterator[None]:
     started = not ray.is_initialized()
     if started:
         quiet_ray_noise()
-        ray.init(num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env={"worker_process_setup_hook": QUIET_WORKERS_HOOK})
+        start_local_ray(num_cpus, include_dashboard=False)
     try:
         yield
     finally:
@@ -246,16 +245,23 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", seed: int = 0, f
     out.mkdir(parents=True, exist_ok=True)
     sz = SIZES[size]
     t0 = time.time()
+    summary: dict = {"out": str(out), "step_seconds": {}}
+
+    def timed(name: str, fn, *args):
+        start = time.time()
+        result = fn(*args)
+        summary["step_seconds"][name] = round(time.time() - start, 1)  # where the demo's minutes go
+        return result
+
     with local_ray(4):
-        summary: dict = {"out": str(out)}
-        step_scenes(out, sz, seed)
-        summary["encode"] = step_encode(out)
-        ft = step_finetune(out, sz, ["--model.source", base] if base else ())
+        timed("scenes", step_scenes, out, sz, seed)
+        summary["encode"] = timed("encode", step_encode, out)
+        ft = timed("fine-tune", step_finetune, out, sz, ["--model.source", base] if base else ())
         summary["finetune"] = ft
         scenarios = list(ft["scenarios"])
-        summary["generate"] = step_generate(out, sz, ft["model_uri"], ft["tracking_uri"], scenarios)
-        summary["serve"] = step_serve(out, sz, ft["model_uri"], ft["tracking_uri"], scenarios)
-        summary["eval"] = step_eval(out, sz)
+        summary["generate"] = timed("generate", step_generate, out, sz, ft["model_uri"], ft["tracking_uri"], scenarios)
+        summary["serve"] = timed("serve", step_serve, out, sz, ft["model_uri"], ft["tracking_uri"], scenarios)
+        summary["eval"] = timed("eval", step_eval, out, sz)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_where(summary, scenarios)
@@ -267,7 +273,8 @@ def _print_where(summary: dict, scenarios: list[str]) -> None:
     grids = sorted(Path(ft["run_dir"]).rglob("*.png")) if ft.get("run_dir") else []
     clf = ev.get("classifier") or {}
     print("\n" + "=" * 72)
-    print(f"drivedit demo finished in {summary['seconds']:.0f} s. Everything is under {summary['out']}:")
+    steps = ", ".join(f"{name} {sec:.0f}" for name, sec in summary["step_seconds"].items())
+    print(f"drivedit demo finished in {summary['seconds']:.0f} s ({steps} s). Everything is under {summary['out']}:")
     print(f"  real frames        {summary['out']}/scenes")
     print(f"  latent shards      {summary['encode']['output']}")
     print(f"  adapter bundle     {ft['bundle_uri']}")

@@ -89,4 +89,7 @@ def test_small_demo_writes_everything_it_reports(tmp_path, ray_session):
     assert set(report["per_scenario"]) == set(scenarios)
     assert report["overall"]["num_fake"] == total
     assert report["classifier"]["heldout_accuracy"] > 0.5
-    assert (out / "demo.json").is_file()
+    written = json.loads((out / "demo.json").read_text())
+    steps = written["step_seconds"]  # where the minutes went, step by step, in the order they ran
+    assert list(steps) == ["scenes", "encode", "fine-tune", "generate", "serve", "eval"]
+    assert all(v > 0 for v in steps.values()) and sum(steps.values()) <= written["seconds"] + 0.5

@@ -113,8 +113,12 @@ def test_config_lists_every_problem_at_once():
         assert needle in text, needle
     with pytest.raises(ConfigError) as e:
         load_config(GenerateJob, data={"model": {"ref": "models:/d/1", "class_names": ["x"]}, "output": {"uri": "o"},
-                                       "spec": {"counts": {"x": 1}}, "sampler": {"dtype": "bfloat16"}})
-    assert "class_names is for checkpoints" in str(e.value) and "needs scaling.use_gpu" in str(e.value)
+                                       "spec": {"counts": {"x": 1}}, "sampler": {"dtype": "float16"}})
+    assert "class_names is for checkpoints" in str(e.value) and "float16 needs scaling.use_gpu" in str(e.value)
+    for dtype in ("bfloat16", "auto"):  # CPU actors autocast to bfloat16
+        job = load_config(GenerateJob, data={"model": {"ref": "models:/d/1"}, "output": {"uri": "o"},
+                                             "spec": {"counts": {"x": 1}}, "sampler": {"dtype": dtype}})
+        assert job.sampler.dtype == dtype and job.scaling.use_gpu is not True
 
 
 def test_plan_interleaves_seeds_and_shards():

@@ -15,7 +15,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from drivedit.config.base import StrictModel
-from drivedit.config.common import GUIDANCE_INTERVAL_FIELD, GuidanceInterval, RayConfig, ScalingConfig, TrackingConfig
+from drivedit.config.common import (GUIDANCE_INTERVAL_FIELD, DtypeSetting, GuidanceInterval, RayConfig, ScalingConfig,
+                                    TrackingConfig)
 from drivedit.config.method import MethodConfig
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -124,6 +125,9 @@ class SamplingSection(StrictModel):
     guidance: float = Field(4.0, ge=1.0, description="classifier-free (or superclass) guidance scale")
     guidance_interval: GuidanceInterval = GUIDANCE_INTERVAL_FIELD
     seed: int = Field(0, ge=0, description="item i of a grid uses seed + i, so grids at different steps compare")
+    dtype: DtypeSetting = Field(
+        "auto", description="compute dtype of the grid's DiT and VAE decode: auto = bfloat16 where the device has it "
+                            "natively (GPUs, CPUs with AVX512-BF16 or AMX), else float32; float16 on GPUs only")
 
 
 class LayoutSection(StrictModel):

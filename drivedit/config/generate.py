@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from drivedit.config.base import StrictModel
-from drivedit.config.common import (GUIDANCE_INTERVAL_FIELD, CodecConfig, GuidanceInterval, RayConfig,
+from drivedit.config.common import (GUIDANCE_INTERVAL_FIELD, CodecConfig, DtypeSetting, GuidanceInterval, RayConfig,
                                     ScalingConfig, TrackingConfig)
 
 FRACTION_TOLERANCE = 1e-6
@@ -184,8 +184,10 @@ class SamplerSection(StrictModel):
                                 "default: all latent channels, as diffusers' DiTPipeline")
     guidance_interval: GuidanceInterval = GUIDANCE_INTERVAL_FIELD
     batch_size: int = Field(16, ge=1, description="images per forward pass on one actor")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="autocast dtype of the DiT on GPU (CPU always uses float32)")
+    dtype: DtypeSetting = Field(
+        "float32", description="autocast dtype of the DiT: float16 needs GPU actors, bfloat16 runs anywhere, auto = "
+                               "bfloat16 where the actor's device has it natively (GPUs, CPUs with AVX512-BF16 or "
+                               "AMX), else float32")
 
 
 class OutputSection(StrictModel):
@@ -241,9 +243,9 @@ class GenerateJob(StrictModel):
                 problems.append("model.class_names: class ids must be >= 0")
             if len(set(ids)) != len(ids):
                 problems.append("model.class_names maps two names to one class id")
-        if self.scaling.use_gpu is False and self.sampler.dtype != "float32":
-            problems.append(f"sampler.dtype {self.sampler.dtype} needs scaling.use_gpu: true "
-                            "(CPU actors sample in float32)")
+        if self.scaling.use_gpu is False and self.sampler.dtype == "float16":
+            problems.append("sampler.dtype float16 needs scaling.use_gpu: true (a CPU has no fast float16); "
+                            "on CPU actors use bfloat16 or auto")
         if problems:
             raise ValueError("\n".join(problems))
         return self

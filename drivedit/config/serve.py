@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from drivedit.config.base import StrictModel
-from drivedit.config.common import GUIDANCE_INTERVAL_FIELD, CodecConfig, GuidanceInterval, RayConfig
+from drivedit.config.common import GUIDANCE_INTERVAL_FIELD, CodecConfig, DtypeSetting, GuidanceInterval, RayConfig
 
 SamplerName = Literal["ddim", "ddpm"]
 
@@ -34,6 +34,9 @@ class ServeModelConfig(StrictModel):
                           "of the replica's environment")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where each replica samples; `auto` = the replica's GPU when it has one, else CPU")
+    dtype: DtypeSetting = Field(
+        "auto", description="autocast dtype of the DiT in each replica: auto = bfloat16 where the device has it "
+                            "natively (GPUs, CPUs with AVX512-BF16 or AMX), else float32; float16 on GPUs only")
 
 
 class ServeSamplerConfig(StrictModel):

@@ -204,7 +204,7 @@ def _check_output(job: EncodeJob, plan: EncodePlan) -> None:
 
 
 def _start_ray(job: EncodeJob):
-    ray = connect_ray(job.ray.address, job.ray.num_cpus)
+    ray = connect_ray(job.ray.address, job.ray.num_cpus, job.ray.worker_niceness)
     if job.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise ConfigError("encode", ["scaling.use_gpu: the Ray cluster has no GPU; set scaling.use_gpu: false "
                                      "or connect to a cluster with GPUs (ray.address)"])

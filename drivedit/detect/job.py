@@ -114,7 +114,7 @@ def run(plan: preflight.Plan) -> dict:
         print(f"[detect] run {job.run.name} already finished at step {done['step']}: {done['detector_uri']}",
               flush=True)
         return done
-    connect_ray(job.ray.address, job.ray.num_cpus)
+    connect_ray(job.ray.address, job.ray.num_cpus, job.ray.worker_niceness)
     driver.warn_if_short(job.scaling, "detect")
     tracked = _start_tracking(plan, "detect", keep_run=True)
     ctx = DetectContext(tracking=tracked.to_dict() if tracked else None, run_dir=plan.run_dir)

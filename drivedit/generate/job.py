@@ -289,7 +289,7 @@ def run_generate(job: GenerateJob, *, stop_after_shards: int | None = None) -> d
         rows: list[dict] = []
         seconds = 0.0
         if pending:
-            connect_ray(job.ray.address, job.ray.num_cpus)
+            connect_ray(job.ray.address, job.ray.num_cpus, job.ray.worker_niceness)
             t0 = time.perf_counter()  # the pipeline's time: actor start and model loads included, Ray's own not
             rows = run_pipeline(prep, pending, stop_after_shards)
             seconds = time.perf_counter() - t0

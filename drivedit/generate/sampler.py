@@ -131,10 +131,13 @@ class DiTSampler:
 
     def __init__(self, model: torch.nn.Module, betas: np.ndarray | None = None, device: str | torch.device = "cpu",
                  amp_dtype: torch.dtype | None = torch.bfloat16, clip_x0: float | None = None,
-                 compile: bool | str = False):
+                 compile: bool | str = False, cpu_amp: bool = False):
         self.device = torch.device(device)
         self.clip_x0 = clip_x0  # pixel-space models: clip predicted x0 to the image range each step
-        self.amp_dtype = amp_dtype  # autocast dtype on CUDA; None = float32 throughout
+        # autocast dtype on CUDA (None = float32 throughout); on a CPU too when `cpu_amp`, for callers that
+        # resolved their dtype setting for this device (drivedit.models.precision.autocast_dtype)
+        self.amp_dtype = amp_dtype
+        self.cpu_amp = cpu_amp
         self.model = model.eval().to(self.device)
         self.config = model.config
         # `compile` (True = inductor, or a backend name): torch.compile of the two forwards the loop calls,
@@ -287,10 +290,10 @@ class DiTSampler:
         keep = 2 * cfg.in_channels if settings.sampler == "ddpm" and cfg.learn_sigma else cfg.in_channels
         # one autocast region for the whole loop so weight casts are cached across steps; a caller's
         # own autocast region (another dtype, or disabled) is left in charge
-        amp = (self.device.type == "cuda" and self.amp_dtype is not None
-               and not torch.is_autocast_enabled(self.device.type))
+        amp = ((self.device.type == "cuda" or (self.device.type == "cpu" and self.cpu_amp))
+               and self.amp_dtype is not None and not torch.is_autocast_enabled(self.device.type))
         casting = amp or (self.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(self.device.type))
-        with torch.autocast("cuda", dtype=self.amp_dtype) if amp else contextlib.nullcontext(), \
+        with torch.autocast(self.device.type, dtype=self.amp_dtype) if amp else contextlib.nullcontext(), \
                 cached_weight_casts(self.model, casting):
             if init_latents is not None and start == "inversion":
                 x = self.invert(x0, timesteps.flip(0), scheduler.alphas_cumprod, settings, layout)  # (N, C, h, w)

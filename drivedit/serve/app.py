@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(storage.redact(f"drivedit serve: {problem}"), file=sys.stderr)
         return 2
     setup_logging()
-    connect_ray(cfg.ray.address, cfg.ray.num_cpus)
+    connect_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.worker_niceness)
     http = {"host": cfg.http.host, "port": cfg.http.port}
     if cfg.http.request_timeout_s is not None:
         http["request_timeout_s"] = cfg.http.request_timeout_s

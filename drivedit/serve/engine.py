@@ -22,6 +22,7 @@ import torch
 from drivedit.generate.images import decode_to_uint8, encode_png
 from drivedit.generate.sampler import DiTSampler, SamplerSettings
 from drivedit.models.codec import sample_clip_range
+from drivedit.models.precision import autocast_dtype
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class SampleEngine:
     """
 
     def __init__(self, model: torch.nn.Module, codec, *, betas: np.ndarray | None = None, device: str = "cpu",
-                 guidance_kind: str = "cfg", guide_channels: int | None = None,
+                 dtype: str = "auto", guidance_kind: str = "cfg", guide_channels: int | None = None,
                  guidance_interval: tuple[float, float] | None = None,
                  superclass_of: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if guidance_kind == "superclass" and superclass_of is None:
@@ -85,7 +86,9 @@ class SampleEngine:
             raise ValueError(f"sampler.guide_channels ({guide_channels}) exceeds the model's {latent_channels} "
                              f"latent channels")
         self.device = torch.device(device)
-        self.sampler = DiTSampler(model, betas=betas, device=self.device, clip_x0=sample_clip_range(getattr(codec, "kind", "")))
+        # `dtype`: a setting of drivedit.models.precision (auto: bfloat16 where the device has it natively)
+        self.sampler = DiTSampler(model, betas=betas, device=self.device, amp_dtype=autocast_dtype(dtype, self.device),
+                                  cpu_amp=True, clip_x0=sample_clip_range(getattr(codec, "kind", "")))
         self.codec = codec.to(self.device)
         self.guidance_kind = guidance_kind
         self.guide_channels = guide_channels

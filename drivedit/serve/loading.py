@@ -56,7 +56,7 @@ def load_served_model(cfg: ServeApp) -> ServedModel:
     sm = load_sampling_model(m.ref, class_names=m.class_names, codec=m.codec, tracking_uri=m.tracking_uri,
                              device=device)
     s = cfg.sampler
-    engine = SampleEngine(sm.model, sm.load_codec(device), betas=sm.betas, device=str(device),
+    engine = SampleEngine(sm.model, sm.load_codec(device), betas=sm.betas, device=str(device), dtype=m.dtype,
                           guidance_kind=s.guidance_kind, guide_channels=s.guide_channels,
                           guidance_interval=s.guidance_interval, superclass_of=sm.superclass_of)
     return ServedModel(engine=engine, scenarios=list(sm.scenarios),

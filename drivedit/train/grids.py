@@ -9,12 +9,13 @@ import torch
 from drivedit.config.finetune import SamplingSection
 
 
-def codec_for(codec_id: str, scale_factor: float):
-    """The codec that wrote the shards, from their metadata's codec id ("pixel", "autoencoder_kl:<source>")."""
+def codec_for(codec_id: str, scale_factor: float, dtype: str = "float32"):
+    """The codec that wrote the shards, from their metadata's codec id ("pixel", "autoencoder_kl:<source>"),
+    computing in `dtype` (a setting of drivedit.models.precision)."""
     from drivedit.models.codec import load_codec, parse_codec_id
 
     kind, source = parse_codec_id(codec_id)
-    return load_codec(kind, source, scale_factor)
+    return load_codec(kind, source, scale_factor, dtype)
 
 
 @torch.no_grad()
@@ -28,6 +29,7 @@ def draw_grid(model, meta, sampling: SamplingSection, betas: np.ndarray, device:
     from drivedit.generate.grid import latents_to_uint8, save_grid
     from drivedit.generate.sampler import DiTSampler, SamplerSettings
     from drivedit.models.codec import sample_clip_range
+    from drivedit.models.precision import autocast_dtype
 
     k, scenarios = sampling.num_per_scenario, list(meta.scenarios)
     labels = torch.arange(len(scenarios)).repeat_interleave(k)  # (S*k,)
@@ -36,8 +38,9 @@ def draw_grid(model, meta, sampling: SamplingSection, betas: np.ndarray, device:
                                guidance_kind="superclass" if superclass else "cfg",
                                guidance_interval=sampling.guidance_interval)
     uncond = model.y_embedder.superclass_of(labels.to(device)) if superclass else None
-    codec = codec_for(meta.codec_id, meta.scale_factor).to(device)
-    sampler = DiTSampler(model, betas, device, clip_x0=sample_clip_range(codec.kind))
+    codec = codec_for(meta.codec_id, meta.scale_factor, sampling.dtype).to(device)
+    sampler = DiTSampler(model, betas, device, amp_dtype=autocast_dtype(sampling.dtype, device), cpu_amp=True,
+                         clip_x0=sample_clip_range(codec.kind))
     latents = sampler.sample(labels, seeds, settings, uncond)  # (S*k, C, h, w)
     images = codec.decode(latents)  # (S*k, 3, H, W) in [-1, 1]
     return save_grid(latents_to_uint8(images), path, nrow=k, labels=scenarios)

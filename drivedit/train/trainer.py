@@ -93,7 +93,7 @@ def _run(plan: preflight.Plan) -> dict:
     if done is not None:
         log.info(f"run {job.run.name} already finished at step {done['step']}: {done['bundle_uri']}")
         return done
-    connect_ray(job.ray.address, job.ray.num_cpus)
+    connect_ray(job.ray.address, job.ray.num_cpus, job.ray.worker_niceness)
     driver.warn_if_short(job.scaling, "finetune")
     tracked = _start_tracking(plan)
     ctx = LoopContext(base_path=str(plan.base_path), base_ref=plan.base_ref, base_sha256=storage.sha256_path(plan.base_path),
