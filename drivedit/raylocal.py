@@ -27,8 +27,9 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, worker_
 
 # GNU OpenMP (torch's CPU threads) spins 300,000 times at a barrier before it sleeps. Where the cores are shared,
 # a descheduled thread keeps the others spinning through their time slices: the tiny DiT's 2-thread training step
-# ran 35 img/s beside two busy loops with the default and 86 with 10,000 spins (218 vs 196 alone; BENCHMARKS.md
-# "Sharing the cores"). Set in a local Ray's workers unless the environment already chose a wait policy.
+# ran 30 img/s beside two busy loops with the default and 71 with 10,000 spins (alone 198 vs 241 in one run, 218 vs
+# 196 in another: within this VM's noise; BENCHMARKS.md "Sharing the cores"). Set in a local Ray's workers unless
+# the environment already chose a wait policy.
 SHARED_CORE_OPENMP_ENV = {"GOMP_SPINCOUNT": "10000"}
 OPENMP_WAIT_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
