@@ -101,6 +101,10 @@ def _run(plan: preflight.Plan) -> dict:
 
     def make_trainer():
         dataset = read_latent_dataset(job.data.shards, columns=data_columns(job), in_memory=job.data.materialize)
+        # every epoch is a new execution of the dataset on each worker: without this each one printed its
+        # progress bars and plan (the demo's 750 steps: ~200 lines of them between the training lines)
+        dataset.context.enable_progress_bars = False
+        dataset.context.print_on_execution_start = False
         return TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"job": job.model_dump(mode="json"), "context": ctx.model_dump(mode="json")},
