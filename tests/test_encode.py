@@ -408,10 +408,22 @@ def test_config_errors_list_every_problem_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_codec_actors_that_leave_no_cpu_to_read_are_refused(ray_session, tmp_path):
+    # Ray would start the codec actor and wait forever for a CPU to read with: the job hung, printing progress
+    write_scenes_dataset(str(tmp_path / "src"), num=4, size=48, seed=1)
+    job = make_job(str(tmp_path / "src"), str(tmp_path / "out"), scaling__cpus_per_worker=4.0)
+    with pytest.raises(ConfigError, match=r"1 codec actor\(s\) x scaling.cpus_per_worker 4 \+ one read task x "
+                                          r"pipeline.read_cpus 0.5 need 4.5 CPUs but the Ray cluster has 4"):
+        run_encode(job)
+    assert not (tmp_path / "out").exists()
+
+
 def test_jobs_entry_point_and_demo_config(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     job = load_config(EncodeJob, repo / "configs" / "demo" / "encode.yaml")
     assert (job.codec.kind, job.codec.source, job.data.resolution) == ("autoencoder_kl", "builtin:tiny-vae", 128)
+    # the demo config runs on its own too (`drivedit encode --config ...` on 2 cores): its local Ray has the CPUs
+    assert job.scaling.num_workers * job.scaling.cpus_per_worker + job.pipeline.read_cpus <= job.ray.num_cpus
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  input: /nonexistent/ds\n  output: /tmp/x\n  resolution: 30\ncodec:\n  kind: pixel\n")
     proc = subprocess.run([sys.executable, str(repo / "jobs" / "encode.py"), "--config", str(bad)],

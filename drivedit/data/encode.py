@@ -205,9 +205,18 @@ def _check_output(job: EncodeJob, plan: EncodePlan) -> None:
 
 def _start_ray(job: EncodeJob):
     ray = connect_ray(job.ray.address, job.ray.num_cpus, job.ray.worker_niceness)
-    if job.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+    total = ray.cluster_resources()
+    if job.scaling.use_gpu and total.get("GPU", 0) < 1:
         raise ConfigError("encode", ["scaling.use_gpu: the Ray cluster has no GPU; set scaling.use_gpu: false "
                                      "or connect to a cluster with GPUs (ray.address)"])
+    sc, cpus = job.scaling, float(total.get("CPU", 0))
+    need = sc.num_workers * sc.cpus_per_worker + job.pipeline.read_cpus
+    if need > cpus:
+        # Ray would start the codec actors and then wait forever for a CPU to read the first image with
+        raise ConfigError("encode", [
+            f"scaling: {sc.num_workers} codec actor(s) x scaling.cpus_per_worker {sc.cpus_per_worker:g} + one read "
+            f"task x pipeline.read_cpus {job.pipeline.read_cpus:g} need {need:g} CPUs but the Ray cluster has "
+            f"{cpus:g}; lower them, or give a local Ray more logical CPUs (ray.num_cpus)"])
     return ray
 
 
