@@ -97,6 +97,18 @@ def test_sampler_autocasts_on_the_cpu_only_when_asked(model):
     torch.testing.assert_close(none, fp32, rtol=0, atol=0)
 
 
+def test_a_jobs_sampler_resolves_its_dtype_setting_and_codec_clip(model):
+    settings = SamplerSettings(steps=5, guidance=3.0)
+    labels, seeds = torch.tensor([1, 7]), [11, 12]
+    bf16 = DiTSampler.for_setting(model, None, "cpu", "bfloat16", "autoencoder_kl")
+    assert (bf16.amp_dtype, bf16.cpu_amp, bf16.clip_x0) == (torch.bfloat16, True, None)
+    reference = DiTSampler(model, amp_dtype=torch.bfloat16, cpu_amp=True).sample(labels, seeds, settings)
+    torch.testing.assert_close(bf16.sample(labels, seeds, settings), reference, rtol=0, atol=0)
+    fp32 = DiTSampler.for_setting(model, None, "cpu", "float32", "pixel")
+    assert (fp32.amp_dtype, fp32.clip_x0) == (None, 1.0)  # pixel latents are images: x0 clipped to [-1, 1]
+    assert DiTSampler.for_setting(model, None, "cpu", "float16", "pixel").amp_dtype is None  # a CPU keeps float32
+
+
 def test_cpu_precision_benchmark_measures_each_arm_against_float32():
     import sys
     from pathlib import Path

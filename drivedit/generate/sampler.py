@@ -153,6 +153,19 @@ class DiTSampler:
         self.betas = betas
         self.num_train_timesteps = 1000 if betas is None else len(betas)
 
+    @classmethod
+    def for_setting(cls, model: torch.nn.Module, betas: np.ndarray | None, device: str | torch.device, dtype: str,
+                    codec_kind: str, **kwargs) -> "DiTSampler":
+        """The sampler a job's config asks for (generate's workers, the serve replica, the fine-tune's grids):
+        its dtype setting (drivedit.models.precision; auto = bfloat16 where the device runs it natively) resolved
+        for `device`, a CPU included, and the clip range of the model's codec."""
+        from drivedit.models.codec import sample_clip_range
+        from drivedit.models.precision import autocast_dtype
+
+        device = torch.device(device)
+        return cls(model, betas, device, amp_dtype=autocast_dtype(dtype, device), cpu_amp=True,
+                   clip_x0=sample_clip_range(codec_kind), **kwargs)
+
     @property
     def null_label(self) -> int:
         return int(self.model.y_embedder.null_label)

@@ -16,8 +16,6 @@ import torch
 from drivedit.config.base import validate_config
 from drivedit.config.generate import GenerateJob
 from drivedit.generate.model_ref import load_sampling_model
-from drivedit.models.codec import sample_clip_range
-from drivedit.models.precision import autocast_dtype
 from drivedit.generate.sampler import DiTSampler, SamplerSettings
 from drivedit.generate.images import decode_to_uint8
 from drivedit.generate.writer import limit_threads
@@ -61,9 +59,8 @@ class ShardSampler:
         if self.sm.digest != model_digest:
             raise RuntimeError(f"the model {m.ref} on this worker (digest {self.sm.digest[:12]}) differs from the one "
                                f"the driver planned with ({model_digest[:12]}); was it overwritten during the job?")
-        self.sampler = DiTSampler(self.sm.model, betas=self.sm.betas, device=self.device,
-                                  amp_dtype=autocast_dtype(self.job.sampler.dtype, self.device), cpu_amp=True,
-                                  clip_x0=sample_clip_range(self.sm.codec_kind))
+        self.sampler = DiTSampler.for_setting(self.sm.model, self.sm.betas, self.device, self.job.sampler.dtype,
+                                              self.sm.codec_kind)
         self.settings = sampler_settings(self.job)
         # a guided transfer feeds the branch each source frame's carried boxes (and mask)
         self.guided_transfer = self.job.spec.transfer is not None and layout_guidance(self.job) is not None

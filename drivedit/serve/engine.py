@@ -21,8 +21,6 @@ import torch
 
 from drivedit.generate.images import decode_to_uint8, encode_png
 from drivedit.generate.sampler import DiTSampler, SamplerSettings
-from drivedit.models.codec import sample_clip_range
-from drivedit.models.precision import autocast_dtype
 
 
 @dataclass(frozen=True)
@@ -87,8 +85,7 @@ class SampleEngine:
                              f"latent channels")
         self.device = torch.device(device)
         # `dtype`: a setting of drivedit.models.precision (auto: bfloat16 where the device has it natively)
-        self.sampler = DiTSampler(model, betas=betas, device=self.device, amp_dtype=autocast_dtype(dtype, self.device),
-                                  cpu_amp=True, clip_x0=sample_clip_range(getattr(codec, "kind", "")))
+        self.sampler = DiTSampler.for_setting(model, betas, self.device, dtype, getattr(codec, "kind", ""))
         self.codec = codec.to(self.device)
         self.guidance_kind = guidance_kind
         self.guide_channels = guide_channels

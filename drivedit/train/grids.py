@@ -28,8 +28,6 @@ def draw_grid(model, meta, sampling: SamplingSection, betas: np.ndarray, device:
     """
     from drivedit.generate.grid import latents_to_uint8, save_grid
     from drivedit.generate.sampler import DiTSampler, SamplerSettings
-    from drivedit.models.codec import sample_clip_range
-    from drivedit.models.precision import autocast_dtype
 
     k, scenarios = sampling.num_per_scenario, list(meta.scenarios)
     labels = torch.arange(len(scenarios)).repeat_interleave(k)  # (S*k,)
@@ -39,8 +37,7 @@ def draw_grid(model, meta, sampling: SamplingSection, betas: np.ndarray, device:
                                guidance_interval=sampling.guidance_interval)
     uncond = model.y_embedder.superclass_of(labels.to(device)) if superclass else None
     codec = codec_for(meta.codec_id, meta.scale_factor, sampling.dtype).to(device)
-    sampler = DiTSampler(model, betas, device, amp_dtype=autocast_dtype(sampling.dtype, device), cpu_amp=True,
-                         clip_x0=sample_clip_range(codec.kind))
+    sampler = DiTSampler.for_setting(model, betas, device, sampling.dtype, codec.kind)
     latents = sampler.sample(labels, seeds, settings, uncond)  # (S*k, C, h, w)
     images = codec.decode(latents)  # (S*k, 3, H, W) in [-1, 1]
     return save_grid(latents_to_uint8(images), path, nrow=k, labels=scenarios)
